@@ -1,0 +1,142 @@
+"""One typed config per run: a YAML file, then CLI flags on top, validated before any compute."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from olivepress.errors import UserError
+
+SAMPLE_DATA = Path(str(files("olivepress") / "data" / "travel_sample.jsonl"))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ValidationSettings(Section):
+    min_chars: int = Field(1, ge=1, description="Shortest prompt or response accepted, in characters.")
+    max_chars: int = Field(4000, ge=1, description="Longest prompt or response accepted, in characters.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> ValidationSettings:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
+        return self
+
+
+class QuantizeSettings(Section):
+    group_size: Literal[16, 32, 64, 128] = Field(
+        32, description="Inputs sharing one 4-bit scale; must divide every quantized layer's input size."
+    )
+    calibration_samples: int = Field(32, ge=1, le=4096, description="Examples AWQ calibrates on.")
+    calibration_max_tokens: int = Field(256, ge=16, le=8192, description="Tokens kept of each example.")
+
+
+class FinetuneSettings(Section):
+    max_steps: int = Field(30, ge=1, le=100_000, description="Optimizer steps of LoRA training.")
+    batch_size: int = Field(4, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lora_r: int = Field(16, ge=1, le=512, description="LoRA rank.")
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the linear layers that get a LoRA adapter.",
+    )
+    max_seq_len: int = Field(256, ge=16, le=32_768, description="Tokens kept of each training example.")
+    checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
+
+
+class RunConfig(Section):
+    model: Path | None = Field(None, description="Hugging Face model folder; default: SmolLM2-135M-Instruct.")
+    data: Path = Field(SAMPLE_DATA, description="JSON Lines file of {prompt, response} pairs.")
+    output: Path = Field(Path("runs"), description="Folder that receives one sub-folder per run.")
+    device: Literal["cpu", "gpu"] = "cpu"
+    text_template: str | None = Field(
+        None,
+        description="Format of a training example, with {prompt} and {response}; default: the chat template.",
+    )
+    seed: int = Field(0, ge=0)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_hf_folder(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_dir():
+            raise ValueError(f"{value} is not a folder (a Hugging Face model folder is expected)")
+        if not (value / "config.json").is_file():
+            raise ValueError(f"{value} has no config.json, so it is not a Hugging Face model folder")
+        return value.resolve()
+
+    @field_validator("data")
+    @classmethod
+    def _data_is_file(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"{value} does not exist or is not a file")
+        return value.resolve()
+
+    @field_validator("text_template")
+    @classmethod
+    def _template_has_fields(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        missing = [field for field in ("{prompt}", "{response}") if field not in value]
+        if missing:
+            raise ValueError(f"the template must contain {' and '.join(missing)}")
+        if value.index("{prompt}") > value.index("{response}"):
+            raise ValueError("{prompt} must come before {response}")
+        return value
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        target = target.setdefault(part, {})
+    target[leaf] = value
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read ``path`` (YAML), apply ``overrides`` (dotted keys such as ``finetune.max_steps``), validate.
+
+    Relative paths in the YAML file are taken relative to the file; every problem is raised as one
+    ``UserError`` that names each bad field.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise UserError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
+        for key in ("model", "data", "output"):
+            if isinstance(raw.get(key), str):
+                raw[key] = str((path.parent / Path(raw[key]).expanduser()).resolve())
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(_describe(error)) from None

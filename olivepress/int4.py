@@ -1,0 +1,168 @@
+"""Group-wise 4-bit weights in the checkpoint layout ONNX Runtime GenAI's model builder loads as is.
+
+The builder's "olive" loader takes, per linear layer, ``qweight`` (out, in/2) uint8 with two 4-bit values a
+byte (low nibble first), ``scales`` (out, groups) and ``qzeros`` (out, groups/2) packed the same way, and
+only reshapes them into ``MatMulNBits``: the integers we write are the integers the ONNX model runs, with no
+second quantization. Dequantized, ``w = (q - zero_point) * scale`` per group, the same forward as MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+BITS = 4
+MAX_LEVEL = 2**BITS - 1
+CHECKPOINT_FORMAT = "olive"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class Int4Weight:
+    """One linear layer's weight as 4-bit integers with a scale and zero point per group of inputs."""
+
+    q: torch.Tensor  # (out, in) uint8 in [0, 15]
+    scales: torch.Tensor  # (out, in // group_size) float32
+    zero_points: torch.Tensor  # (out, in // group_size) uint8 in [0, 15]
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        out_features, in_features = self.q.shape
+        groups = self.q.float().reshape(out_features, -1, self.group_size)
+        centered = groups - self.zero_points.float().unsqueeze(-1)
+        return (centered * self.scales.float().unsqueeze(-1)).reshape(out_features, in_features)
+
+    @classmethod
+    def from_qparams(
+        cls, weight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor
+    ) -> Int4Weight:
+        """Round ``weight`` onto the grid given by per-group ``scales`` and ``zero_points``."""
+        import torch
+
+        out_features, in_features = weight.shape
+        group_size = in_features // scales.shape[1]
+        grouped = weight.float().reshape(out_features, -1, group_size)
+        levels = torch.round(grouped / scales.float().unsqueeze(-1)) + zero_points.float().unsqueeze(-1)
+        q = levels.clamp(0, MAX_LEVEL).to(torch.uint8).reshape(out_features, in_features)
+        return cls(q=q, scales=scales.float(), zero_points=zero_points.to(torch.uint8))
+
+
+def rtn_qparams(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max scales and zero points per group, with 0.0 exactly representable."""
+    import torch
+
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide {in_features} input features")
+    grouped = weight.float().reshape(out_features, -1, group_size)
+    low = grouped.amin(dim=-1).clamp(max=0.0)
+    high = grouped.amax(dim=-1).clamp(min=0.0)
+    scales = ((high - low) / MAX_LEVEL).clamp(min=torch.finfo(torch.float32).tiny)
+    zero_points = torch.round(-low / scales).clamp(0, MAX_LEVEL)
+    return scales, zero_points
+
+
+def rtn_quantize(weight: torch.Tensor, group_size: int) -> Int4Weight:
+    """Round-to-nearest baseline: what AWQ is measured against."""
+    scales, zero_points = rtn_qparams(weight, group_size)
+    return Int4Weight.from_qparams(weight, scales, zero_points)
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """Pack the last dimension two values a byte, low nibble first (MatMulNBits' order)."""
+    import torch
+
+    if values.shape[-1] % 2:
+        values = torch.nn.functional.pad(values, (0, 1))
+    values = values.to(torch.uint8)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
+    import torch
+
+    values = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+    return values[..., :length]
+
+
+def quantization_config(group_size: int) -> dict:
+    return {"quant_method": CHECKPOINT_FORMAT, "bits": BITS, "group_size": group_size}
+
+
+def write_int4_checkpoint(model, weights: dict[str, Int4Weight], out_dir: Path, group_size: int) -> None:
+    """Save ``model`` with the linear layers named in ``weights`` stored as packed 4-bit integers.
+
+    Other tensors (embeddings, norms, an untied or tied lm_head) stay in float32. The tokenizer is the
+    caller's to save beside it.
+    """
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        module_name = name.removesuffix(".weight")
+        if name.endswith(".weight") and module_name in weights:
+            quantized = weights[module_name]
+            tensors[f"{module_name}.qweight"] = pack_nibbles(quantized.q)
+            tensors[f"{module_name}.scales"] = quantized.scales.float()
+            tensors[f"{module_name}.qzeros"] = pack_nibbles(quantized.zero_points)
+        else:
+            tensors[name] = tensor.detach().float().clone().contiguous()
+    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(group_size)
+    config["torch_dtype"] = "float32"
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+
+
+def read_int4_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Int4Weight]]:
+    """Float tensors and 4-bit weights of a checkpoint written by :func:`write_int4_checkpoint`."""
+    from safetensors.torch import load_file
+
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    group_size = config["quantization_config"]["group_size"]
+    tensors = load_file(str(checkpoint_dir / WEIGHTS_FILE))
+    floats, weights = {}, {}
+    for name, tensor in tensors.items():
+        if name.endswith(".qweight"):
+            module_name = name.removesuffix(".qweight")
+            scales = tensors[f"{module_name}.scales"]
+            in_features = scales.shape[1] * group_size
+            weights[module_name] = Int4Weight(
+                q=unpack_nibbles(tensor, in_features),
+                scales=scales,
+                zero_points=unpack_nibbles(tensors[f"{module_name}.qzeros"], scales.shape[1]),
+            )
+        elif not name.endswith((".scales", ".qzeros")):
+            floats[name] = tensor
+    return floats, weights
+
+
+def load_dequantized_model(checkpoint_dir: Path):
+    """A float HF model whose quantized linears hold exactly the checkpoint's dequantized 4-bit weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    floats, weights = read_int4_checkpoint(checkpoint_dir)
+    state = dict(floats)
+    state.update({f"{name}.weight": weight.dequantize() for name, weight in weights.items()})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if name != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {checkpoint_dir} does not match its config: {missing=} {unexpected=}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,171 @@
+"""Fine-tune a LoRA adapter with Olive's LoRA pass, on the AWQ model's own 4-bit weights.
+
+peft cannot wrap quantized linear layers on CPU, so the model trained here is the int4 checkpoint
+dequantized and frozen: the same forward as the int4 ONNX model, so the adapter learns to correct the
+quantization error it will actually run next to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from olivepress.config import FinetuneSettings
+from olivepress.prompts import format_pair
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LOSS_FILE = "loss_history.json"
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    adapter_dir: Path
+    losses: list[dict]  # {"step", "loss", "learning_rate"} per optimizer step
+
+
+def write_training_text(tokenizer, examples: list[dict], target: Path, text_template: str | None) -> Path:
+    """One JSON line per example, holding the exact text the model will see (chat template applied)."""
+    with target.open("w", encoding="utf-8") as out:
+        for example in examples:
+            text = format_pair(tokenizer, example["prompt"], example["response"], text_template).full_text
+            out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return target
+
+
+def prepare_training_model(checkpoint_dir: Path, target: Path) -> Path:
+    """Save the int4 checkpoint dequantized as a plain HF folder, the input Olive's LoRA pass accepts."""
+    from transformers import AutoTokenizer
+
+    from olivepress.int4 import load_dequantized_model
+
+    load_dequantized_model(checkpoint_dir).save_pretrained(target)
+    AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(target)
+    return target
+
+
+def olive_lora_config(
+    model_dir: Path,
+    train_file: Path,
+    work_dir: Path,
+    settings: FinetuneSettings,
+    *,
+    device: str,
+    seed: int,
+) -> dict:
+    """The Olive workflow: one LoRA pass over a local JSON dataset, logging every step's loss."""
+    on_gpu = device == "gpu"
+    return {
+        "input_model": {"type": "HfModel", "model_path": str(model_dir)},
+        "systems": {
+            "local_system": {
+                "type": "LocalSystem",
+                "accelerators": [
+                    {
+                        "device": device,
+                        "execution_providers": [
+                            "CUDAExecutionProvider" if on_gpu else "CPUExecutionProvider"
+                        ],
+                    }
+                ],
+            }
+        },
+        "data_configs": [
+            {
+                "name": "train_data",
+                "type": "HuggingfaceContainer",
+                "load_dataset_config": {
+                    "data_name": "json",
+                    "data_files": [str(train_file)],
+                    "split": "train",
+                },
+                "pre_process_data_config": {
+                    "text_cols": ["text"],
+                    "strategy": "line-by-line",
+                    "max_seq_len": settings.max_seq_len,
+                    "pad_to_max_len": False,
+                    # the chat template already wrote every marker the model needs
+                    "add_special_tokens": False,
+                },
+            }
+        ],
+        "passes": {
+            "lora": {
+                "type": "LoRA",
+                "r": settings.lora_r,
+                "alpha": settings.lora_alpha,
+                "lora_dropout": settings.lora_dropout,
+                "target_modules": settings.target_modules,
+                # bfloat16 training on CPU is slower than float32 and no smaller at this size
+                "torch_dtype": "bfloat16" if on_gpu else "float32",
+                "train_data_config": "train_data",
+                "training_args": {
+                    "output_dir": str(work_dir / "checkpoints"),
+                    "overwrite_output_dir": True,
+                    "max_steps": settings.max_steps,
+                    "per_device_train_batch_size": settings.batch_size,
+                    "learning_rate": settings.learning_rate,
+                    "seed": seed,
+                    "logging_steps": 1,
+                    "save_strategy": "steps",
+                    "save_steps": settings.checkpoint_every,
+                    "save_total_limit": 1,
+                    "report_to": "none",
+                    "disable_tqdm": False,
+                    "dataloader_num_workers": 0,
+                },
+            }
+        },
+        "host": "local_system",
+        "target": "local_system",
+        "cache_dir": str(work_dir / "olive-cache"),
+        "output_dir": str(work_dir / "olive-output"),
+        "log_severity_level": 3,
+        "no_artifacts": True,
+    }
+
+
+def read_loss_history(checkpoints_dir: Path) -> list[dict]:
+    """Per-step losses from the Trainer state saved with the last checkpoint."""
+    states = sorted(checkpoints_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        raise RuntimeError(f"training wrote no checkpoint under {checkpoints_dir}")
+    history = json.loads(states[-1].read_text())["log_history"]
+    return [
+        {"step": entry["step"], "loss": entry["loss"], "learning_rate": entry.get("learning_rate")}
+        for entry in history
+        if "loss" in entry
+    ]
+
+
+def finetune_lora(
+    checkpoint_dir: Path,
+    examples: list[dict],
+    out_dir: Path,
+    settings: FinetuneSettings,
+    *,
+    work_dir: Path,
+    text_template: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> FinetuneResult:
+    """Train a LoRA adapter on ``examples``; write the PEFT adapter and its loss history to ``out_dir``."""
+    from olive.workflows import run as olive_run
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_training_model(checkpoint_dir, work_dir / "dequantized")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_file = write_training_text(tokenizer, examples, work_dir / "train.jsonl", text_template)
+    config = olive_lora_config(model_dir, train_file, work_dir, settings, device=device, seed=seed)
+    output = olive_run(config)
+    adapter_dir = Path(output.get_best_candidate().olive_model_config["config"]["adapter_path"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ADAPTER_FILES:
+        shutil.copy2(adapter_dir / name, out_dir / name)
+    losses = read_loss_history(work_dir / "checkpoints")
+    (out_dir / LOSS_FILE).write_text(json.dumps(losses, indent=1))
+    return FinetuneResult(adapter_dir=out_dir, losses=losses)

@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny random Llama-architecture model with a real BPE tokenizer, built offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from olivepress.config import SAMPLE_DATA
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_TRAVEL = REPO_ROOT.parent / "shared" / "data" / "travel.jsonl"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def travel_jsonl() -> Path:
+    if not SHARED_TRAVEL.is_file():
+        pytest.skip(f"the lab's dataset is not here ({SHARED_TRAVEL}); it lives in ../shared beside the repo")
+    return SHARED_TRAVEL
+
+
+def sample_pairs() -> list[dict]:
+    return [json.loads(line) for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def build_tiny_model(target: Path, *, hidden_size: int = 64, layers: int = 2) -> Path:
+    """A random Llama (ChatML tokenizer trained on the sample data) small enough to train in seconds."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = [f"{pair['prompt']} {pair['response']}" for pair in sample_pairs()]
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with every decoder linear rounded to 4 bits (RTN), in the builder's checkpoint layout."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from olivepress.int4 import rtn_quantize, write_int4_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    weights = {
+        name: rtn_quantize(module.weight.data, 32)
+        for name, module in model.named_modules()
+        if name.startswith("model.layers.") and module.__class__.__name__ == "Linear"
+    }
+    target = tmp_path_factory.mktemp("tiny-int4")
+    write_int4_checkpoint(model, weights, target, group_size=32)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
+    return target

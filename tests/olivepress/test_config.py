@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from olivepress.config import SAMPLE_DATA, RunConfig, load_config
+from olivepress.errors import UserError
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_are_the_offline_demo():
+    config = load_config()
+    assert config.model is None
+    assert config.data == SAMPLE_DATA.resolve()
+    assert config.device == "cpu"
+    assert config.quantize.group_size == 32
+
+
+def test_yaml_then_flags_with_flags_winning(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    path = write_yaml(tmp_path, "data: d.jsonl\nfinetune:\n  max_steps: 7\n  lora_r: 8\n")
+    config = load_config(path, {"finetune.max_steps": 3, "device": None})
+    assert config.data == data.resolve()
+    assert config.finetune.max_steps == 3
+    assert config.finetune.lora_r == 8
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "expected"),
+    [
+        ("device: tpu\n", {}, "device: Input should be 'cpu' or 'gpu'"),
+        ("", {"finetune.max_steps": 0}, "finetune.max_steps: Input should be greater than or equal to 1"),
+        ("quantize:\n  group_size: 100\n", {}, "quantize.group_size"),
+        ("text_template: 'Q: {prompt}'\n", {}, "text_template: the template must contain {response}"),
+        ("text_template: '{response} {prompt}'\n", {}, "{prompt} must come before {response}"),
+        ("validation:\n  min_chars: 10\n  max_chars: 5\n", {}, "min_chars (10) is larger than max_chars (5)"),
+        ("data: missing.jsonl\n", {}, "data: "),
+        ("model: nowhere\n", {}, "model: "),
+        ("finetune:\n  lora_rank: 8\n", {}, "finetune.lora_rank: Extra inputs are not permitted"),
+        ("finetune:\n  learning_rate: 2\n", {}, "finetune.learning_rate"),
+    ],
+)
+def test_bad_settings_name_the_field(tmp_path, yaml_text, overrides, expected):
+    with pytest.raises(UserError) as caught:
+        load_config(write_yaml(tmp_path, yaml_text), overrides)
+    assert expected in str(caught.value)
+
+
+def test_model_folder_needs_a_config_json(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(UserError, match=r"model: .*has no config.json"):
+        load_config(overrides={"model": tmp_path / "model"})
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    with pytest.raises(UserError) as caught:
+        load_config(write_yaml(tmp_path, "device: tpu\nseed: -1\n"))
+    assert "device:" in str(caught.value)
+    assert "seed:" in str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]\n", "a: [\n"])
+def test_yaml_that_is_not_a_mapping(tmp_path, text):
+    with pytest.raises(UserError, match=r"run\.yaml"):
+        load_config(write_yaml(tmp_path, text))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_round_trips_through_json():
+    config = load_config()
+    assert RunConfig.model_validate_json(config.model_dump_json()) == config
