@@ -91,6 +91,8 @@ COMMANDS = {"run": command_run, "validate": command_validate, "chat": command_ch
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the embedded Prefect server must not try to phone home from an offline machine
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -7,6 +7,7 @@ the run directory atomically, so a folder that exists is complete.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,23 @@ WORK = "work"
 
 class InvalidData(UserError):
     """The data failed validation; the message is the report."""
+
+
+class PlainUserErrors(logging.Filter):
+    """Prefect logs every failed run with a traceback; for a user error the message is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_user_error_tracebacks() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, PlainUserErrors) for existing in logger.filters):
+            logger.addFilter(PlainUserErrors())
 
 
 @dataclass
@@ -165,6 +183,7 @@ def write_summary(run_dir: Path, records: list[StepRecord]) -> str:
 @flow(name="olivepress", log_prints=True, persist_result=False)
 def olivepress_flow(config: RunConfig, run_dir: Path) -> dict:
     """One run of the lab: every step's output lands in ``run_dir``; the summary is printed at the end."""
+    quiet_user_error_tracebacks()
     records: list[StepRecord] = []
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=1))
     try:

@@ -29,7 +29,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text so that readers see the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".tmp-{path.name}-", delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".tmp-{path.name}-", delete=False
+    ) as tmp:
         tmp.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp.name, 0o666 & ~umask)  # NamedTemporaryFile creates 0600; give the file normal permissions
     os.replace(tmp.name, path)

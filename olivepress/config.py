@@ -50,6 +50,7 @@ class FinetuneSettings(Section):
         description="Names of the linear layers that get a LoRA adapter.",
     )
     max_seq_len: int = Field(256, ge=16, le=32_768, description="Tokens kept of each training example.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory on large models.")
     checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
 
 

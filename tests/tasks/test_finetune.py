@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from olivepress.config import FinetuneSettings
+from olivepress.tasks.finetune import finetune_lora, olive_lora_config, write_training_text
+from tests.conftest import sample_pairs
+
+
+def test_training_text_uses_the_chat_template(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = write_training_text(
+        tokenizer, [{"prompt": "Where?", "response": "Here."}], tmp_path / "t.jsonl", None
+    )
+    (line,) = path.read_text(encoding="utf-8").splitlines()
+    assert (
+        json.loads(line)["text"]
+        == "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\nHere.<|im_end|>\n"
+    )
+
+
+def test_training_text_follows_a_text_template(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = "<|user|>{prompt}<|end|><|assistant|>{response}<|end|>"
+    path = write_training_text(tokenizer, [{"prompt": "Q", "response": "A"}], tmp_path / "t.jsonl", template)
+    assert json.loads(path.read_text())["text"] == "<|user|>Q<|end|><|assistant|>A<|end|>"
+
+
+def test_olive_config_carries_the_settings(tmp_path):
+    settings = FinetuneSettings(max_steps=7, lora_r=4, target_modules=["q_proj"], learning_rate=1e-3)
+    config = olive_lora_config(tmp_path / "m", tmp_path / "t.jsonl", tmp_path, settings, device="cpu", seed=3)
+    lora = config["passes"]["lora"]
+    assert (lora["r"], lora["target_modules"], lora["torch_dtype"]) == (4, ["q_proj"], "float32")
+    assert lora["training_args"]["max_steps"] == 7
+    assert lora["training_args"]["learning_rate"] == 1e-3
+    assert lora["training_args"]["logging_steps"] == 1
+    gpu = olive_lora_config(tmp_path / "m", tmp_path / "t.jsonl", tmp_path, settings, device="gpu", seed=3)
+    assert gpu["systems"]["local_system"]["accelerators"][0]["execution_providers"] == [
+        "CUDAExecutionProvider"
+    ]
+
+
+@pytest.mark.slow
+def test_lora_trains_on_the_dequantized_int4_model(tmp_path, tiny_int4_dir):
+    from safetensors.torch import load_file
+
+    settings = FinetuneSettings(
+        max_steps=3, batch_size=2, max_seq_len=64, learning_rate=1e-2, checkpoint_every=2
+    )
+    result = finetune_lora(
+        tiny_int4_dir, sample_pairs()[:12], tmp_path / "adapter", settings, work_dir=tmp_path / "w"
+    )
+
+    assert [entry["step"] for entry in result.losses] == [1, 2, 3]
+    assert all(entry["loss"] > 0 for entry in result.losses)
+    assert json.loads((tmp_path / "adapter" / "loss_history.json").read_text()) == result.losses
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(settings.target_modules)
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in tensors.items() if "lora_B" in name]
+    assert lora_b and any(tensor.abs().max() > 0 for tensor in lora_b), "training moved LoRA B off zero"
