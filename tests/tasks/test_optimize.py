@@ -6,27 +6,9 @@ import pytest
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE, open_model, sequence_logits
 from olivepress.tasks.optimize import builder_node_prefix, export_onnx, lora_input_names
+from tests.conftest import LINEARS, make_lora_adapter
 
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 2]
-
-
-def make_lora_adapter(checkpoint_dir, target, **lora_options):
-    """A PEFT adapter on the dequantized checkpoint, with a random (not zero) B so it changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from olivepress.int4 import load_dequantized_model
-
-    torch.manual_seed(0)
-    options = {"r": 4, "lora_alpha": 8, "target_modules": LINEARS, "task_type": "CAUSAL_LM", **lora_options}
-    model = get_peft_model(load_dequantized_model(checkpoint_dir), LoraConfig(**options))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.2)
-    model.save_pretrained(target)
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +101,7 @@ def test_logits_match_pytorch_with_and_without_adapter(exported, tiny_int4_dir, 
         expected_on = PeftModel.from_pretrained(base, adapter_dir)(torch.tensor([IDS])).logits[0].numpy()
     off = sequence_logits(open_model(exported.model_dir), IDS)
     on = sequence_logits(open_model(exported.model_dir, exported.adapter_file), IDS)
+    # float32 round-off only: measured 2e-7 without and 3e-6 with the adapter, whose own effect is ~1
     assert np.abs(off - expected_off).max() < 1e-4
     assert np.abs(on - expected_on).max() < 1e-4
     assert np.abs(on - off).max() > 0.2
