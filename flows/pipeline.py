@@ -8,28 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
-from olivepress.atomic import atomic_dir, atomic_write_text
+from olivepress.atomic import atomic_write_text
 from olivepress.config import RunConfig
 from olivepress.errors import UserError
-from olivepress.prompts import save_prompt_format
+from olivepress.tasks.finetune import finetune_task
+from olivepress.tasks.optimize import optimize_task
+from olivepress.tasks.quantize import quantize_task
+from olivepress.tasks.validate import validate_task
 
 QUANTIZED = "quantized"
 ADAPTER = "adapter"
 ONNX = "onnx"
 WORK = "work"
-
-
-class InvalidData(UserError):
-    """The data failed validation; the message is the report."""
 
 
 class PlainUserErrors(logging.Filter):
@@ -56,7 +53,6 @@ class StepRecord:
     seconds: float
     output: str | None = None
     output_bytes: int | None = None
-    detail: dict = field(default_factory=dict)
 
 
 def folder_bytes(path: Path) -> int:
@@ -82,65 +78,6 @@ def resolve_model_dir(config: RunConfig) -> Path:
     from olivepress.default_model import default_model_dir
 
     return default_model_dir()
-
-
-@task(name="validate", retries=0, cache_policy=NO_CACHE, tags=["olivepress", "validate"])
-def validate_step(config: RunConfig, run_dir: Path) -> list[dict]:
-    """Bad data stops the run here, before any model is loaded; never retried (it would fail the same way)."""
-    from olivepress.tasks.validate import read_examples, validate_jsonl, write_report
-
-    report = validate_jsonl(
-        config.data, min_chars=config.validation.min_chars, max_chars=config.validation.max_chars
-    )
-    report_path = write_report(report, run_dir)
-    if not report.ok:
-        raise InvalidData(
-            f"{config.data} has {len(report.errors)} bad line(s); nothing was trained "
-            f"(report: {report_path}):\n{report.to_text()}"
-        )
-    return read_examples(config.data)
-
-
-@task(name="quantize", retries=1, cache_policy=NO_CACHE, tags=["olivepress", "quantize", "awq"])
-def quantize_step(config: RunConfig, model_dir: Path, examples: list[dict], run_dir: Path) -> Path:
-    from olivepress.tasks.quantize import quantize_awq
-
-    target = run_dir / QUANTIZED
-    with atomic_dir(target) as staging:
-        quantize_awq(model_dir, examples, staging, config.quantize, text_template=config.text_template)
-    return target
-
-
-@task(name="finetune", retries=1, cache_policy=NO_CACHE, tags=["olivepress", "finetune", "lora"])
-def finetune_step(config: RunConfig, checkpoint_dir: Path, examples: list[dict], run_dir: Path) -> Path:
-    from olivepress.tasks.finetune import finetune_lora
-
-    target = run_dir / ADAPTER
-    work_dir = run_dir / WORK / "finetune"
-    with atomic_dir(target) as staging:
-        finetune_lora(
-            checkpoint_dir,
-            examples,
-            staging,
-            config.finetune,
-            work_dir=work_dir,
-            text_template=config.text_template,
-            device=config.device,
-            seed=config.seed,
-        )
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return target
-
-
-@task(name="optimize", retries=1, cache_policy=NO_CACHE, tags=["olivepress", "optimize", "onnx"])
-def optimize_step(config: RunConfig, checkpoint_dir: Path, adapter_dir: Path, run_dir: Path) -> Path:
-    from olivepress.tasks.optimize import export_onnx
-
-    target = run_dir / ONNX
-    with atomic_dir(target) as staging:
-        export_onnx(checkpoint_dir, adapter_dir, staging, device=config.device)
-        save_prompt_format(staging, config.text_template)
-    return target
 
 
 def timed(records: list[StepRecord], name: str, function, *args):
@@ -182,6 +119,26 @@ def write_summary(run_dir: Path, records: list[StepRecord]) -> str:
     return table
 
 
+FULLER_EPOCHS = 3
+FULLER_CALIBRATION_SAMPLES = 128
+
+
+def fuller_run_estimate(config: RunConfig, records: list[StepRecord], n_examples: int) -> str:
+    """What a run past the quick default would cost, scaled linearly from this run's own step times."""
+    seconds = {record.step: record.seconds for record in records}
+    steps = -(-FULLER_EPOCHS * n_examples // config.finetune.batch_size)
+    samples = min(FULLER_CALIBRATION_SAMPLES, n_examples)
+    finetune = seconds["finetune"] / config.finetune.max_steps * steps
+    quantize = seconds["quantize"] * samples / min(config.quantize.calibration_samples, n_examples)
+    return (
+        f"This run trained {config.finetune.max_steps} steps and calibrated AWQ on "
+        f"{min(config.quantize.calibration_samples, n_examples)} examples. A fuller run "
+        f"({FULLER_EPOCHS} epochs = {steps} steps, --calibration-samples {samples}) would take about "
+        f"{(finetune + quantize) / 60:.0f} min for those two steps on this machine "
+        f"(--max-steps {steps} --calibration-samples {samples})."
+    )
+
+
 @flow(name="olivepress", log_prints=True, persist_result=False)
 def olivepress_flow(config: RunConfig, run_dir: Path) -> dict:
     """One run of the lab: every step's output lands in ``run_dir``; the summary is printed at the end."""
@@ -189,11 +146,23 @@ def olivepress_flow(config: RunConfig, run_dir: Path) -> dict:
     records: list[StepRecord] = []
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=1))
     try:
-        examples = timed(records, "validate", validate_step, config, run_dir)
+        examples = timed(records, "validate", validate_task, config, run_dir)
         model_dir = resolve_model_dir(config)
-        checkpoint = timed(records, "quantize", quantize_step, config, model_dir, examples, run_dir)
-        adapter = timed(records, "finetune", finetune_step, config, checkpoint, examples, run_dir)
-        onnx_dir = timed(records, "optimize", optimize_step, config, checkpoint, adapter, run_dir)
+        checkpoint = timed(
+            records, "quantize", quantize_task, config, model_dir, examples, run_dir / QUANTIZED
+        )
+        adapter = timed(
+            records,
+            "finetune",
+            finetune_task,
+            config,
+            checkpoint,
+            examples,
+            run_dir / ADAPTER,
+            run_dir / WORK,
+        )
+        onnx_dir = timed(records, "optimize", optimize_task, config, checkpoint, adapter, run_dir / ONNX)
     finally:
         print("\n" + write_summary(run_dir, records))
+    print(fuller_run_estimate(config, records, len(examples)))
     return {"run_dir": str(run_dir), "onnx": str(onnx_dir), "adapter": str(adapter)}

@@ -13,7 +13,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from olivepress.config import FinetuneSettings
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from olivepress.atomic import atomic_dir
+from olivepress.config import FinetuneSettings, RunConfig
 from olivepress.prompts import format_pair
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -171,3 +175,23 @@ def finetune_lora(
     losses = read_loss_history(work_dir / "checkpoints")
     (out_dir / LOSS_FILE).write_text(json.dumps(losses, indent=1))
     return FinetuneResult(adapter_dir=out_dir, losses=losses)
+
+
+@task(name="finetune", retries=1, cache_policy=NO_CACHE, tags=["olivepress", "finetune", "lora"])
+def finetune_task(
+    config: RunConfig, checkpoint_dir: Path, examples: list[dict], target: Path, work_dir: Path
+) -> Path:
+    """Publish the adapter at ``target`` only when training finished; scratch space is dropped after."""
+    with atomic_dir(target) as staging:
+        finetune_lora(
+            checkpoint_dir,
+            examples,
+            staging,
+            config.finetune,
+            work_dir=work_dir,
+            text_template=config.text_template,
+            device=config.device,
+            seed=config.seed,
+        )
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return target

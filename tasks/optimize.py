@@ -23,11 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from olivepress.atomic import atomic_dir
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE
+from olivepress.prompts import save_prompt_format
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from olivepress.config import RunConfig
 
 MODEL_FILE = "model.onnx"
 EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}
@@ -272,3 +279,12 @@ def write_adapter(lora: dict[str, LoraMatrices], path: Path, io_dtype: int) -> N
     adapter = ort.AdapterFormat()
     adapter.set_parameters(parameters)
     adapter.export_adapter(str(path))
+
+
+@task(name="optimize", retries=1, cache_policy=NO_CACHE, tags=["olivepress", "optimize", "onnx"])
+def optimize_task(config: RunConfig, checkpoint_dir: Path, adapter_dir: Path, target: Path) -> Path:
+    """Publish the ONNX folder at ``target`` whole, with the prompt format chat needs to match training."""
+    with atomic_dir(target) as staging:
+        export_onnx(checkpoint_dir, adapter_dir, staging, device=config.device)
+        save_prompt_format(staging, config.text_template)
+    return target

@@ -29,11 +29,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from olivepress.atomic import atomic_write_text
 from olivepress.errors import UserError
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
+
+    from olivepress.config import RunConfig
 
 REQUIRED_FIELDS = ("prompt", "response")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -416,3 +421,22 @@ def _count(n: int, noun: str) -> str:
 
 def _where(line: int) -> str:
     return f"line {line}" if line else "file"
+
+
+class InvalidData(UserError):
+    """The data failed validation; the message is the report."""
+
+
+@task(name="validate", retries=0, cache_policy=NO_CACHE, tags=["olivepress", "validate"])
+def validate_task(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
+    """Bad data stops the run here, before any model is loaded; never retried (it would fail the same way)."""
+    report = validate_jsonl(
+        config.data, min_chars=config.validation.min_chars, max_chars=config.validation.max_chars
+    )
+    report_path = write_report(report, run_dir)
+    if not report.ok:
+        raise InvalidData(
+            f"{config.data} has {len(report.errors)} bad line(s); nothing was trained "
+            f"(report: {report_path}):\n{report.to_text()}"
+        )
+    return read_examples(config.data)

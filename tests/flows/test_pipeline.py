@@ -5,7 +5,14 @@ import json
 import pytest
 
 from olivepress.config import load_config
-from olivepress.flows.pipeline import InvalidData, new_run_dir, olivepress_flow
+from olivepress.flows.pipeline import (
+    StepRecord,
+    format_summary,
+    fuller_run_estimate,
+    new_run_dir,
+    olivepress_flow,
+)
+from olivepress.tasks.validate import InvalidData
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,3 +72,25 @@ def test_bad_data_fails_the_flow_before_quantizing(tmp_path, tiny_model_dir):
     assert not (run_dir / "quantized").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(s["step"], s["status"]) for s in summary] == [("validate", "failed")]
+
+
+def test_summary_table_lists_each_step_with_time_and_size():
+    records = [
+        StepRecord("validate", "completed", 0.42),
+        StepRecord("quantize", "failed", 12.0, output=None, output_bytes=None),
+        StepRecord("finetune", "completed", 61.5, output="/x", output_bytes=7_400_000),
+    ]
+    lines = format_summary(records).splitlines()
+    assert lines[0].split() == ["step", "status", "time", "output", "size"]
+    assert lines[2].split() == ["validate", "completed", "0.4", "s", "-"]
+    assert lines[3].split() == ["quantize", "failed", "12.0", "s", "-"]
+    assert lines[4].split() == ["finetune", "completed", "61.5", "s", "7.4", "MB"]
+
+
+def test_fuller_run_estimate_scales_this_runs_times(tmp_path):
+    config = load_config(overrides={"finetune.max_steps": 10, "finetune.batch_size": 4})
+    records = [StepRecord("quantize", "completed", 60.0), StepRecord("finetune", "completed", 100.0)]
+    text = fuller_run_estimate(config, records, n_examples=200)
+    # 3 epochs of 200 examples at batch 4 = 150 steps at 10 s; 128/32 of the AWQ time = 240 s
+    assert "150 steps" in text
+    assert "about 29 min" in text

@@ -1,0 +1,259 @@
+"""The quantize step: activation-aware 4-bit weights (AWQ), calibrated on the user's own examples.
+
+llm-compressor's AWQModifier (AutoAWQ's maintained successor; Olive 0.13's AWQ pass needs CUDA and the
+deprecated autoawq) searches per-channel smoothing scales and folds them into the preceding norms and
+linears, then its QuantizationModifier fixes a 4-bit grid per group. It runs on CPU. Its compressed-tensors
+checkpoint is not used (ORT GenAI's builder rejects it on CPU): we read each quantized linear's grid in
+memory and write the "olive" int4 layout of :mod:`olivepress.int4`, whose integers the ONNX model runs as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from olivepress.atomic import atomic_dir
+from olivepress.config import QuantizeSettings, RunConfig
+from olivepress.errors import UserError
+from olivepress.int4 import Int4Weight, write_int4_checkpoint
+from olivepress.prompts import format_pair
+
+log = logging.getLogger(__name__)
+
+ALLOWED_GROUP_SIZES = (16, 32, 64, 128)  # block sizes ORT's MatMulNBits runs on CPU and GPU
+IGNORED_LINEARS = ["lm_head"]  # tied to the embeddings in small models; 4 bits there cost the most accuracy
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    out_dir: Path
+    group_size: int
+    calibration_examples: int
+    calibration_tokens: int
+    quantized_linears: int
+    seconds: float
+
+
+def quantized_input_sizes(config) -> dict[str, int]:
+    """Input sizes of the decoder's linear layers, by the config field that sets each."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads * head_dim": heads * head_dim,
+    }
+
+
+def check_group_size(config, group_size: int) -> None:
+    """Raise a UserError unless ``group_size`` is allowed and divides every quantized input size."""
+    if group_size not in ALLOWED_GROUP_SIZES:
+        raise UserError(f"quantize.group_size must be one of {ALLOWED_GROUP_SIZES}, not {group_size}")
+    _check_divides(quantized_input_sizes(config), group_size)
+
+
+def _check_divides(sizes: dict[str, int], group_size: int) -> None:
+    for name, size in sizes.items():
+        if size % group_size:
+            usable = [g for g in ALLOWED_GROUP_SIZES if all(s % g == 0 for s in sizes.values())]
+            raise UserError(
+                f"quantize.group_size = {group_size} does not divide {name} = {size} of this model; "
+                f"use one of {usable}"
+                if usable
+                else f"quantize.group_size: no allowed group size {ALLOWED_GROUP_SIZES} divides {name} = {size}"
+            )
+
+
+def calibration_token_ids(
+    tokenizer, examples: list[dict], settings: QuantizeSettings, seed: int, text_template: str | None = None
+) -> list[list[int]]:
+    """A seeded sample of the examples, formatted exactly as at inference and cut to the token limit."""
+    chosen = random.Random(seed).sample(examples, min(settings.calibration_samples, len(examples)))
+    texts = [format_pair(tokenizer, ex["prompt"], ex["response"], text_template).full_text for ex in chosen]
+    return [tokenizer(text)["input_ids"][: settings.calibration_max_tokens] for text in texts]
+
+
+def awq_recipe(group_size: int) -> list:
+    """AWQ smoothing, then asymmetric 4-bit min/max groups on every decoder Linear (the W4A16_ASYM scheme
+    with our group size; its preset's 128 does not divide SmolLM2's 576)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    weights = QuantizationArgs(
+        num_bits=4, type="int", strategy="group", group_size=group_size, symmetric=False, dynamic=False
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    return [AWQModifier(), QuantizationModifier(config_groups={"int4": scheme}, ignore=IGNORED_LINEARS)]
+
+
+@contextlib.contextmanager
+def pinned_memory_only_with_accelerator():
+    """Skip AWQ's cache pinning when there is no accelerator.
+
+    llm-compressor 0.14 pins the cached layer inputs before every mapping's grid search, unconditionally
+    (AWQModifier._apply_smoothing), and torch refuses pin_memory() without an accelerator: "Cannot access
+    accelerator device when none is available". Pinning only speeds host-to-device copies, so on CPU the
+    one method is made a no-op for the duration of the call; no argument turns it off.
+    """
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if torch.accelerator.is_available():
+        yield
+        return
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+def apply_awq(
+    model, tokenizer, token_ids: list[list[int]], group_size: int, *, progress: bool = True
+) -> None:
+    """Run AWQ and fix the int4 grid, in place: the model's norms and linears now hold the smoothed float
+    weights, and each quantized Linear fake-quantizes its weight in forward (llm-compressor's own view).
+
+    A session of its own keeps llm-compressor's global one from holding on to the model afterwards.
+    """
+    from datasets import Dataset
+    from llmcompressor import create_session, oneshot
+
+    calibration = Dataset.from_dict(
+        {"input_ids": token_ids, "attention_mask": [[1] * len(i) for i in token_ids]}
+    )
+    with create_session(), pinned_memory_only_with_accelerator(), _quiet_unless(progress):
+        oneshot(
+            model=model,
+            tokenizer=tokenizer,
+            dataset=calibration,
+            recipe=awq_recipe(group_size),
+            num_calibration_samples=len(token_ids),
+            shuffle_calibration_samples=False,
+            batch_size=1,
+        )
+
+
+def take_int4_weights(model) -> dict[str, Int4Weight]:
+    """Each quantized Linear's grid as an Int4Weight; its quantization parameters leave the model.
+
+    compressed-tensors keeps zero points signed in [-8, 7] and rounds ``w / scale + zero_point``; the
+    checkpoint wants unsigned [0, 15]. Rounding its fake-quantized weight (values already on the grid)
+    instead of the raw weight gives exactly its integers, even where a raw value falls on a rounding tie.
+    Removing ``weight_scale``/``weight_zero_point`` leaves a state_dict of plain float tensors (the AWQ-scaled
+    norms and linears among them) for :func:`write_int4_checkpoint`.
+    """
+    import torch
+    from compressed_tensors.quantization import forward_quantize
+
+    weights = {}
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if not isinstance(module, torch.nn.Linear) or scheme is None or scheme.weights is None:
+            continue
+        with torch.no_grad():
+            on_grid = forward_quantize(module, module.weight.data, "weight", scheme.weights)
+        signed_offset = -(2 ** (scheme.weights.num_bits - 1))
+        zero_points = module.weight_zero_point.data.to(torch.int16) - signed_offset
+        weights[name] = Int4Weight.from_qparams(on_grid, module.weight_scale.data, zero_points)
+        for extra in [
+            key for key in (*module._parameters, *module._buffers) if key not in ("weight", "bias")
+        ]:
+            delattr(module, extra)
+        module.quantization_enabled = False
+    return weights
+
+
+def quantize_awq(
+    model_dir: Path,
+    examples: list[dict],
+    out_dir: Path,
+    settings: QuantizeSettings,
+    *,
+    seed: int = 0,
+    text_template: str | None = None,
+    progress: bool = True,
+) -> QuantizeResult:
+    """AWQ-quantize the model in ``model_dir`` to 4 bits and write the int4 checkpoint and tokenizer to
+    ``out_dir`` (a staging folder: the caller makes it atomic). ``progress`` keeps llm-compressor's
+    per-layer progress bars and log lines on stderr."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_group_size(AutoConfig.from_pretrained(model_dir), settings.group_size)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    token_ids = calibration_token_ids(tokenizer, examples, settings, seed, text_template)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    linear_inputs = {
+        name: module.in_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in IGNORED_LINEARS
+    }
+    _check_divides(linear_inputs, settings.group_size)
+
+    tokens = sum(len(ids) for ids in token_ids)
+    log.info(
+        "AWQ: %d linears, group size %d, calibrating on %d examples (%d tokens)",
+        len(linear_inputs),
+        settings.group_size,
+        len(token_ids),
+        tokens,
+    )
+    started = time.perf_counter()
+    apply_awq(model, tokenizer, token_ids, settings.group_size, progress=progress)
+    weights = take_int4_weights(model)
+    seconds = time.perf_counter() - started
+    log.info("AWQ: quantized %d linears in %.0f s", len(weights), seconds)
+
+    write_int4_checkpoint(model, weights, out_dir, settings.group_size)
+    tokenizer.save_pretrained(out_dir)
+    return QuantizeResult(
+        out_dir=out_dir,
+        group_size=settings.group_size,
+        calibration_examples=len(token_ids),
+        calibration_tokens=tokens,
+        quantized_linears=len(weights),
+        seconds=seconds,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_unless(progress: bool):
+    """Silence llm-compressor's tqdm bars (stderr) and loguru lines when progress is off."""
+    if progress:
+        yield
+        return
+    import os
+
+    from loguru import logger
+
+    logger.disable("llmcompressor")
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+            yield
+    finally:
+        logger.enable("llmcompressor")
+
+
+@task(name="quantize", retries=1, cache_policy=NO_CACHE, tags=["olivepress", "quantize", "awq"])
+def quantize_task(config: RunConfig, model_dir: Path, examples: list[dict], target: Path) -> Path:
+    """Publish the int4 checkpoint at ``target`` only once it is complete."""
+    with atomic_dir(target) as staging:
+        quantize_awq(
+            model_dir,
+            examples,
+            staging,
+            config.quantize,
+            seed=config.seed,
+            text_template=config.text_template,
+        )
+    return target

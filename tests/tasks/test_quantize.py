@@ -1,0 +1,167 @@
+"""The quantize step on a tiny random Llama (seconds), and once on SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from olivepress.config import SAMPLE_DATA, QuantizeSettings
+from olivepress.errors import UserError
+from olivepress.int4 import load_dequantized_model, read_int4_checkpoint, rtn_quantize, write_int4_checkpoint
+from olivepress.prompts import format_pair
+from olivepress.scoring import response_token_loss
+from olivepress.tasks.quantize import (
+    apply_awq,
+    calibration_token_ids,
+    check_group_size,
+    quantize_awq,
+    take_int4_weights,
+)
+
+TINY_SETTINGS = QuantizeSettings(group_size=32, calibration_samples=8, calibration_max_tokens=64)
+SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, head_dim=64)
+
+
+def sample_pairs() -> list[dict]:
+    return [json.loads(line) for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_group_size_must_divide_every_quantized_input():
+    config = LlamaConfig(**SMOLLM2_SHAPES)
+    check_group_size(config, 32)
+    check_group_size(config, 64)
+    with pytest.raises(UserError, match=r"quantize\.group_size = 128 does not divide hidden_size = 576"):
+        check_group_size(config, 128)
+    with pytest.raises(UserError, match=r"quantize\.group_size must be one of"):
+        check_group_size(config, 48)
+
+
+def test_quantize_refuses_a_group_size_before_loading_the_model(tiny_model_dir, tmp_path):
+    settings = QuantizeSettings(group_size=128)
+    with pytest.raises(UserError, match="hidden_size = 64"):
+        quantize_awq(tiny_model_dir, sample_pairs(), tmp_path / "out", settings, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_uses_a_seeded_sample_formatted_as_at_inference(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = sample_pairs()
+    first = calibration_token_ids(tokenizer, pairs, TINY_SETTINGS, seed=1)
+    assert first == calibration_token_ids(tokenizer, pairs, TINY_SETTINGS, seed=1)
+    assert first != calibration_token_ids(tokenizer, pairs, TINY_SETTINGS, seed=2)
+    assert len(first) == TINY_SETTINGS.calibration_samples
+    assert all(len(ids) <= TINY_SETTINGS.calibration_max_tokens for ids in first)
+    full_texts = {format_pair(tokenizer, p["prompt"], p["response"]).full_text for p in pairs}
+    assert all(any(text.startswith(tokenizer.decode(ids)) for text in full_texts) for ids in first)
+
+
+@pytest.fixture(scope="module")
+def tiny_awq(tiny_model_dir, tmp_path_factory):
+    """The tiny model through llm-compressor's AWQ, with what its own forward computes recorded first."""
+    from compressed_tensors.quantization import forward_quantize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    token_ids = calibration_token_ids(tokenizer, sample_pairs(), TINY_SETTINGS, seed=0)
+    apply_awq(model, tokenizer, token_ids, TINY_SETTINGS.group_size, progress=False)
+    probe = torch.tensor([token_ids[0]])
+    with torch.no_grad():
+        logits = model(probe).logits
+        fake_quantized = {
+            name: forward_quantize(module, module.weight, "weight", module.quantization_scheme.weights)
+            for name, module in model.named_modules()
+            if getattr(module, "quantization_scheme", None) is not None
+        }
+    weights = take_int4_weights(model)
+    out_dir = tmp_path_factory.mktemp("tiny-awq")
+    write_int4_checkpoint(model, weights, out_dir, TINY_SETTINGS.group_size)
+    return {
+        "probe": probe,
+        "logits": logits,
+        "fake_quantized": fake_quantized,
+        "weights": weights,
+        "dir": out_dir,
+    }
+
+
+def test_int4_weights_are_exactly_llm_compressors_fake_quantized_weights(tiny_awq):
+    weights, fake_quantized = tiny_awq["weights"], tiny_awq["fake_quantized"]
+    assert set(weights) == set(fake_quantized)
+    assert len(weights) == 2 * 7 and "lm_head" not in weights
+    for name, weight in weights.items():
+        assert weight.group_size == TINY_SETTINGS.group_size
+        assert int(weight.q.max()) <= 15 and int(weight.zero_points.max()) <= 15
+        torch.testing.assert_close(weight.dequantize(), fake_quantized[name], rtol=0, atol=1e-7)
+
+
+def test_checkpoint_reloads_to_the_forward_llm_compressor_calibrated(tiny_awq):
+    reloaded = load_dequantized_model(tiny_awq["dir"])
+    with torch.no_grad():
+        logits = reloaded(tiny_awq["probe"]).logits
+    torch.testing.assert_close(logits, tiny_awq["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_holds_the_smoothed_norms_and_untouched_tied_embeddings(tiny_awq, tiny_model_dir):
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    floats, weights = read_int4_checkpoint(tiny_awq["dir"])
+    assert not [name for name in floats if "weight_scale" in name or "zero_point" in name]
+    assert not [name for name in weights if f"{name}.weight" in floats]
+    torch.testing.assert_close(floats["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+    norms = [name for name in floats if name.endswith("layernorm.weight")]
+    assert any(not torch.equal(floats[name], original[name]) for name in norms), "AWQ folded no scales"
+    config = json.loads((tiny_awq["dir"] / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    assert config["quantization_config"]["group_size"] == TINY_SETTINGS.group_size
+
+
+def test_quantize_awq_writes_a_loadable_checkpoint_and_tokenizer(tiny_model_dir, tmp_path):
+    result = quantize_awq(tiny_model_dir, sample_pairs(), tmp_path, TINY_SETTINGS, seed=3, progress=False)
+    assert result.quantized_linears == 14
+    assert result.calibration_examples == TINY_SETTINGS.calibration_samples
+    assert (tmp_path / "tokenizer.json").is_file()
+    model = load_dequantized_model(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert torch.isfinite(torch.tensor(response_token_loss(model, tokenizer, sample_pairs()[:4])))
+
+
+def test_response_token_loss_matches_masked_labels(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = sample_pairs()[:3]
+    summed, counted = 0.0, 0
+    for pair in pairs:
+        formatted = format_pair(tokenizer, pair["prompt"], pair["response"])
+        ids = tokenizer(formatted.full_text, return_tensors="pt")["input_ids"]
+        prompt_length = len(tokenizer(formatted.prompt_text)["input_ids"])
+        labels = ids.clone()
+        labels[:, :prompt_length] = -100
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss.item()
+        tokens = ids.shape[1] - prompt_length
+        summed, counted = summed + loss * tokens, counted + tokens
+    assert response_token_loss(model, tokenizer, pairs) == pytest.approx(summed / counted, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_awq_on_smollm2_beats_round_to_nearest(tmp_path, travel_jsonl):
+    from olivepress.default_model import default_model_dir
+
+    model_dir = default_model_dir()
+    pairs = [json.loads(line.strip()) for line in travel_jsonl.open(encoding="utf-8-sig") if line.strip()]
+    held_out_prompts = {pair["prompt"] for pair in pairs[::10]}
+    held_out = [pair for pair in pairs if pair["prompt"] in held_out_prompts]
+    pool = [pair for pair in pairs if pair["prompt"] not in held_out_prompts]
+    settings = QuantizeSettings(calibration_samples=8)
+    result = quantize_awq(model_dir, pool, tmp_path, settings, progress=False)
+    assert result.quantized_linears == 30 * 7
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    awq_loss = response_token_loss(load_dequantized_model(tmp_path), tokenizer, held_out)
+    rtn = AutoModelForCausalLM.from_pretrained(model_dir)
+    for name, module in rtn.named_modules():
+        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
+            module.weight.data = rtn_quantize(module.weight.data, settings.group_size).dequantize()
+    assert awq_loss < response_token_loss(rtn, tokenizer, held_out)
