@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from olivepress.atomic import atomic_write_text
 from olivepress.config import RunConfig
@@ -120,29 +120,26 @@ def write_summary(run_dir: Path, records: list[StepRecord]) -> str:
 
 
 FULLER_EPOCHS = 3
-FULLER_CALIBRATION_SAMPLES = 128
 
 
 def fuller_run_estimate(config: RunConfig, records: list[StepRecord], n_examples: int) -> str:
-    """What a run past the quick default would cost, scaled linearly from this run's own step times."""
-    seconds = {record.step: record.seconds for record in records}
+    """What a longer fine-tune would cost, scaled linearly from this run's own fine-tuning time."""
+    finetune_seconds = next(record.seconds for record in records if record.step == "finetune")
     steps = -(-FULLER_EPOCHS * n_examples // config.finetune.batch_size)
-    samples = min(FULLER_CALIBRATION_SAMPLES, n_examples)
-    finetune = seconds["finetune"] / config.finetune.max_steps * steps
-    quantize = seconds["quantize"] * samples / min(config.quantize.calibration_samples, n_examples)
+    epochs = config.finetune.max_steps * config.finetune.batch_size / n_examples
+    minutes = finetune_seconds / config.finetune.max_steps * steps / 60
     return (
-        f"This run trained {config.finetune.max_steps} steps and calibrated AWQ on "
-        f"{min(config.quantize.calibration_samples, n_examples)} examples. A fuller run "
-        f"({FULLER_EPOCHS} epochs = {steps} steps, --calibration-samples {samples}) would take about "
-        f"{(finetune + quantize) / 60:.0f} min for those two steps on this machine "
-        f"(--max-steps {steps} --calibration-samples {samples})."
+        f"This run trained {config.finetune.max_steps} steps ({epochs:.1f} epochs of {n_examples} examples). "
+        f"{FULLER_EPOCHS} epochs would be --max-steps {steps}: about {minutes:.0f} min of fine-tuning on "
+        "this machine."
     )
 
 
-@flow(name="olivepress", log_prints=True, persist_result=False)
+@flow(name="olivepress", persist_result=False)
 def olivepress_flow(config: RunConfig, run_dir: Path) -> dict:
     """One run of the lab: every step's output lands in ``run_dir``; the summary is printed at the end."""
     quiet_user_error_tracebacks()
+    logger = get_run_logger()
     records: list[StepRecord] = []
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=1))
     try:
@@ -163,6 +160,6 @@ def olivepress_flow(config: RunConfig, run_dir: Path) -> dict:
         )
         onnx_dir = timed(records, "optimize", optimize_task, config, checkpoint, adapter, run_dir / ONNX)
     finally:
-        print("\n" + write_summary(run_dir, records))
-    print(fuller_run_estimate(config, records, len(examples)))
+        logger.info("\n%s", write_summary(run_dir, records))
+    logger.info(fuller_run_estimate(config, records, len(examples)))
     return {"run_dir": str(run_dir), "onnx": str(onnx_dir), "adapter": str(adapter)}

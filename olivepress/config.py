@@ -38,7 +38,7 @@ class QuantizeSettings(Section):
 
 
 class FinetuneSettings(Section):
-    max_steps: int = Field(30, ge=1, le=100_000, description="Optimizer steps of LoRA training.")
+    max_steps: int = Field(60, ge=1, le=100_000, description="Optimizer steps of LoRA training.")
     batch_size: int = Field(4, ge=1, le=1024)
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     lora_r: int = Field(16, ge=1, le=512, description="LoRA rank.")

@@ -100,14 +100,17 @@ def quantization_config(group_size: int) -> dict:
 def write_int4_checkpoint(model, weights: dict[str, Int4Weight], out_dir: Path, group_size: int) -> None:
     """Save ``model`` with the linear layers named in ``weights`` stored as packed 4-bit integers.
 
-    Other tensors (embeddings, norms, an untied or tied lm_head) stay in float32. The tokenizer is the
-    caller's to save beside it.
+    Other tensors (embeddings, norms, an untied lm_head) stay in float32; a tied lm_head is not stored
+    twice. The tokenizer is the caller's to save beside it.
     """
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
+    tied = getattr(model.config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue  # the embedding matrix again: readers tie it back from the config
         module_name = name.removesuffix(".weight")
         if name.endswith(".weight") and module_name in weights:
             quantized = weights[module_name]

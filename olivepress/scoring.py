@@ -57,3 +57,17 @@ def response_token_loss(
     if total_tokens == 0:
         raise ValueError("no response tokens to score: every response is empty or cut off by max_tokens")
     return total_loss / total_tokens
+
+
+def split_by_prompt(pairs: list[dict], held_out_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train pairs, held-out pairs), seeded; every pair of a held-out prompt is held out.
+
+    Splitting by prompt, not by line, matters: the lab's data repeats prompts (one 14 times), and a
+    held-out line whose prompt was trained on would flatter the fine-tuned model.
+    """
+    import random
+
+    prompts = sorted({pair["prompt"] for pair in pairs})
+    random.Random(seed).shuffle(prompts)
+    held_out = set(prompts[: round(len(prompts) * held_out_fraction)])
+    return [p for p in pairs if p["prompt"] not in held_out], [p for p in pairs if p["prompt"] in held_out]

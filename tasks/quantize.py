@@ -28,6 +28,7 @@ from olivepress.prompts import format_pair
 log = logging.getLogger(__name__)
 
 ALLOWED_GROUP_SIZES = (16, 32, 64, 128)  # block sizes ORT's MatMulNBits runs on CPU and GPU
+AWQ_GRID_POINTS = 20  # llm-compressor's default; 10 halves the time at ~0.04 more held-out loss (README)
 IGNORED_LINEARS = ["lm_head"]  # tied to the embeddings in small models; 4 bits there cost the most accuracy
 
 
@@ -80,7 +81,7 @@ def calibration_token_ids(
     return [tokenizer(text)["input_ids"][: settings.calibration_max_tokens] for text in texts]
 
 
-def awq_recipe(group_size: int) -> list:
+def awq_recipe(group_size: int, grid_points: int = AWQ_GRID_POINTS) -> list:
     """AWQ smoothing, then asymmetric 4-bit min/max groups on every decoder Linear (the W4A16_ASYM scheme
     with our group size; its preset's 128 does not divide SmolLM2's 576)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -91,7 +92,10 @@ def awq_recipe(group_size: int) -> list:
         num_bits=4, type="int", strategy="group", group_size=group_size, symmetric=False, dynamic=False
     )
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
-    return [AWQModifier(), QuantizationModifier(config_groups={"int4": scheme}, ignore=IGNORED_LINEARS)]
+    return [
+        AWQModifier(n_grid=grid_points),
+        QuantizationModifier(config_groups={"int4": scheme}, ignore=IGNORED_LINEARS),
+    ]
 
 
 @contextlib.contextmanager
@@ -118,7 +122,13 @@ def pinned_memory_only_with_accelerator():
 
 
 def apply_awq(
-    model, tokenizer, token_ids: list[list[int]], group_size: int, *, progress: bool = True
+    model,
+    tokenizer,
+    token_ids: list[list[int]],
+    group_size: int,
+    *,
+    grid_points: int = AWQ_GRID_POINTS,
+    progress: bool = True,
 ) -> None:
     """Run AWQ and fix the int4 grid, in place: the model's norms and linears now hold the smoothed float
     weights, and each quantized Linear fake-quantizes its weight in forward (llm-compressor's own view).
@@ -136,7 +146,7 @@ def apply_awq(
             model=model,
             tokenizer=tokenizer,
             dataset=calibration,
-            recipe=awq_recipe(group_size),
+            recipe=awq_recipe(group_size, grid_points),
             num_calibration_samples=len(token_ids),
             shuffle_calibration_samples=False,
             batch_size=1,
@@ -181,6 +191,7 @@ def quantize_awq(
     *,
     seed: int = 0,
     text_template: str | None = None,
+    grid_points: int = AWQ_GRID_POINTS,
     progress: bool = True,
 ) -> QuantizeResult:
     """AWQ-quantize the model in ``model_dir`` to 4 bits and write the int4 checkpoint and tokenizer to
@@ -209,7 +220,7 @@ def quantize_awq(
         tokens,
     )
     started = time.perf_counter()
-    apply_awq(model, tokenizer, token_ids, settings.group_size, progress=progress)
+    apply_awq(model, tokenizer, token_ids, settings.group_size, grid_points=grid_points, progress=progress)
     weights = take_int4_weights(model)
     seconds = time.perf_counter() - started
     log.info("AWQ: quantized %d linears in %.0f s", len(weights), seconds)

@@ -87,10 +87,10 @@ def test_summary_table_lists_each_step_with_time_and_size():
     assert lines[4].split() == ["finetune", "completed", "61.5", "s", "7.4", "MB"]
 
 
-def test_fuller_run_estimate_scales_this_runs_times(tmp_path):
+def test_fuller_run_estimate_scales_this_runs_times():
     config = load_config(overrides={"finetune.max_steps": 10, "finetune.batch_size": 4})
     records = [StepRecord("quantize", "completed", 60.0), StepRecord("finetune", "completed", 100.0)]
     text = fuller_run_estimate(config, records, n_examples=200)
-    # 3 epochs of 200 examples at batch 4 = 150 steps at 10 s; 128/32 of the AWQ time = 240 s
-    assert "150 steps" in text
-    assert "about 29 min" in text
+    # 10 steps of 4 = 0.2 epochs; 3 epochs of 200 examples at batch 4 = 150 steps at 10 s each
+    assert "0.2 epochs of 200 examples" in text
+    assert "--max-steps 150: about 25 min" in text
