@@ -14,7 +14,6 @@ import argparse
 import itertools
 import json
 import os
-import random
 import resource
 import sys
 import tempfile
@@ -31,14 +30,6 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "travel
 def read_pairs(path: Path) -> list[dict]:
     with path.open(encoding="utf-8-sig") as lines:
         return [json.loads(line.strip()) for line in lines if line.strip()]
-
-
-def split_by_prompt(pairs: list[dict], held_out_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(calibration pool, held-out pairs): every pair of a held-out prompt is held out."""
-    prompts = sorted({pair["prompt"] for pair in pairs})
-    random.Random(seed).shuffle(prompts)
-    held_out = set(prompts[: round(len(prompts) * held_out_fraction)])
-    return [p for p in pairs if p["prompt"] not in held_out], [p for p in pairs if p["prompt"] in held_out]
 
 
 def folder_bytes(folder: Path) -> int:
@@ -118,6 +109,8 @@ def main() -> None:
     from olivepress.tasks.quantize import AWQ_GRID_POINTS
 
     model_dir = args.model or default_model_dir()
+    from olivepress.scoring import split_by_prompt
+
     pool, held_out = split_by_prompt(read_pairs(args.data), args.held_out, args.split_seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     report = {
