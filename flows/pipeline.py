@@ -1,7 +1,9 @@
-"""The olivepress flow: validate → quantize (AWQ) → finetune (LoRA) → optimize (ONNX Runtime GenAI).
+"""The olivepress flow: validate → quantize (AWQ) → finetune (LoRA) → optimize (ONNX Runtime GenAI) →
+evaluate (the gate) → report → register.
 
-Each step is a Prefect task wrapping a plain function from ``olivepress.tasks``; each writes one folder of
-the run directory atomically, so a folder that exists is complete.
+Each step is a Prefect task wrapping a plain function from ``olivepress.tasks``; each writes one folder or
+file of the run directory atomically, so an output that exists is complete. A model that fails the gate
+gets its report, and the run fails before register.
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ from prefect import flow, get_run_logger
 from olivepress.atomic import atomic_write_text
 from olivepress.config import RunConfig
 from olivepress.errors import UserError
-from olivepress.tasks.finetune import finetune_task
+from olivepress.registry import file_sha256
+from olivepress.scoring import split_by_prompt
+from olivepress.tasks.evaluate import GateFailed, evaluate_task
+from olivepress.tasks.finetune import LOSS_FILE, finetune_task
 from olivepress.tasks.optimize import optimize_task
 from olivepress.tasks.quantize import quantize_task
+from olivepress.tasks.register import build_lineage, register_task
+from olivepress.tasks.report import ReportInputs, report_task
 from olivepress.tasks.validate import validate_task
 
 QUANTIZED = "quantized"
 ADAPTER = "adapter"
 ONNX = "onnx"
+REPORT = "report"
 WORK = "work"
+HELD_OUT_FILE = "held_out.jsonl"
 
 
 class PlainUserErrors(logging.Filter):
@@ -135,31 +144,80 @@ def fuller_run_estimate(config: RunConfig, records: list[StepRecord], n_examples
     )
 
 
+def write_split(run_dir: Path, config: RunConfig, train: list[dict], held_out: list[dict]) -> None:
+    """The held-out pairs and how they were chosen, kept with the run so the gate can be re-checked."""
+    lines = [
+        json.dumps({"prompt": p["prompt"], "response": p["response"]}, ensure_ascii=False) for p in held_out
+    ]
+    atomic_write_text(run_dir / HELD_OUT_FILE, "\n".join(lines) + "\n")
+    split = {
+        "by": "prompt",
+        "seed": config.seed,
+        "held_out_fraction": config.evaluate.held_out_fraction,
+        "train_pairs": len(train),
+        "held_out_pairs": len(held_out),
+        "held_out_lines": [p.get("line") for p in held_out],
+    }
+    atomic_write_text(run_dir / "split.json", json.dumps(split, indent=1))
+
+
+def current_flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.id
+
+
 @flow(name="olivepress", persist_result=False)
 def olivepress_flow(config: RunConfig, run_dir: Path) -> dict:
-    """One run of the lab: every step's output lands in ``run_dir``; the summary is printed at the end."""
+    """One run: every step's output lands in ``run_dir``; the summary is printed at the end."""
     quiet_user_error_tracebacks()
     logger = get_run_logger()
     records: list[StepRecord] = []
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=1))
     try:
         examples = timed(records, "validate", validate_task, config, run_dir)
+        train, held_out = split_by_prompt(examples, config.evaluate.held_out_fraction, config.seed)
+        write_split(run_dir, config, train, held_out)
+        logger.info("split by prompt: %d training pairs, %d held out", len(train), len(held_out))
         model_dir = resolve_model_dir(config)
-        checkpoint = timed(
-            records, "quantize", quantize_task, config, model_dir, examples, run_dir / QUANTIZED
-        )
+        checkpoint = timed(records, "quantize", quantize_task, config, model_dir, train, run_dir / QUANTIZED)
         adapter = timed(
-            records,
-            "finetune",
-            finetune_task,
-            config,
-            checkpoint,
-            examples,
-            run_dir / ADAPTER,
-            run_dir / WORK,
+            records, "finetune", finetune_task, config, checkpoint, train, run_dir / ADAPTER, run_dir / WORK
         )
         onnx_dir = timed(records, "optimize", optimize_task, config, checkpoint, adapter, run_dir / ONNX)
+        evaluation = timed(
+            records, "evaluate", evaluate_task, config, model_dir, onnx_dir, held_out, run_dir, run_dir / WORK
+        )
+        logger.info("\n%s", evaluation.gate.to_text())
+        flow_run_id = current_flow_run_id()
+        data_hash = file_sha256(config.data)
+        report_inputs = ReportInputs(
+            config=config,
+            data_sha256=data_hash,
+            n_records=len(examples),
+            n_warnings=len(json.loads((run_dir / "validation.json").read_text())["warnings"]),
+            train_pairs=len(train),
+            held_out_pairs=len(held_out),
+            steps=[asdict(record) for record in records],
+            loss_history=json.loads((adapter / LOSS_FILE).read_text()),
+            evaluation=evaluation,
+            flow_run_id=flow_run_id,
+        )
+        report_dir = timed(records, "report", report_task, report_inputs, run_dir / REPORT)
+        if not evaluation.gate.passed:
+            raise GateFailed(f"the model is not registered: {evaluation.gate.to_text()}")
+        sources = {"model": onnx_dir, "report": report_dir}
+        lineage = build_lineage(config, model_dir, data_hash, evaluation, sources, flow_run_id)
+        registration = timed(records, "register", register_task, config, model_dir, sources, lineage)
     finally:
         logger.info("\n%s", write_summary(run_dir, records))
-    logger.info(fuller_run_estimate(config, records, len(examples)))
-    return {"run_dir": str(run_dir), "onnx": str(onnx_dir), "adapter": str(adapter)}
+    verb = "already registered as" if registration.reused else "registered"
+    logger.info("%s %s version %s (%s)", verb, registration.name, registration.version, registration.uri)
+    logger.info(fuller_run_estimate(config, records, len(train)))
+    return {
+        "run_dir": str(run_dir),
+        "onnx": str(onnx_dir),
+        "adapter": str(adapter),
+        "report": str(report_dir / "report.md"),
+        "registration": asdict(registration),
+    }

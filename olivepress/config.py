@@ -54,6 +54,60 @@ class FinetuneSettings(Section):
     checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
 
 
+class EvaluateSettings(Section):
+    held_out_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of distinct prompts held out of training and used by the gate."
+    )
+    generation_samples: int = Field(
+        16, ge=1, le=10_000, description="Held-out prompts generated from for ROUGE-L and speed."
+    )
+    max_new_tokens: int = Field(64, ge=2, le=4096, description="Tokens generated per held-out prompt.")
+
+
+class GateSettings(Section):
+    """Limits a model must meet to be registered; each compares the fine-tuned int4 model with the base."""
+
+    max_perplexity_ratio: float = Field(
+        1.10, gt=0, description="Fine-tuned held-out perplexity at most this × the base model's."
+    )
+    min_speedup: float = Field(
+        1.0, ge=0, description="Fine-tuned decode tokens/s at least this × the base model's."
+    )
+    max_size_ratio: float = Field(
+        0.5, gt=0, description="Fine-tuned model + adapter bytes at most this × the base model's."
+    )
+    min_rouge_l: float | None = Field(
+        None, ge=0, le=1, description="Lowest ROUGE-L F1 against the references; unset: reported, not gated."
+    )
+
+
+class AzureMLSettings(Section):
+    subscription_id: str = Field(min_length=1)
+    resource_group: str = Field(min_length=1)
+    workspace_name: str = Field(min_length=1)
+
+
+class RegistrySettings(Section):
+    backend: Literal["local", "azureml"] = Field(
+        "local", description="Where a model that passed is registered."
+    )
+    path: Path = Field(Path("registry"), description="Folder of the local registry.")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$",
+        description="Registered model name; default: derived from the base model's folder name.",
+    )
+    azureml: AzureMLSettings | None = Field(None, description="Workspace to register in (backend azureml).")
+
+    @model_validator(mode="after")
+    def _azureml_has_workspace(self) -> RegistrySettings:
+        if self.backend == "azureml" and self.azureml is None:
+            raise ValueError(
+                "backend azureml needs registry.azureml with subscription_id, resource_group, workspace_name"
+            )
+        return self
+
+
 class RunConfig(Section):
     model: Path | None = Field(None, description="Hugging Face model folder; default: SmolLM2-135M-Instruct.")
     data: Path = Field(SAMPLE_DATA, description="JSON Lines file of {prompt, response} pairs.")
@@ -67,6 +121,9 @@ class RunConfig(Section):
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @field_validator("model")
     @classmethod
@@ -134,6 +191,9 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         for key in ("model", "data", "output"):
             if isinstance(raw.get(key), str):
                 raw[key] = str((path.parent / Path(raw[key]).expanduser()).resolve())
+        registry = raw.get("registry")
+        if isinstance(registry, dict) and isinstance(registry.get("path"), str):
+            registry["path"] = str((path.parent / Path(registry["path"]).expanduser()).resolve())
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)

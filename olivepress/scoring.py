@@ -63,11 +63,19 @@ def split_by_prompt(pairs: list[dict], held_out_fraction: float, seed: int) -> t
     """(train pairs, held-out pairs), seeded; every pair of a held-out prompt is held out.
 
     Splitting by prompt, not by line, matters: the lab's data repeats prompts (one 14 times), and a
-    held-out line whose prompt was trained on would flatter the fine-tuned model.
+    held-out line whose prompt was trained on would flatter the fine-tuned model. At least one prompt
+    goes to each side; data with fewer than two distinct prompts cannot be split (a UserError).
     """
     import random
 
+    from olivepress.errors import UserError
+
     prompts = sorted({pair["prompt"] for pair in pairs})
+    if len(prompts) < 2:
+        raise UserError(
+            f"the data has {len(prompts)} distinct prompt(s); at least 2 are needed to hold one out for evaluation"
+        )
     random.Random(seed).shuffle(prompts)
-    held_out = set(prompts[: round(len(prompts) * held_out_fraction)])
+    n_held_out = min(max(round(len(prompts) * held_out_fraction), 1), len(prompts) - 1)
+    held_out = set(prompts[:n_held_out])
     return [p for p in pairs if p["prompt"] not in held_out], [p for p in pairs if p["prompt"] in held_out]

@@ -117,18 +117,33 @@ def build_int4_model(
     split_qkv: bool,
     accuracy_level: int | None,
 ) -> None:
-    """Run the model builder on the int4 checkpoint, its chatter kept unless it fails.
+    """Build the int4 model from the checkpoint's own integers.
 
     ``split_qkv`` keeps q/k/v as separate nodes (the builder fuses them by default) so each can get its own
     LoRA branch.
     """
-    from onnxruntime_genai.models.builder import create_model, parse_extra_options
-
     extra_options = [f"nodes_to_exclude={','.join(FLOAT_NODES)}"]
     if split_qkv:
         extra_options.append("fuse_qkv=false")
     if accuracy_level is not None:
         extra_options.append(f"accuracy_level={accuracy_level}")
+    run_model_builder(checkpoint_dir, out_dir, "int4", execution_provider, extra_options)
+
+
+def build_base_model(model_dir: Path, out_dir: Path, device: Literal["cpu", "gpu"] = "cpu") -> Path:
+    """The unquantized model through the same builder and runtime (fp32 on CPU, fp16 on CUDA): the
+    baseline the evaluate step compares loss, speed and size against, runtime for runtime."""
+    precision = "fp16" if device == "gpu" else "fp32"
+    run_model_builder(model_dir, out_dir, precision, EXECUTION_PROVIDERS[device], [])
+    return out_dir
+
+
+def run_model_builder(
+    input_dir: Path, out_dir: Path, precision: str, execution_provider: str, extra_options: list[str]
+) -> None:
+    """Run ONNX Runtime GenAI's model builder with its chatter captured, shown only if it fails."""
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
     chatter = io.StringIO()
     with (
         tempfile.TemporaryDirectory(prefix="olivepress-builder-") as cache_dir,
@@ -136,7 +151,7 @@ def build_int4_model(
         contextlib.redirect_stdout(chatter),
         contextlib.redirect_stderr(chatter),
     ):
-        args = (None, str(checkpoint_dir), str(out_dir), "int4", execution_provider, cache_dir)
+        args = (None, str(input_dir), str(out_dir), precision, execution_provider, cache_dir)
         try:
             options = parse_extra_options(*args, extra_options)
             create_model(*args, **options)

@@ -435,6 +435,9 @@ def validate_task(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
     )
     report_path = write_report(report, run_dir)
     if not report.ok:
+        from olivepress.tasks.report import publish_validation_failure
+
+        publish_validation_failure(report)
         raise InvalidData(
             f"{config.data} has {len(report.errors)} bad line(s); nothing was trained "
             f"(report: {report_path}):\n{report.to_text()}"

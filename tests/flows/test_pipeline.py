@@ -1,6 +1,7 @@
 """End-to-end flow runs on a real (ephemeral) Prefect API."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,11 @@ from olivepress.flows.pipeline import (
     new_run_dir,
     olivepress_flow,
 )
+from olivepress.registry import LocalRegistry, file_sha256
+from olivepress.tasks.evaluate import GateFailed
+from olivepress.tasks.register import register_model
 from olivepress.tasks.validate import InvalidData
+from tests.conftest import sample_pairs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,9 +38,27 @@ def tiny_config(tmp_path, model_dir, **overrides):
             "finetune.max_seq_len": 64,
             "quantize.calibration_samples": 4,
             "quantize.calibration_max_tokens": 64,
+            "evaluate.generation_samples": 2,
+            "evaluate.max_new_tokens": 8,
+            "registry.path": tmp_path / "registry",
+            # a random model: the gate's defaults would (rightly) reject it; these limits it can meet
+            "gate.max_perplexity_ratio": 100.0,
+            "gate.min_speedup": 0.0,
+            "gate.max_size_ratio": 10.0,
             **overrides,
         }
     )
+
+
+def read_flow_run_artifacts(flow_run_id: str) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {artifact.key: artifact for artifact in artifacts}
 
 
 @pytest.mark.slow
@@ -53,12 +76,57 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir):
     assert [entry["step"] for entry in losses] == [1, 2]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(s["step"], s["status"]) for s in summary] == [
-        ("validate", "completed"),
-        ("quantize", "completed"),
-        ("finetune", "completed"),
-        ("optimize", "completed"),
+        (step, "completed")
+        for step in ("validate", "quantize", "finetune", "optimize", "evaluate", "report", "register")
     ]
     assert not list(run_dir.glob(".tmp-*")), "no staging folder is left behind"
+    assert not (run_dir / "work").exists(), "the scratch base model is removed after evaluation"
+
+    split = json.loads((run_dir / "split.json").read_text())
+    held_out = [json.loads(line) for line in (run_dir / "held_out.jsonl").read_text().splitlines()]
+    assert split["held_out_pairs"] == len(held_out) > 0
+    trained_prompts = {p["prompt"] for p in sample_pairs()} - {p["prompt"] for p in held_out}
+    assert len(trained_prompts) == len({p["prompt"] for p in sample_pairs()}) - len(
+        {p["prompt"] for p in held_out}
+    )
+
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert [m["variant"] for m in evaluation["metrics"]] == ["base", "quantized", "fine-tuned"]
+    assert evaluation["gate"]["passed"] is True
+    assert {c["name"] for c in evaluation["gate"]["checks"]} == {"perplexity_ratio", "speedup", "size_ratio"}
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "gate passed" in report
+    assert (run_dir / "report" / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    registration = result["registration"]
+    assert registration["backend"] == "local" and registration["version"] == "1"
+    entry = Path(registration["uri"])
+    lineage = json.loads((entry / "lineage.json").read_text())
+    assert lineage["data"]["sha256"] == file_sha256(config.data)
+    assert lineage["gate"]["passed"] is True
+    assert lineage["flow_run_id"]
+    assert (entry / "model" / "adapter_weights.onnx_adapter").is_file()
+    assert (entry / "report" / "report.md").is_file()
+
+    artifacts = read_flow_run_artifacts(lineage["flow_run_id"])
+    assert {"olivepress-report", "olivepress-metrics", "olivepress-gate"} <= set(artifacts)
+    assert "data:image/png;base64," in artifacts["olivepress-report"].data
+
+    again = register_model(config, tiny_model_dir, {"model": onnx_dir, "report": run_dir / "report"}, lineage)
+    assert (again.version, again.reused) == ("1", True), "the same content is not registered twice"
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_the_gate_is_reported_not_registered(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path, tiny_model_dir, **{"gate.max_size_ratio": 0.01})
+    run_dir = new_run_dir(config)
+    with pytest.raises(GateFailed, match=r"FAIL  size_ratio: measured [0-9.]+, limit 0\.01"):
+        olivepress_flow(config, run_dir)
+    assert "gate FAILED" in (run_dir / "report" / "report.md").read_text()
+    assert json.loads((run_dir / "evaluation.json").read_text())["gate"]["passed"] is False
+    assert LocalRegistry(config.registry.path).entries() == []
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [s["step"] for s in summary][-1] == "report"
 
 
 def test_bad_data_fails_the_flow_before_quantizing(tmp_path, tiny_model_dir):
@@ -66,8 +134,12 @@ def test_bad_data_fails_the_flow_before_quantizing(tmp_path, tiny_model_dir):
     bad.write_text('{"prompt": "a", "response": "b"}\n["not", "an", "object"]\n', encoding="utf-8")
     config = tiny_config(tmp_path, tiny_model_dir, data=bad)
     run_dir = new_run_dir(config)
+    state = olivepress_flow(config, run_dir, return_state=True)
+    assert state.is_failed()
     with pytest.raises(InvalidData, match="line 2"):
-        olivepress_flow(config, run_dir)
+        state.result()
+    artifact = read_flow_run_artifacts(str(state.state_details.flow_run_id))["olivepress-validation"]
+    assert "line 2: " in artifact.data
     assert (run_dir / "validation.json").is_file()
     assert not (run_dir / "quantized").exists()
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -12,7 +12,7 @@ from olivepress.config import SAMPLE_DATA, QuantizeSettings
 from olivepress.errors import UserError
 from olivepress.int4 import load_dequantized_model, read_int4_checkpoint, rtn_quantize, write_int4_checkpoint
 from olivepress.prompts import format_pair
-from olivepress.scoring import response_token_loss
+from olivepress.scoring import response_token_loss, split_by_prompt
 from olivepress.tasks.quantize import (
     apply_awq,
     calibration_token_ids,
@@ -151,11 +151,9 @@ def test_awq_on_smollm2_beats_round_to_nearest(tmp_path, travel_jsonl):
 
     model_dir = default_model_dir()
     pairs = [json.loads(line.strip()) for line in travel_jsonl.open(encoding="utf-8-sig") if line.strip()]
-    held_out_prompts = {pair["prompt"] for pair in pairs[::10]}
-    held_out = [pair for pair in pairs if pair["prompt"] in held_out_prompts]
-    pool = [pair for pair in pairs if pair["prompt"] not in held_out_prompts]
+    pool, held_out = split_by_prompt(pairs, held_out_fraction=0.1, seed=0)
     settings = QuantizeSettings(calibration_samples=8)
-    result = quantize_awq(model_dir, pool, tmp_path, settings, progress=False)
+    result = quantize_awq(model_dir, pool, tmp_path, settings, grid_points=10, progress=False)
     assert result.quantized_linears == 30 * 7
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -1,0 +1,143 @@
+"""Registered models: what an entry holds, and the local registry (the offline default backend).
+
+An entry is a folder: ``model/`` (the ONNX Runtime GenAI folder with its ``.onnx_adapter``), ``report/``
+and ``lineage.json`` (data hash, config, metrics, gate record, library versions, flow run). Both backends
+register the same folder; ``lineage["content_sha256"]`` (the hash of every file but the lineage) is what
+makes registering the same model twice return the existing version instead of a new one.
+
+Local registry layout: ``<root>/<name>/<version>/``. An entry is staged beside its final place and renamed
+into it, so a version folder that exists is complete; versions are claimed under a file lock, so
+concurrent registrations never take the same one; files are made read-only once registered.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LINEAGE_FILE = "lineage.json"
+LOCK_FILE = ".lock"
+STAGING_PREFIX = ".staging-"
+HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Registration:
+    backend: str  # "local" or "azureml"
+    name: str
+    version: str
+    uri: str  # a folder for local, the asset id for Azure ML
+    reused: bool  # True when this very content was already registered under ``version``
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    version: str
+    path: Path
+    lineage: dict[str, Any]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_sha256(sources: dict[str, Path]) -> str:
+    """One hash over every file of ``sources`` (entry sub-folder → source folder), by relative path."""
+    digest = hashlib.sha256()
+    for key in sorted(sources):
+        for path in sorted(p for p in sources[key].rglob("*") if p.is_file()):
+            relative = f"{key}/{path.relative_to(sources[key]).as_posix()}"
+            digest.update(f"{relative}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def default_model_name(base_model: Path) -> str:
+    """A registry name from the base model's folder: lower case, safe for Azure ML and file systems."""
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", base_model.name.lower()).strip("-._") or "model"
+    return f"{slug}-olivepress"[:255]
+
+
+def assemble_entry(target: Path, sources: dict[str, Path], lineage: dict[str, Any]) -> None:
+    """Copy each source folder to ``target/<key>`` and write the lineage last."""
+    for key, source in sources.items():
+        shutil.copytree(source, target / key)
+    (target / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True), encoding="utf-8")
+
+
+class LocalRegistry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def register(self, name: str, sources: dict[str, Path], lineage: dict[str, Any]) -> Registration:
+        """Add an entry under the next free version, or return the version that already holds this content."""
+        model_root = self.root / name
+        model_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_root))
+        try:
+            assemble_entry(staging, sources, lineage)
+            with self._locked(model_root):
+                for entry in self.entries(name):
+                    if entry.lineage.get("content_sha256") == lineage["content_sha256"]:
+                        return Registration("local", name, entry.version, str(entry.path), reused=True)
+                version = str(max((int(e.version) for e in self.entries(name)), default=0) + 1)
+                final = model_root / version
+                os.rename(staging, final)  # a non-empty folder of that name makes this fail, never merge
+            make_read_only(final)
+            return Registration("local", name, version, str(final), reused=False)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def entries(self, name: str | None = None) -> list[RegistryEntry]:
+        """Complete entries, oldest version first; staging folders and other files are not entries."""
+        names = (
+            [name]
+            if name
+            else sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            if self.root.is_dir()
+            else []
+        )
+        found = []
+        for model_name in names:
+            model_root = self.root / model_name
+            if not model_root.is_dir():
+                continue
+            versions = [p for p in model_root.iterdir() if p.is_dir() and p.name.isdigit()]
+            for folder in sorted(versions, key=lambda p: int(p.name)):
+                lineage_file = folder / LINEAGE_FILE
+                if lineage_file.is_file():
+                    lineage = json.loads(lineage_file.read_text(encoding="utf-8"))
+                    found.append(RegistryEntry(model_name, folder.name, folder, lineage))
+        return found
+
+    @contextmanager
+    def _locked(self, model_root: Path) -> Iterator[None]:
+        with (model_root / LOCK_FILE).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def make_read_only(folder: Path) -> None:
+    """Registered files are immutable: clear every write bit (folders too, so nothing can be added)."""
+    write_bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    paths = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for path in [*paths, folder]:
+        path.chmod(path.stat().st_mode & ~write_bits)

@@ -1,0 +1,268 @@
+"""The gate: measure the exported model against its base on held-out data, and decide whether it may ship.
+
+Three variants run in the same runtime (ONNX Runtime GenAI) on the same machine in the same process:
+*base* (the unquantized model through the same builder: fp32 on CPU, fp16 on CUDA), *quantized* (the int4
+model, adapter off) and *fine-tuned* (the int4 model with its LoRA adapter). For each: teacher-forced loss
+and perplexity of the held-out responses, ROUGE-L of greedy generations against them, decode tokens/s and
+time to first token, bytes on disk and the memory it added. Generations are interleaved prompt by prompt, so
+a burst of load on a shared machine slows every variant alike and the speed ratio stays fair.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from olivepress.atomic import atomic_write_text
+from olivepress.errors import UserError
+
+if TYPE_CHECKING:
+    from olivepress.config import EvaluateSettings, GateSettings, RunConfig
+
+log = logging.getLogger(__name__)
+
+BASE, QUANTIZED, FINE_TUNED = "base", "quantized", "fine-tuned"
+VARIANTS = (BASE, QUANTIZED, FINE_TUNED)
+MODEL_FILES = ("model.onnx", "model.onnx.data")
+
+
+@dataclass
+class VariantMetrics:
+    variant: str
+    loss: float  # mean cross-entropy per held-out response token
+    perplexity: float
+    rouge_l: float  # mean ROUGE-L F1 of greedy generations against the references
+    decode_tokens_per_s: float  # all decoded tokens after the first, over their time
+    time_to_first_token_s: float  # median over the prompts
+    bytes_on_disk: int  # model files, plus the adapter file for the fine-tuned variant
+    peak_memory_mib: float | None  # resident memory the model added, loading and generating
+    generated_tokens: int
+
+
+@dataclass
+class GateCheck:
+    name: str
+    description: str
+    measured: float
+    limit: float
+    passed: bool
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    checks: list[GateCheck] = field(default_factory=list)
+
+    def to_text(self) -> str:
+        lines = [f"gate {'PASSED' if self.passed else 'FAILED'}"]
+        for check in self.checks:
+            verdict = "pass" if check.passed else "FAIL"
+            lines.append(
+                f"  {verdict}  {check.name}: measured {check.measured:.4g}, limit {check.limit:.4g}"
+                f" ({check.description})"
+            )
+        return "\n".join(lines)
+
+
+class GateFailed(UserError):
+    """The model works but is not good enough to register; retrying would measure the same thing."""
+
+
+@dataclass
+class Evaluation:
+    metrics: list[VariantMetrics]
+    gate: GateDecision
+    held_out_pairs: int
+    generation_prompts: int
+    seconds: float
+
+    def metric(self, variant: str) -> VariantMetrics:
+        return next(m for m in self.metrics if m.variant == variant)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def peak_rss_reset() -> bool:
+    """Reset the kernel's high-water mark of this process's resident memory (Linux; False elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mib(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def bytes_on_disk(model_dir: Path, adapter_file: Path | None = None) -> int:
+    files = [model_dir / name for name in MODEL_FILES if (model_dir / name).is_file()]
+    return sum(path.stat().st_size for path in [*files, *([adapter_file] if adapter_file else [])])
+
+
+def rouge_l(references: list[str], predictions: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [
+        scorer.score(ref, pred)["rougeL"].fmeasure for ref, pred in zip(references, predictions, strict=True)
+    ]
+    return statistics.fmean(scores) if scores else 0.0
+
+
+def evaluate_models(
+    base_dir: Path,
+    onnx_dir: Path,
+    adapter_file: Path,
+    held_out: list[dict],
+    settings: EvaluateSettings,
+    text_template: str | None = None,
+) -> list[VariantMetrics]:
+    """Measure the three variants on ``held_out``; see the module docstring."""
+    from olivepress.genai import open_model, prompt_token_ids, response_loss, stream_generate
+
+    sources = {BASE: (base_dir, None), QUANTIZED: (onnx_dir, None), FINE_TUNED: (onnx_dir, adapter_file)}
+    prompts = held_out[: settings.generation_samples]
+    models, peak_memory = {}, {}
+    can_measure_memory = peak_rss_reset()
+    for variant, (model_dir, adapter) in sources.items():
+        gc.collect()
+        before = rss_mib("VmRSS") if can_measure_memory else 0.0
+        peak_rss_reset()
+        models[variant] = open_model(model_dir, adapter)
+        warm_up = prompt_token_ids(models[variant], prompts[0]["prompt"], text_template)
+        stream_generate(models[variant], warm_up, settings.max_new_tokens, lambda _text: None)
+        peak_memory[variant] = rss_mib("VmHWM") - before if can_measure_memory else None
+
+    losses = {variant: response_loss(models[variant], held_out, text_template) for variant in VARIANTS}
+
+    outputs: dict[str, list[str]] = {variant: [] for variant in VARIANTS}
+    decode_tokens = dict.fromkeys(VARIANTS, 0)
+    decode_seconds = dict.fromkeys(VARIANTS, 0.0)
+    first_token = {variant: [] for variant in VARIANTS}
+    generated = dict.fromkeys(VARIANTS, 0)
+    for index, pair in enumerate(prompts, start=1):
+        for variant in VARIANTS:
+            pieces: list[str] = []
+            ids = prompt_token_ids(models[variant], pair["prompt"], text_template)
+            stats = stream_generate(models[variant], ids, settings.max_new_tokens, pieces.append)
+            outputs[variant].append("".join(pieces).strip())
+            first_token[variant].append(stats.time_to_first_token_s)
+            generated[variant] += stats.new_tokens
+            decode_tokens[variant] += max(stats.new_tokens - 1, 0)
+            decode_seconds[variant] += stats.seconds - stats.time_to_first_token_s
+        log.info("evaluate: generated for %d/%d held-out prompts", index, len(prompts))
+
+    references = [pair["response"] for pair in prompts]
+    return [
+        VariantMetrics(
+            variant=variant,
+            loss=losses[variant],
+            perplexity=math.exp(losses[variant]),
+            rouge_l=rouge_l(references, outputs[variant]),
+            decode_tokens_per_s=decode_tokens[variant] / decode_seconds[variant]
+            if decode_seconds[variant]
+            else 0.0,
+            time_to_first_token_s=statistics.median(first_token[variant]),
+            bytes_on_disk=bytes_on_disk(model_dir, adapter),
+            peak_memory_mib=peak_memory[variant],
+            generated_tokens=generated[variant],
+        )
+        for variant, (model_dir, adapter) in sources.items()
+    ]
+
+
+def decide_gate(metrics: list[VariantMetrics], gate: GateSettings) -> GateDecision:
+    """Compare the fine-tuned variant with the base against each limit; every check is kept, pass or fail."""
+    by_variant = {m.variant: m for m in metrics}
+    base, tuned = by_variant[BASE], by_variant[FINE_TUNED]
+    checks = [
+        GateCheck(
+            "perplexity_ratio",
+            "fine-tuned held-out perplexity / base; at most the limit",
+            tuned.perplexity / base.perplexity,
+            gate.max_perplexity_ratio,
+            tuned.perplexity / base.perplexity <= gate.max_perplexity_ratio,
+        ),
+        GateCheck(
+            "speedup",
+            "fine-tuned decode tokens/s / base; at least the limit",
+            tuned.decode_tokens_per_s / base.decode_tokens_per_s if base.decode_tokens_per_s else 0.0,
+            gate.min_speedup,
+            base.decode_tokens_per_s > 0
+            and tuned.decode_tokens_per_s / base.decode_tokens_per_s >= gate.min_speedup,
+        ),
+        GateCheck(
+            "size_ratio",
+            "fine-tuned model + adapter bytes / base; at most the limit",
+            tuned.bytes_on_disk / base.bytes_on_disk,
+            gate.max_size_ratio,
+            tuned.bytes_on_disk / base.bytes_on_disk <= gate.max_size_ratio,
+        ),
+    ]
+    if gate.min_rouge_l is not None:
+        checks.append(
+            GateCheck(
+                "rouge_l",
+                "fine-tuned ROUGE-L F1 against the references; at least the limit",
+                tuned.rouge_l,
+                gate.min_rouge_l,
+                tuned.rouge_l >= gate.min_rouge_l,
+            )
+        )
+    return GateDecision(passed=all(check.passed for check in checks), checks=checks)
+
+
+def evaluate(
+    config: RunConfig,
+    model_dir: Path,
+    onnx_dir: Path,
+    held_out: list[dict],
+    base_dir: Path,
+) -> Evaluation:
+    """Build the base model into ``base_dir`` (scratch), measure all variants, decide the gate."""
+    from olivepress.genai import ADAPTER_FILE
+    from olivepress.tasks.optimize import build_base_model
+
+    started = time.perf_counter()
+    build_base_model(model_dir, base_dir, config.device)
+    metrics = evaluate_models(
+        base_dir, onnx_dir, onnx_dir / ADAPTER_FILE, held_out, config.evaluate, config.text_template
+    )
+    return Evaluation(
+        metrics=metrics,
+        gate=decide_gate(metrics, config.gate),
+        held_out_pairs=len(held_out),
+        generation_prompts=min(len(held_out), config.evaluate.generation_samples),
+        seconds=time.perf_counter() - started,
+    )
+
+
+@task(name="evaluate", retries=0, cache_policy=NO_CACHE, tags=["olivepress"])
+def evaluate_task(
+    config: RunConfig, model_dir: Path, onnx_dir: Path, held_out: list[dict], run_dir: Path, scratch: Path
+) -> Evaluation:
+    """Measure and decide; the record lands in ``run_dir/evaluation.json`` whether the gate passes or not."""
+    import shutil
+
+    try:
+        evaluation = evaluate(config, model_dir, onnx_dir, held_out, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the fp32 base is ~3× the model: measured, not kept
+    atomic_write_text(run_dir / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1))
+    return evaluation

@@ -1,0 +1,103 @@
+"""Register a model that passed the gate, with its lineage, in the local registry or Azure ML.
+
+Only the flow calls this, and only after the gate passed; the registry entry holds the ONNX folder (with
+its adapter), the report and ``lineage.json``. Nothing secret goes into the lineage: the config holds no
+credentials (Azure authenticates through DefaultAzureCredential's environment), and the lineage is built
+from the config, hashes, metrics and versions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from olivepress.registry import LocalRegistry, Registration, content_sha256, default_model_name
+from olivepress.retry import unless_user_error
+
+if TYPE_CHECKING:
+    from olivepress.config import RunConfig
+    from olivepress.tasks.evaluate import Evaluation
+
+# The libraries whose versions decide what the model is; recorded so a registered model can be rebuilt.
+LINEAGE_PACKAGES = (
+    "olivepress",
+    "torch",
+    "transformers",
+    "llmcompressor",
+    "olive-ai",
+    "peft",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-genai",
+    "onnxruntime-genai-cuda",
+    "prefect",
+    "great-expectations",
+)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in LINEAGE_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_lineage(
+    config: RunConfig,
+    base_model: Path,
+    data_hash: str,
+    evaluation: Evaluation,
+    sources: dict[str, Path],
+    flow_run_id: str | None,
+) -> dict[str, Any]:
+    from olivepress.tasks.report import metrics_rows
+
+    return {
+        "content_sha256": content_sha256(sources),
+        "base_model": str(base_model),
+        "data": {"path": str(config.data), "sha256": data_hash},
+        "config": config.model_dump(mode="json"),
+        "metrics": metrics_rows(evaluation),
+        "gate": asdict(evaluation.gate),
+        "library_versions": library_versions(),
+        "flow_run_id": flow_run_id,
+        "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def register_model(
+    config: RunConfig, base_model: Path, sources: dict[str, Path], lineage: dict
+) -> Registration:
+    """Register in the backend the config names; an identical earlier registration is returned, not repeated."""
+    name = config.registry.name or default_model_name(base_model)
+    if config.registry.backend == "azureml":
+        from olivepress.azure_registry import register_azureml
+
+        return register_azureml(config.registry.azureml, name, sources, lineage)
+    return LocalRegistry(config.registry.path).register(name, sources, lineage)
+
+
+@task(
+    name="register",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=unless_user_error,
+    cache_policy=NO_CACHE,
+    tags=["olivepress"],
+)
+def register_task(
+    config: RunConfig, base_model: Path, sources: dict[str, Path], lineage: dict
+) -> Registration:
+    """Retried with backoff and jitter: a registry over the network (Azure 429/5xx) fails transiently."""
+    return register_model(config, base_model, sources, lineage)

@@ -1,0 +1,226 @@
+"""The run report: one markdown page with plots, written into the run folder and published as Prefect artifacts.
+
+The same page serves both readers: ``report/report.md`` beside its PNGs for someone with only the run
+folder, and on the flow run's Artifacts tab (markdown with the plots inlined, a metrics table, the gate
+record) for the data team in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from olivepress.atomic import atomic_dir
+
+if TYPE_CHECKING:
+    from olivepress.config import RunConfig
+    from olivepress.tasks.evaluate import Evaluation
+    from olivepress.tasks.validate import ValidationReport
+
+REPORT_KEY = "olivepress-report"
+METRICS_KEY = "olivepress-metrics"
+GATE_KEY = "olivepress-gate"
+VALIDATION_KEY = "olivepress-validation"
+LOSS_PLOT = "training_loss.png"
+COMPARISON_PLOT = "comparison.png"
+MAX_ISSUES_SHOWN = 50
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    config: RunConfig
+    data_sha256: str
+    n_records: int
+    n_warnings: int
+    train_pairs: int
+    held_out_pairs: int
+    steps: list[dict[str, Any]]  # the flow's StepRecords as dicts
+    loss_history: list[dict[str, Any]]  # {"step", "loss"} per training step
+    evaluation: Evaluation
+    flow_run_id: str | None
+
+
+def metrics_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
+    """One row per variant, rounded for reading; the exact values stay in evaluation.json."""
+    return [
+        {
+            "variant": m.variant,
+            "loss": round(m.loss, 4),
+            "perplexity": round(m.perplexity, 2),
+            "rouge_l": round(m.rouge_l, 4),
+            "decode_tok_s": round(m.decode_tokens_per_s, 1),
+            "first_token_s": round(m.time_to_first_token_s, 3),
+            "size_mb": round(m.bytes_on_disk / 1e6, 1),
+            "peak_mem_mib": None if m.peak_memory_mib is None else round(m.peak_memory_mib),
+        }
+        for m in evaluation.metrics
+    ]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        "| " + " | ".join("-" if row[key] is None else str(row[key]) for key in header) + " |" for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def plot_training_loss(loss_history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.2), dpi=100)
+    axes.plot([row["step"] for row in loss_history], [row["loss"] for row in loss_history], marker=".")
+    axes.set(xlabel="training step", ylabel="loss", title="LoRA training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_comparison(evaluation: Evaluation, path: Path) -> None:
+    """Base vs quantized vs fine-tuned: held-out loss, decode speed and size side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [m.variant for m in evaluation.metrics]
+    panels = [
+        ("held-out loss (lower is better)", [m.loss for m in evaluation.metrics]),
+        ("decode tokens/s (higher is better)", [m.decode_tokens_per_s for m in evaluation.metrics]),
+        ("size on disk, MB (lower is better)", [m.bytes_on_disk / 1e6 for m in evaluation.metrics]),
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=100)
+    for axis, (title, values) in zip(axes, panels, strict=True):
+        bars = axis.bar(variants, values, color=["#8c8c8c", "#4c72b0", "#55a868"])
+        axis.bar_label(bars, fmt="%.3g")
+        axis.set_title(title, fontsize=10)
+        axis.margins(y=0.15)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
+    """The report page; ``image`` maps each plot's file name to what the page links (a path or data URI)."""
+    config, evaluation = inputs.config, inputs.evaluation
+    gate = evaluation.gate
+    step_rows = [
+        {
+            "step": s["step"],
+            "status": s["status"],
+            "seconds": round(s["seconds"], 1),
+            "output_mb": None if s.get("output_bytes") is None else round(s["output_bytes"] / 1e6, 1),
+        }
+        for s in inputs.steps
+    ]
+    gate_rows = [
+        {
+            "check": c.name,
+            "measured": f"{c.measured:.4g}",
+            "limit": f"{c.limit:.4g}",
+            "verdict": "pass" if c.passed else "**FAIL**",
+        }
+        for c in gate.checks
+    ]
+    model = str(config.model) if config.model else "SmolLM2-135M-Instruct (default)"
+    return "\n\n".join(
+        [
+            f"# olivepress run: gate {'passed' if gate.passed else 'FAILED'}",
+            f"Model `{model}` on `{config.data.name}` ({config.device}); flow run `{inputs.flow_run_id or '-'}`.",
+            "## Data\n\n"
+            f"- file `{config.data}`, SHA-256 `{inputs.data_sha256}`\n"
+            f"- validation: valid, {inputs.n_records} records, {inputs.n_warnings} warnings (see validation.txt)\n"
+            f"- split by prompt (seed {config.seed}): {inputs.train_pairs} training pairs, "
+            f"{inputs.held_out_pairs} held out; {evaluation.generation_prompts} held-out prompts generated from",
+            "## Steps\n\n" + markdown_table(step_rows),
+            "## Metrics on held-out data\n\n"
+            + markdown_table(metrics_rows(evaluation))
+            + "\n\nbase: the unquantized model in the same runtime; quantized: int4, adapter off; "
+            "fine-tuned: int4 with the LoRA adapter. Loss is teacher-forced over response tokens; ROUGE-L F1 "
+            "of greedy generations against the references.",
+            f"![comparison]({image[COMPARISON_PLOT]})",
+            "## Gate\n\n" + markdown_table(gate_rows),
+            "## Training\n\n"
+            f"{len(inputs.loss_history)} steps, loss {inputs.loss_history[0]['loss']:.3f} → "
+            f"{inputs.loss_history[-1]['loss']:.3f}\n\n![training loss]({image[LOSS_PLOT]})"
+            if inputs.loss_history
+            else "## Training\n\nno loss history",
+        ]
+    )
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def write_report(inputs: ReportInputs, report_dir: Path) -> Path:
+    """Write report.md, its plots, metrics.json and gate.json into ``report_dir`` (whole or not at all)."""
+    with atomic_dir(report_dir) as staging:
+        plot_comparison(inputs.evaluation, staging / COMPARISON_PLOT)
+        if inputs.loss_history:
+            plot_training_loss(inputs.loss_history, staging / LOSS_PLOT)
+        markdown = render_markdown(inputs, {COMPARISON_PLOT: COMPARISON_PLOT, LOSS_PLOT: LOSS_PLOT})
+        (staging / "report.md").write_text(markdown + "\n", encoding="utf-8")
+        (staging / "metrics.json").write_text(json.dumps(metrics_rows(inputs.evaluation), indent=1))
+        (staging / "gate.json").write_text(json.dumps(inputs.evaluation.to_dict()["gate"], indent=1))
+    return report_dir
+
+
+def publish_report(inputs: ReportInputs, report_dir: Path) -> None:
+    """The report as flow-run artifacts: the page (plots inlined), the metrics table and the gate record."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    images = {
+        name: data_uri(report_dir / name)
+        for name in (COMPARISON_PLOT, LOSS_PLOT)
+        if (report_dir / name).is_file()
+    }
+    images.setdefault(LOSS_PLOT, "")
+    gate = inputs.evaluation.gate
+    create_markdown_artifact(
+        key=REPORT_KEY, markdown=render_markdown(inputs, images), description="olivepress run report"
+    )
+    create_table_artifact(
+        key=METRICS_KEY, table=metrics_rows(inputs.evaluation), description="held-out metrics per variant"
+    )
+    create_markdown_artifact(
+        key=GATE_KEY,
+        markdown=f"```\n{gate.to_text()}\n```",
+        description=f"gate {'passed' if gate.passed else 'failed'}",
+    )
+
+
+def publish_validation_failure(report: ValidationReport) -> None:
+    """Bad data: the per-line report becomes an artifact on the failed run, so the UI shows why."""
+    from prefect.artifacts import create_markdown_artifact
+
+    lines = report.to_text().splitlines()
+    shown = "\n".join(lines[:MAX_ISSUES_SHOWN])
+    more = (
+        f"\n... and {len(lines) - MAX_ISSUES_SHOWN} more lines (validation.txt)"
+        if len(lines) > MAX_ISSUES_SHOWN
+        else ""
+    )
+    create_markdown_artifact(
+        key=VALIDATION_KEY,
+        markdown=f"# Validation failed\n\n{report.summary()}\n\n```\n{shown}{more}\n```",
+        description="why the data was rejected",
+    )
+
+
+@task(name="report", retries=0, cache_policy=NO_CACHE, tags=["olivepress"])
+def report_task(inputs: ReportInputs, report_dir: Path) -> Path:
+    write_report(inputs, report_dir)
+    publish_report(inputs, report_dir)
+    return report_dir
