@@ -1,0 +1,635 @@
+"""The Azure ML backend against what azure-ai-ml really sends, answered in-process.
+
+No Azure stand-in exists, so ``FakeAzure`` plays ARM (workspace, datastore, model versions) and Blob
+storage behind the SDK's own HTTP stack: the SDK gets a real azure-core ``RequestsTransport`` whose
+``requests`` session routes https to ``FakeAzure`` (a requests transport adapter) instead of the network.
+Every request is recorded; responses use the JSON shapes the SDK's deserializers read. The credential is a
+static fake (no AAD stand-in exists), so token acquisition itself is not exercised here.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import io
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+import requests
+from requests.adapters import BaseAdapter
+from requests.structures import CaseInsensitiveDict
+
+from olivepress.azure_registry import CONTENT_TAG, MAX_VALUE_CHARS, list_azureml, register_azureml
+from olivepress.config import AzureMLSettings
+from olivepress.errors import UserError
+from olivepress.registry import LINEAGE_FILE, Registration, content_sha256
+
+# azure-ai-ml's schemas warn about marshmallow 4 when first imported: the SDK's business, not these tests'.
+pytestmark = pytest.mark.filterwarnings("ignore::marshmallow.warnings.Marshmallow4Warning")
+
+SUBSCRIPTION = "00000000-1111-2222-3333-444444444444"
+GROUP = "rg-olivepress"
+WORKSPACE = "ws-olivepress"
+SETTINGS = AzureMLSettings(subscription_id=SUBSCRIPTION, resource_group=GROUP, workspace_name=WORKSPACE)
+ARM_HOST = "management.azure.com"
+ACCOUNT = "wsolivepress0storage"
+BLOB_HOST = f"{ACCOUNT}.blob.core.windows.net"
+CONTAINER = "azureml-blobstore-6f1c5c1e-0000-4000-8000-000000000001"
+WS_PATH = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}/providers/Microsoft.MachineLearningServices/workspaces/{WORKSPACE}"
+DATASTORE_ID = f"{WS_PATH}/datastores/workspaceblobstore"
+TOKEN = "secret-token-4b1d7e0c9a"
+SAS_SIGNATURE = "c2VjcmV0LXNhcy1zaWduYXR1cmU="
+SAS_TOKEN = f"sv=2021-08-06&se=2030-01-01T00%3A00%3A00Z&sr=c&sp=racwl&sig={SAS_SIGNATURE.replace('=', '%3D')}"
+NAME = "smollm2-olivepress"
+SYSTEM_DATA = {
+    "createdAt": "2025-01-01T00:00:00.000Z",
+    "createdBy": "someone@example.com",
+    "createdByType": "User",
+    "lastModifiedAt": "2025-01-01T00:00:00.000Z",
+}
+
+
+class FakeCredential:
+    """A TokenCredential that hands out one static token and remembers the scopes asked for."""
+
+    def __init__(self) -> None:
+        self.scopes: list[tuple[str, ...]] = []
+
+    def get_token(self, *scopes: str, **kwargs: Any):
+        from azure.core.credentials import AccessToken
+
+        self.scopes.append(scopes)
+        return AccessToken(TOKEN, int(time.time()) + 3600)
+
+
+@dataclass
+class Recorded:
+    method: str
+    host: str
+    path: str  # unquoted
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+
+
+class FakeAzure(BaseAdapter):
+    """ARM and Blob storage as azure-ai-ml 1.35.2 uses them to register a local folder as a model.
+
+    ``versions`` holds the workspace's model versions as ARM JSON, ``blobs`` the container's blobs.
+    A request it has no route for is recorded in ``unexpected`` and answered 400, so it cannot pass unseen.
+    """
+
+    def __init__(self, *, datastore_auth: str = "AccountKey", workspace_exists: bool = True) -> None:
+        super().__init__()
+        self.datastore_auth = datastore_auth  # "AccountKey": the SDK fetches a SAS; "None": identity-based
+        self.workspace_exists = workspace_exists
+        self.fail: dict[tuple[str, str], tuple[int, str]] = {}  # (method, path regex) -> (status, error code)
+        self.requests: list[Recorded] = []
+        self.unexpected: list[Recorded] = []
+        self.versions: dict[str, dict[str, dict]] = {}  # model name -> version -> ModelVersion JSON
+        self.blobs: dict[str, bytes] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
+        self.lock = threading.Lock()  # the SDK uploads a folder's files from a thread pool
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        url = urlsplit(request.url)
+        body = request.body
+        if hasattr(body, "read"):
+            body = body.read()
+        elif body is not None and not isinstance(body, bytes | str):
+            body = b"".join(body)
+        recorded = Recorded(
+            request.method,
+            url.hostname,
+            unquote(url.path),
+            parse_qs(url.query),
+            dict(request.headers),
+            body.encode() if isinstance(body, str) else body or b"",
+        )
+        with self.lock:
+            self.requests.append(recorded)
+            status, headers, payload = self._answer(recorded)
+        response = requests.Response()
+        response.status_code = status
+        response.headers = CaseInsensitiveDict(
+            {"x-ms-request-id": "00000000-0000-0000-0000-00000000abcd", **headers}
+        )
+        response.raw = io.BytesIO(payload)
+        response.url = request.url
+        response.request = request
+        return response
+
+    def close(self) -> None:
+        pass
+
+    def calls(self) -> list[tuple[str, str]]:
+        """(method, path) of every request, in order."""
+        return [(r.method, r.path) for r in self.requests]
+
+    def _answer(self, request: Recorded) -> tuple[int, dict[str, str], bytes]:
+        for (method, pattern), (status, code) in self.fail.items():
+            if request.method == method and re.fullmatch(pattern, request.path):
+                return _arm_error(status, code)
+        if request.host == ARM_HOST:
+            return self._arm(request)
+        if request.host == BLOB_HOST and request.path.startswith(f"/{CONTAINER}/"):
+            return self._blob(request, request.path.removeprefix(f"/{CONTAINER}/"))
+        return self._unexpected(request)
+
+    def _arm(self, request: Recorded) -> tuple[int, dict[str, str], bytes]:
+        if not request.path.startswith(WS_PATH) or not self.workspace_exists:
+            return _arm_error(404, "ResourceNotFound")
+        rest = request.path.removeprefix(WS_PATH)
+        method = request.method
+        if method == "GET" and rest == "":
+            return _json(200, workspace_json())
+        if method == "GET" and rest == "/datastores/workspaceblobstore":
+            return _json(200, datastore_json(self.datastore_auth))
+        if method == "POST" and rest == "/datastores/workspaceblobstore/listSecrets":
+            return _json(200, {"secretsType": "Sas", "sasToken": SAS_TOKEN})
+        if method == "GET" and rest == "/models":
+            return _json(
+                200, {"value": [container_json(name, v) for name, v in sorted(self.versions.items())]}
+            )
+        if (match := re.fullmatch(r"/models/([^/]+)/versions", rest)) and method == "GET":
+            versions = self.versions.get(match[1])
+            if not versions:  # no such model yet
+                return _arm_error(404, "ResourceNotFound")
+            listed = sorted(versions.values(), key=lambda v: v["systemData"]["createdAt"], reverse=True)
+            if "$top" in request.query:
+                listed = listed[: int(request.query["$top"][0])]
+            return _json(200, {"value": listed})
+        if (match := re.fullmatch(r"/models/([^/]+)/versions/([^/]+)", rest)) and method == "PUT":
+            name, version = match[1], match[2]
+            sent = json.loads(request.body)
+            created = {
+                "id": f"{WS_PATH}/models/{name}/versions/{version}",
+                "name": version,
+                "type": "Microsoft.MachineLearningServices/workspaces/models/versions",
+                "properties": {"flavors": {}, "provisioningState": "Succeeded", **sent["properties"]},
+                "systemData": {**SYSTEM_DATA, "createdAt": "2030-01-01T00:00:00.000Z"},
+            }
+            self.versions.setdefault(name, {})[version] = created
+            return _json(201, created)
+        return self._unexpected(request)
+
+    def _blob(self, request: Recorded, blob: str) -> tuple[int, dict[str, str], bytes]:
+        stamp = {"ETag": '"0x8DD0000000000001"', "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT"}
+        comp = request.query.get("comp", [None])[0]
+        if request.method == "HEAD" and comp is None:
+            if blob not in self.blobs:
+                return 404, {"x-ms-error-code": "BlobNotFound"}, b""
+            meta = {f"x-ms-meta-{k}": v for k, v in self.metadata.get(blob, {}).items()}
+            length = str(len(self.blobs[blob]))
+            return 200, {**stamp, "Content-Length": length, "x-ms-blob-type": "BlockBlob", **meta}, b""
+        if request.method == "PUT" and comp is None:
+            if request.headers.get("x-ms-blob-type") != "BlockBlob":
+                return self._unexpected(request)
+            if request.headers.get("If-None-Match") == "*" and blob in self.blobs:
+                return 409, {"x-ms-error-code": "BlobAlreadyExists"}, b""
+            md5 = base64.b64encode(hashlib.md5(request.body).digest()).decode()
+            if request.headers.get("Content-MD5", md5) != md5:  # the service checks it too
+                return 400, {"x-ms-error-code": "Md5Mismatch"}, b""
+            self.blobs[blob] = request.body
+            return 201, {**stamp, "Content-MD5": md5, "x-ms-request-server-encrypted": "true"}, b""
+        if request.method == "PUT" and comp == "metadata" and blob in self.blobs:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            self.metadata[blob] = {
+                k[len("x-ms-meta-") :]: v for k, v in headers.items() if k.startswith("x-ms-meta-")
+            }
+            return 200, stamp, b""
+        return self._unexpected(request)
+
+    def _unexpected(self, request: Recorded) -> tuple[int, dict[str, str], bytes]:
+        self.unexpected.append(request)
+        return _arm_error(400, "UnexpectedRequest")
+
+
+def _json(status: int, payload: dict) -> tuple[int, dict[str, str], bytes]:
+    return status, {"Content-Type": "application/json; charset=utf-8"}, json.dumps(payload).encode()
+
+
+def _arm_error(status: int, code: str) -> tuple[int, dict[str, str], bytes]:
+    status_, headers, body = _json(status, {"error": {"code": code, "message": f"{code} (fake Azure)"}})
+    return status_, {**headers, "x-ms-error-code": code}, body
+
+
+def workspace_json() -> dict:
+    """A workspace as ARM returns it (Workspace._from_rest_object reads these fields)."""
+    return {
+        "id": WS_PATH,
+        "name": WORKSPACE,
+        "type": "Microsoft.MachineLearningServices/workspaces",
+        "location": "westeurope",
+        "kind": "Default",
+        "sku": {"name": "Basic", "tier": "Basic"},
+        "identity": {"type": "SystemAssigned", "principalId": "11111111-0000-0000-0000-000000000000"},
+        "properties": {
+            "workspaceId": "6f1c5c1e-0000-4000-8000-000000000001",
+            "friendlyName": WORKSPACE,
+            "storageAccount": f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}/providers/Microsoft.Storage/storageAccounts/{ACCOUNT}",
+            "discoveryUrl": "https://westeurope.api.azureml.ms/discovery",
+            "mlFlowTrackingUri": f"azureml://westeurope.api.azureml.ms/mlflow/v1.0{WS_PATH}",
+            "provisioningState": "Succeeded",
+            "publicNetworkAccess": "Enabled",
+            "hbiWorkspace": False,
+            "v1LegacyMode": False,
+        },
+        "systemData": SYSTEM_DATA,
+    }
+
+
+def datastore_json(auth: str) -> dict:
+    """The workspace's default blob datastore; ``auth`` is its credentialsType (AccountKey or None)."""
+    return {
+        "id": DATASTORE_ID,
+        "name": "workspaceblobstore",
+        "type": "Microsoft.MachineLearningServices/workspaces/datastores",
+        "properties": {
+            "datastoreType": "AzureBlob",
+            "accountName": ACCOUNT,
+            "containerName": CONTAINER,
+            "endpoint": "core.windows.net",
+            "protocol": "https",
+            "serviceDataAccessAuthIdentity": "WorkspaceSystemAssignedIdentity",
+            "credentials": {"credentialsType": auth},
+            "isDefault": True,
+            "tags": {},
+            "properties": {},
+        },
+        "systemData": SYSTEM_DATA,
+    }
+
+
+def container_json(name: str, versions: dict[str, dict]) -> dict:
+    return {
+        "id": f"{WS_PATH}/models/{name}",
+        "name": name,
+        "type": "Microsoft.MachineLearningServices/workspaces/models",
+        "properties": {
+            "latestVersion": max(versions, key=int),
+            "isArchived": False,
+            "tags": {},
+            "properties": {},
+        },
+        "systemData": SYSTEM_DATA,
+    }
+
+
+def version_json(name: str, version: str, tags: dict[str, str]) -> dict:
+    """A version registered earlier, as the version listing returns it."""
+    return {
+        "id": f"{WS_PATH}/models/{name}/versions/{version}",
+        "name": version,
+        "type": "Microsoft.MachineLearningServices/workspaces/models/versions",
+        "properties": {
+            "description": "registered earlier",
+            "tags": tags,
+            "properties": {},
+            "flavors": {},
+            "isArchived": False,
+            "isAnonymous": False,
+            "modelType": "custom_model",
+            "modelUri": f"azureml://subscriptions/{SUBSCRIPTION}/resourcegroups/{GROUP}/workspaces/{WORKSPACE}"
+            f"/datastores/workspaceblobstore/paths/LocalUpload/0123/{name}",
+            "provisioningState": "Succeeded",
+        },
+        "systemData": {**SYSTEM_DATA, "createdAt": f"2025-0{min(int(version), 9)}-01T00:00:00Z"},
+    }
+
+
+@pytest.fixture
+def azure(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """client_kwargs that route the SDK to a fresh FakeAzure, and the fake itself."""
+    import azure.ai.ml._artifacts._blob_storage_helper as blob_helper
+    from azure.core.pipeline.transport import RequestsTransport
+    from azure.storage.blob import BlobServiceClient
+
+    fake = FakeAzure()
+    session = requests.Session()
+    session.trust_env = False  # no proxy or .netrc from the environment
+    session.mount("https://", fake)
+    session.mount("http://", fake)
+    transport = RequestsTransport(session=session)
+    # MLClient passes its kwargs (transport, retry_total) to its ARM clients, but the SDK's upload helper
+    # builds BlobServiceClient(account_url, credential) with no way to pass them, so its storage pipeline
+    # would open real connections. Patched here only: the same class, given the storage SDK's own documented
+    # ``transport`` and ``retry_total`` keywords.
+    monkeypatch.setattr(
+        blob_helper,
+        "BlobServiceClient",
+        functools.partial(BlobServiceClient, transport=transport, retry_total=0),
+    )
+    monkeypatch.delenv("AZUREML_CURRENT_CLOUD", raising=False)  # MLClient sets it; undone after the test
+    yield {"fake": fake, "kwargs": {"transport": transport, "retry_total": 0}}
+    assert not fake.unexpected, [(r.method, r.host, r.path) for r in fake.unexpected]
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> dict[str, Path]:
+    model, report = tmp_path / "src" / "model", tmp_path / "src" / "report"
+    (model / "adapters").mkdir(parents=True)
+    report.mkdir(parents=True)
+    (model / "model.onnx").write_bytes(bytes(range(256)) * 4)
+    (model / "genai_config.json").write_text('{"model": {"type": "llama"}}', encoding="utf-8")
+    (model / "adapters" / "travel.onnx_adapter").write_bytes(b"\x00adapter\xff" * 10)
+    (report / "report.md").write_text("# report\n\ngate PASSED\n", encoding="utf-8")
+    return {"model": model, "report": report}
+
+
+def make_lineage(sources: dict[str, Path]) -> dict[str, Any]:
+    return {
+        "content_sha256": content_sha256(sources),
+        "base_model": "/models/SmolLM2-135M-Instruct",
+        "data": {"path": "/data/travel.jsonl", "sha256": "d" * 64},
+        "config": {"seed": 0, "finetune": {"max_steps": 60, "lora_r": 16}, "text_template": "x" * 2000},
+        "metrics": [
+            {"variant": "base", "perplexity": 12.5, "rouge_l": 0.21, "decode_tok_s": 80.0, "size_mb": 540.1},
+            {
+                "variant": "finetuned",
+                "perplexity": 9.75,
+                "rouge_l": 0.42,
+                "decode_tok_s": 95.5,
+                "size_mb": 120.4,
+            },
+        ],
+        "gate": {"passed": True, "checks": []},
+        "library_versions": {"olivepress": "0.1.0"},
+        "flow_run_id": "run-123",
+        "registered_at": "2025-06-01T00:00:00+00:00",
+    }
+
+
+def entry_files(sources: dict[str, Path], lineage: dict[str, Any]) -> dict[str, bytes]:
+    """What the entry folder holds, by path relative to it."""
+    files = {
+        f"{key}/{path.relative_to(folder).as_posix()}": path.read_bytes()
+        for key, folder in sources.items()
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+    files[LINEAGE_FILE] = json.dumps(lineage, indent=1, sort_keys=True).encode()
+    return files
+
+
+def model_puts(fake: FakeAzure) -> list[Recorded]:
+    return [r for r in fake.requests if r.host == ARM_HOST and r.method == "PUT"]
+
+
+@pytest.mark.parametrize("datastore_auth", ["AccountKey", "None"])
+def test_registration_uploads_every_file_and_creates_a_custom_model_version(azure, sources, datastore_auth):
+    fake: FakeAzure = azure["fake"]
+    fake.datastore_auth = datastore_auth
+    lineage = make_lineage(sources)
+    credential = FakeCredential()
+
+    registration = register_azureml(
+        SETTINGS, NAME, sources, lineage, credential=credential, **azure["kwargs"]
+    )
+
+    version_id = f"{WS_PATH}/models/{NAME}/versions/1"
+    assert registration == Registration("azureml", NAME, "1", version_id, reused=False)
+
+    # The ARM calls, in order. The SDK itself asks for the latest version (evaluator check) before uploading.
+    arm = [(m, p.removeprefix(WS_PATH)) for m, p in fake.calls() if not p.startswith(f"/{CONTAINER}/")]
+    secrets = (
+        [("POST", "/datastores/workspaceblobstore/listSecrets")] if datastore_auth == "AccountKey" else []
+    )
+    assert arm == [
+        ("GET", ""),  # workspace
+        ("GET", f"/models/{NAME}/versions"),  # ours: all versions, archived included
+        ("GET", f"/models/{NAME}/versions"),  # the SDK's: latest version ($top=1)
+        ("GET", "/datastores/workspaceblobstore"),
+        *secrets,
+        ("PUT", f"/models/{NAME}/versions/1"),
+    ]
+    listing = fake.requests[1]
+    assert listing.query["listViewType"] == ["All"]
+    assert all(r.headers["Authorization"] == f"Bearer {TOKEN}" for r in fake.requests if r.host == ARM_HOST)
+
+    # Every file of the entry went up, byte for byte, under LocalUpload/<hash>/<name>/, nothing else.
+    expected = entry_files(sources, lineage)
+    prefixes = {blob.split(f"/{NAME}/")[0] for blob in fake.blobs}
+    assert len(prefixes) == 1 and re.fullmatch(r"LocalUpload/[0-9a-f]{64}", prefixes.pop())
+    assert {blob.split(f"/{NAME}/", 1)[1]: data for blob, data in fake.blobs.items()} == expected
+    blob_requests = [r for r in fake.requests if r.host == BLOB_HOST]
+    assert sorted(r.method for r in blob_requests) == ["HEAD"] + ["PUT"] * (len(expected) + 1)
+    (indicator,) = fake.metadata  # the first file carries the SDK's upload-confirmation metadata
+    assert fake.metadata[indicator] == {"upload_status": "completed", "name": NAME, "version": "1"}
+    if datastore_auth == "AccountKey":  # a SAS from listSecrets signs the blob requests
+        assert all(
+            r.query["sig"] == [SAS_SIGNATURE] and "Authorization" not in r.headers for r in blob_requests
+        )
+    else:  # identity-based datastore: the caller's own token, for the storage audience
+        assert all(r.headers["Authorization"] == f"Bearer {TOKEN}" for r in blob_requests)
+        assert ("https://storage.azure.com/.default",) in credential.scopes
+
+    (put,) = model_puts(fake)
+    sent = json.loads(put.body)["properties"]
+    assert sent["modelType"] == "custom_model"
+    upload_root = next(iter(fake.blobs)).split(f"/{NAME}/")[0]
+    assert sent["modelUri"] == (
+        f"azureml://subscriptions/{SUBSCRIPTION}/resourcegroups/{GROUP}/workspaces/{WORKSPACE}"
+        f"/datastores/workspaceblobstore/paths/{upload_root}/{NAME}"
+    )
+    assert sent["tags"] == {
+        CONTENT_TAG: lineage["content_sha256"],
+        "olivepress.data_sha256": "d" * 64,
+        "olivepress.flow_run_id": "run-123",
+        "olivepress.gate": "passed",
+        "olivepress.base.perplexity": "12.5",
+        "olivepress.base.rouge_l": "0.21",
+        "olivepress.base.decode_tok_s": "80.0",
+        "olivepress.base.size_mb": "540.1",
+        "olivepress.finetuned.perplexity": "9.75",
+        "olivepress.finetuned.rouge_l": "0.42",
+        "olivepress.finetuned.decode_tok_s": "95.5",
+        "olivepress.finetuned.size_mb": "120.4",
+    }
+    properties = sent["properties"]
+    assert properties["olivepress.config.finetune"] == '{"lora_r":16,"max_steps":60}'
+    assert properties["olivepress.flow_run_id"] == "run-123"
+    assert "see lineage.json" in properties["olivepress.config.text_template"]  # 2,000 characters: too long
+    for values in (sent["tags"], properties):
+        assert all(isinstance(v, str) and len(v) <= MAX_VALUE_CHARS for v in values.values())
+
+
+def test_same_content_again_returns_the_existing_version_without_uploading(azure, sources):
+    fake: FakeAzure = azure["fake"]
+    lineage = make_lineage(sources)
+    fake.versions[NAME] = {
+        "1": version_json(NAME, "1", {CONTENT_TAG: "0" * 64}),
+        "2": version_json(NAME, "2", {CONTENT_TAG: lineage["content_sha256"]}),
+    }
+
+    registration = register_azureml(
+        SETTINGS, NAME, sources, lineage, credential=FakeCredential(), **azure["kwargs"]
+    )
+
+    assert registration == Registration(
+        "azureml", NAME, "2", f"{WS_PATH}/models/{NAME}/versions/2", reused=True
+    )
+    assert fake.calls() == [("GET", WS_PATH), ("GET", f"{WS_PATH}/models/{NAME}/versions")]
+    assert not fake.blobs and not model_puts(fake)
+
+
+def test_new_content_becomes_the_version_after_the_highest(azure, sources):
+    fake: FakeAzure = azure["fake"]
+    fake.versions[NAME] = {v: version_json(NAME, v, {CONTENT_TAG: v * 64}) for v in ("3", "1")}
+
+    registration = register_azureml(
+        SETTINGS, NAME, sources, make_lineage(sources), credential=FakeCredential(), **azure["kwargs"]
+    )
+
+    assert (registration.version, registration.reused) == ("4", False)
+    (put,) = model_puts(fake)
+    assert put.path == f"{WS_PATH}/models/{NAME}/versions/4"
+    assert {blob.split(f"/{NAME}/", 1)[1] for blob in fake.blobs} == set(
+        entry_files(sources, make_lineage(sources))
+    )
+
+
+def test_token_and_sas_stay_in_the_auth_headers_only(azure, sources, caplog):
+    fake: FakeAzure = azure["fake"]
+    caplog.set_level(logging.DEBUG)
+
+    register_azureml(
+        SETTINGS, NAME, sources, make_lineage(sources), credential=FakeCredential(), **azure["kwargs"]
+    )
+
+    assert fake.blobs and model_puts(fake)
+    for request in fake.requests:
+        others = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
+        assert TOKEN.encode() not in request.body
+        assert TOKEN not in json.dumps(others) + request.path + json.dumps(request.query)
+    (lineage_blob,) = [data for blob, data in fake.blobs.items() if blob.endswith(f"/{LINEAGE_FILE}")]
+    assert TOKEN.encode() not in lineage_blob and SAS_SIGNATURE.encode() not in lineage_blob
+    sent = json.loads(model_puts(fake)[0].body)["properties"]
+    assert TOKEN not in json.dumps(sent) and SAS_SIGNATURE not in json.dumps(sent)
+    assert any(r.headers.get("Authorization") == f"Bearer {TOKEN}" for r in fake.requests)
+    assert caplog.records  # the SDK did log its requests, at DEBUG and INFO
+    assert TOKEN not in caplog.text and SAS_SIGNATURE not in caplog.text
+
+
+def test_missing_workspace_is_a_user_error_naming_the_config(azure, sources):
+    fake: FakeAzure = azure["fake"]
+    fake.workspace_exists = False
+
+    with pytest.raises(
+        UserError, match=r"registry\.azureml: workspace 'ws-olivepress' was not found"
+    ) as info:
+        register_azureml(
+            SETTINGS, NAME, sources, make_lineage(sources), credential=FakeCredential(), **azure["kwargs"]
+        )
+
+    assert "resource_group" in str(info.value) and TOKEN not in str(info.value)
+    assert fake.calls() == [("GET", WS_PATH)]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        (401, "InvalidAuthenticationToken", "could not authenticate to Azure"),
+        (403, "AuthorizationFailed", "Azure refused access to workspace 'ws-olivepress'"),
+    ],
+)
+def test_refused_access_is_a_user_error(azure, sources, status, code, message):
+    fake: FakeAzure = azure["fake"]
+    fake.fail[("GET", re.escape(WS_PATH))] = (status, code)
+
+    with pytest.raises(UserError, match=rf"registry\.azureml: {message} \({status} {code}\)"):
+        register_azureml(
+            SETTINGS, NAME, sources, make_lineage(sources), credential=FakeCredential(), **azure["kwargs"]
+        )
+    assert fake.calls() == [("GET", WS_PATH)]
+
+
+def test_no_write_access_to_the_datastore_is_a_user_error(azure, sources):
+    fake: FakeAzure = azure["fake"]
+    fake.fail[("HEAD", rf"/{CONTAINER}/.*")] = (403, "AuthorizationPermissionMismatch")
+
+    with pytest.raises(UserError, match=r"registry\.azureml: Azure ML refused the model.*Storage Blob Data"):
+        register_azureml(
+            SETTINGS, NAME, sources, make_lineage(sources), credential=FakeCredential(), **azure["kwargs"]
+        )
+    assert not fake.blobs and not model_puts(fake)
+
+
+def test_no_usable_credential_is_a_user_error(azure, sources):
+    from azure.identity import CredentialUnavailableError
+
+    class NoCredential:
+        def get_token(self, *scopes: str, **kwargs: Any):
+            raise CredentialUnavailableError("DefaultAzureCredential failed to retrieve a token")
+
+    with pytest.raises(UserError, match=r"registry\.azureml: could not authenticate.*az login"):
+        register_azureml(
+            SETTINGS, NAME, sources, make_lineage(sources), credential=NoCredential(), **azure["kwargs"]
+        )
+    assert not azure["fake"].requests  # the token is fetched before the first request is sent
+
+
+def test_throttling_propagates_for_the_task_retry(azure, sources):
+    from azure.core.exceptions import HttpResponseError
+
+    fake: FakeAzure = azure["fake"]
+    fake.fail[("PUT", re.escape(f"{WS_PATH}/models/{NAME}/versions/1"))] = (429, "TooManyRequests")
+
+    with pytest.raises(HttpResponseError) as info:
+        register_azureml(
+            SETTINGS, NAME, sources, make_lineage(sources), credential=FakeCredential(), **azure["kwargs"]
+        )
+
+    assert not isinstance(info.value, UserError) and info.value.status_code == 429
+    assert len(model_puts(fake)) == 1  # retry_total=0: the SDK did not retry on its own
+
+
+def test_failed_blob_upload_raises_instead_of_hanging(azure, sources):
+    fake: FakeAzure = azure["fake"]
+    fake.fail[("PUT", rf"/{CONTAINER}/.*/report\.md")] = (503, "ServerBusy")
+    outcome: list[BaseException] = []
+
+    def register() -> None:
+        try:
+            register_azureml(
+                SETTINGS, NAME, sources, make_lineage(sources), credential=FakeCredential(), **azure["kwargs"]
+            )
+        except Exception as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=register, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+
+    assert not worker.is_alive(), "the SDK waits forever for an upload that failed"
+    (error,) = outcome
+    assert getattr(error, "status_code", None) == 503 and not isinstance(error, UserError)
+    assert not model_puts(fake)
+
+
+def test_listing_shows_only_versions_olivepress_registered(azure):
+    fake: FakeAzure = azure["fake"]
+    fake.versions = {
+        NAME: {
+            "1": version_json(NAME, "1", {CONTENT_TAG: "a" * 64, "olivepress.gate": "passed"}),
+            "2": version_json(NAME, "2", {CONTENT_TAG: "b" * 64}),
+        },
+        "someone-elses-model": {"7": version_json("someone-elses-model", "7", {"team": "x"})},
+    }
+
+    rows = list_azureml(SETTINGS, credential=FakeCredential(), **azure["kwargs"])
+
+    assert rows == [
+        {"name": NAME, "version": "1", "tags": {CONTENT_TAG: "a" * 64, "olivepress.gate": "passed"}},
+        {"name": NAME, "version": "2", "tags": {CONTENT_TAG: "b" * 64}},
+    ]
