@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, help="LoRA training steps")
     run.add_argument("--calibration-samples", type=int, help="examples AWQ calibrates on")
     run.add_argument("--output", type=Path, help="folder that receives the run folder (default: ./runs)")
+    run.add_argument("--registry", type=Path, help="local registry folder (default: ./registry)")
 
     validate = commands.add_parser("validate", help="check a JSONL file; exit 1 with one line per bad line")
     validate.add_argument("file", type=Path)
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--no-adapter", action="store_true", help="run the quantized base without LoRA")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("prompt")
+
+    models = commands.add_parser("models", help="list registered models and versions with their key metrics")
+    models.add_argument("--config", type=Path, help="YAML run config whose registry section to read")
+    models.add_argument("--registry", type=Path, help="local registry folder (default: ./registry)")
+    models.add_argument("--name", help="only this model name")
     return parser
 
 
@@ -54,6 +60,7 @@ def command_run(args: argparse.Namespace) -> int:
             "output": args.output,
             "finetune.max_steps": args.max_steps,
             "quantize.calibration_samples": args.calibration_samples,
+            "registry.path": args.registry,
         },
     )
     from olivepress.flows.pipeline import new_run_dir, olivepress_flow
@@ -62,6 +69,9 @@ def command_run(args: argparse.Namespace) -> int:
     print(f"olivepress: run folder {run_dir}", flush=True)
     result = olivepress_flow(config, run_dir)
     print(f"\nONNX Runtime GenAI model: {result['onnx']}")
+    print(f"Report: {result['report']}")
+    registration = result["registration"]
+    print(f"Registered: {registration['name']} version {registration['version']} ({registration['uri']})")
     print(f'Try it: olivepress chat {result["onnx"]} "What should I pack for a week in Lisbon?"')
     return 0
 
@@ -87,7 +97,55 @@ def command_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "validate": command_validate, "chat": command_chat}
+def command_models(args: argparse.Namespace) -> int:
+    from olivepress.config import load_config
+
+    config = load_config(args.config, {"registry.path": args.registry})
+    if config.registry.backend == "azureml":
+        from olivepress.azure_registry import list_azureml
+
+        rows = list_azureml(config.registry.azureml)
+        if args.name:
+            rows = [row for row in rows if row["name"] == args.name]
+    else:
+        from olivepress.registry import LocalRegistry
+
+        rows = [entry_row(entry) for entry in LocalRegistry(config.registry.path).entries(args.name)]
+    if not rows:
+        print(
+            f"no registered models in {config.registry.path if config.registry.backend == 'local' else 'Azure ML'}"
+        )
+        return 0
+    print(format_rows(rows))
+    return 0
+
+
+def entry_row(entry) -> dict[str, str]:
+    """A local entry as a listing row: the fine-tuned variant's metrics against the base's."""
+    metrics = {row["variant"]: row for row in entry.lineage.get("metrics", [])}
+    tuned, base = metrics.get("fine-tuned", {}), metrics.get("base", {})
+    return {
+        "name": entry.name,
+        "version": entry.version,
+        "registered": entry.lineage.get("registered_at", "-"),
+        "perplexity": f"{tuned.get('perplexity', '-')} (base {base.get('perplexity', '-')})",
+        "tok/s": f"{tuned.get('decode_tok_s', '-')} (base {base.get('decode_tok_s', '-')})",
+        "MB": f"{tuned.get('size_mb', '-')} (base {base.get('size_mb', '-')})",
+        "data": entry.lineage.get("data", {}).get("sha256", "-")[:12],
+        "path": str(entry.path),
+    }
+
+
+def format_rows(rows: list[dict[str, str]]) -> str:
+    header = list(rows[0])
+    table = [header, *[[str(row.get(key, "-")) for key in header] for row in rows]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table
+    )
+
+
+COMMANDS = {"run": command_run, "validate": command_validate, "chat": command_chat, "models": command_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,12 @@
 """The olivepress flow: validate → quantize (AWQ) → finetune (LoRA) → optimize (ONNX Runtime GenAI) →
 evaluate (the gate) → report → register.
 
-Each step is a Prefect task wrapping a plain function from ``olivepress.tasks``; each writes one folder or
-file of the run directory atomically, so an output that exists is complete. A model that fails the gate
-gets its report, and the run fails before register.
+Each step is a Prefect task wrapping a plain function from ``olivepress.tasks``. The steps that compute
+(validate, quantize, finetune, optimize, evaluate) publish their outputs to the artifact store under a key
+made from their inputs' content (:mod:`olivepress.cache_keys`, :mod:`olivepress.store`): a re-run with the
+same inputs reuses them, a crashed run resumes from the last published step. The run folder holds what is
+this run's own (config, validation report, split, evaluation, report, summary) and links to the outputs.
+A model that fails the gate gets its report, and the run fails before register.
 """
 
 from __future__ import annotations
@@ -16,25 +19,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.tasks import exponential_backoff
 
 from olivepress.atomic import atomic_write_text
+from olivepress.cache_keys import folder_sha256, records_sha256, step_key
 from olivepress.config import RunConfig
 from olivepress.errors import UserError
 from olivepress.registry import file_sha256
+from olivepress.retry import RetryPolicy
 from olivepress.scoring import split_by_prompt
-from olivepress.tasks.evaluate import GateFailed, evaluate_task
+from olivepress.store import ArtifactStore, Manifest
+from olivepress.tasks import evaluate, finetune, optimize, quantize, validate
+from olivepress.tasks.evaluate import GateFailed, evaluate_task, read_evaluation
 from olivepress.tasks.finetune import LOSS_FILE, finetune_task
 from olivepress.tasks.optimize import optimize_task
 from olivepress.tasks.quantize import quantize_task
 from olivepress.tasks.register import build_lineage, register_task
 from olivepress.tasks.report import ReportInputs, report_task
-from olivepress.tasks.validate import validate_task
+from olivepress.tasks.validate import read_examples, validate_task
 
 QUANTIZED = "quantized"
 ADAPTER = "adapter"
 ONNX = "onnx"
 REPORT = "report"
-WORK = "work"
 HELD_OUT_FILE = "held_out.jsonl"
 
 
@@ -89,7 +96,7 @@ def resolve_model_dir(config: RunConfig) -> Path:
     return default_model_dir()
 
 
-def timed(records: list[StepRecord], name: str, function, *args):
+def timed(records: list[StepRecord], name: str, function, *args, reused: bool = False):
     """Run one step, recording its status, wall time and output size for the summary table."""
     started = time.perf_counter()
     try:
@@ -97,16 +104,14 @@ def timed(records: list[StepRecord], name: str, function, *args):
     except BaseException:
         records.append(StepRecord(name, "failed", time.perf_counter() - started))
         raise
-    output = result if isinstance(result, Path) else None
-    records.append(
-        StepRecord(
-            name,
-            "completed",
-            time.perf_counter() - started,
-            output=str(output) if output else None,
-            output_bytes=folder_bytes(output) if output else None,
-        )
-    )
+    if isinstance(result, Manifest):
+        output, size = f"{name}/{result.key[:12]}", sum(meta["size"] for meta in result.files.values())
+    elif isinstance(result, Path):
+        output, size = str(result), folder_bytes(result)
+    else:
+        output, size = None, None
+    status = "reused" if reused else "completed"
+    records.append(StepRecord(name, status, time.perf_counter() - started, output=output, output_bytes=size))
     return result
 
 
@@ -167,30 +172,132 @@ def current_flow_run_id() -> str | None:
     return flow_run.id
 
 
+def open_store(config: RunConfig) -> ArtifactStore:
+    """The configured store. For S3, botocore's own retries are off: s3fs retries a failed call for about
+    two seconds, then olivepress's retry (config.retries: logged, exponential, with jitter) takes over."""
+    uri = config.store.uri or str(config.output.resolve() / "store")
+    options = {}
+    if uri.startswith("s3://"):
+        options = {
+            "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 1}, "connect_timeout": 10},
+            "client_kwargs": {"endpoint_url": config.store.endpoint_url} if config.store.endpoint_url else {},
+        }
+    policy = RetryPolicy(
+        attempts=config.retries.store_attempts,
+        base_delay_s=config.retries.backoff_seconds,
+        jitter=config.retries.jitter,
+    )
+    return ArtifactStore(uri, config.store.cache_dir, retry=policy, storage_options=options)
+
+
+def run_step(
+    records: list[StepRecord], config: RunConfig, store: ArtifactStore, name: str, step, key: str, *args
+):
+    """One cached step: Prefect's cache is used only while the store holds a verified output for ``key``.
+
+    Returns the step's manifest and a local folder with its verified files.
+    """
+    reusable = store.complete(name, key) is not None
+    retries = config.retries.step_attempts - 1
+    configured = step.with_options(
+        refresh_cache=not reusable,
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=config.retries.backoff_seconds)(retries)
+        if retries
+        else 0,
+        retry_jitter_factor=config.retries.jitter,
+    )
+    manifest = timed(records, name, configured, store, key, config, *args, reused=reusable)
+    return manifest, store.local_copy(manifest)
+
+
+def link_output(run_dir: Path, name: str, folder: Path) -> Path:
+    """``run_dir/name`` → the step's output folder in the store (or its local copy), for people and chat."""
+    link = run_dir / name
+    link.symlink_to(folder.resolve(), target_is_directory=True)
+    return link
+
+
+def key_for(step: str, module, inputs: dict[str, str], **settings) -> str:
+    return step_key(step, module.__file__, inputs=inputs, settings=settings)
+
+
 @flow(name="olivepress", persist_result=False)
-def olivepress_flow(config: RunConfig, run_dir: Path) -> dict:
-    """One run: every step's output lands in ``run_dir``; the summary is printed at the end."""
+def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
+    """One run: every step's output lands in ``run_dir`` (default: a new folder under ``config.output``);
+    the summary is printed at the end. ``config`` is the deployment's parameter: the Prefect UI's run form
+    is built from its schema, and Prefect validates it before the run starts."""
     quiet_user_error_tracebacks()
     logger = get_run_logger()
+    run_dir = run_dir or new_run_dir(config)
+    logger.info("run folder %s", run_dir)
     records: list[StepRecord] = []
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=1))
+    store = open_store(config)
+    common = {"seed": config.seed, "text_template": config.text_template}
     try:
-        examples = timed(records, "validate", validate_task, config, run_dir)
+        data_hash = file_sha256(config.data)
+        key = key_for("validate", validate, {"data": data_hash}, validation=config.validation)
+        _, validated = run_step(records, config, store, "validate", validate_task, key, run_dir)
+        for report_file in validated.iterdir():
+            atomic_write_text(run_dir / report_file.name, report_file.read_text(encoding="utf-8"))
+        examples = read_examples(config.data)
         train, held_out = split_by_prompt(examples, config.evaluate.held_out_fraction, config.seed)
         write_split(run_dir, config, train, held_out)
         logger.info("split by prompt: %d training pairs, %d held out", len(train), len(held_out))
         model_dir = resolve_model_dir(config)
-        checkpoint = timed(records, "quantize", quantize_task, config, model_dir, train, run_dir / QUANTIZED)
-        adapter = timed(
-            records, "finetune", finetune_task, config, checkpoint, train, run_dir / ADAPTER, run_dir / WORK
+        model_hash, train_hash = folder_sha256(model_dir), records_sha256(train)
+
+        key = key_for(
+            "quantize",
+            quantize,
+            {"model": model_hash, "train": train_hash},
+            quantize=config.quantize,
+            **common,
         )
-        onnx_dir = timed(records, "optimize", optimize_task, config, checkpoint, adapter, run_dir / ONNX)
-        evaluation = timed(
-            records, "evaluate", evaluate_task, config, model_dir, onnx_dir, held_out, run_dir, run_dir / WORK
+        quantized, checkpoint = run_step(
+            records, config, store, "quantize", quantize_task, key, model_dir, train
         )
+        link_output(run_dir, QUANTIZED, checkpoint)
+
+        key = key_for(
+            "finetune",
+            finetune,
+            {"quantized": quantized.digest, "train": train_hash},
+            finetune=config.finetune,
+            device=config.device,
+            **common,
+        )
+        tuned, adapter = run_step(records, config, store, "finetune", finetune_task, key, checkpoint, train)
+        link_output(run_dir, ADAPTER, adapter)
+
+        key = key_for(
+            "optimize",
+            optimize,
+            {"quantized": quantized.digest, "adapter": tuned.digest},
+            device=config.device,
+            text_template=config.text_template,
+        )
+        exported, onnx_dir = run_step(
+            records, config, store, "optimize", optimize_task, key, checkpoint, adapter
+        )
+        onnx_dir = link_output(run_dir, ONNX, onnx_dir)
+
+        key = key_for(
+            "evaluate",
+            evaluate,
+            {"model": model_hash, "onnx": exported.digest, "held_out": records_sha256(held_out)},
+            evaluate=config.evaluate,
+            device=config.device,
+            text_template=config.text_template,
+        )
+        _, measured = run_step(
+            records, config, store, "evaluate", evaluate_task, key, model_dir, onnx_dir, held_out
+        )
+        evaluation = read_evaluation(measured, config.gate)
+        atomic_write_text(run_dir / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1))
         logger.info("\n%s", evaluation.gate.to_text())
         flow_run_id = current_flow_run_id()
-        data_hash = file_sha256(config.data)
         report_inputs = ReportInputs(
             config=config,
             data_sha256=data_hash,
@@ -213,8 +320,10 @@ def olivepress_flow(config: RunConfig, run_dir: Path) -> dict:
         logger.info("\n%s", write_summary(run_dir, records))
     verb = "already registered as" if registration.reused else "registered"
     logger.info("%s %s version %s (%s)", verb, registration.name, registration.version, registration.uri)
-    logger.info(fuller_run_estimate(config, records, len(train)))
+    if any(record.step == "finetune" and record.status == "completed" for record in records):
+        logger.info(fuller_run_estimate(config, records, len(train)))
     return {
+        "flow_run_id": flow_run_id,
         "run_dir": str(run_dir),
         "onnx": str(onnx_dir),
         "adapter": str(adapter),

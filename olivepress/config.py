@@ -108,6 +108,28 @@ class RegistrySettings(Section):
         return self
 
 
+class RetrySettings(Section):
+    """Transient failures (network, S3 5xx/throttling, Azure 429/5xx) are retried; user errors never."""
+
+    step_attempts: int = Field(3, ge=1, le=20, description="Tries of a step that failed transiently.")
+    store_attempts: int = Field(5, ge=1, le=50, description="Tries of one artifact-store operation.")
+    backoff_seconds: float = Field(2.0, ge=0, le=600, description="First delay; doubles on each retry.")
+    jitter: float = Field(0.5, ge=0, le=1, description="Each delay is scaled by a random 1 ± jitter.")
+
+
+class StoreSettings(Section):
+    uri: str | None = Field(
+        None, description="Artifact store: a folder or s3://bucket/prefix; default: <output>/store."
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto, ...); credentials come from the AWS chain."
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "olivepress" / "artifacts",
+        description="Local copies of remote outputs, and scratch space of running steps.",
+    )
+
+
 class RunConfig(Section):
     model: Path | None = Field(None, description="Hugging Face model folder; default: SmolLM2-135M-Instruct.")
     data: Path = Field(SAMPLE_DATA, description="JSON Lines file of {prompt, response} pairs.")
@@ -124,6 +146,8 @@ class RunConfig(Section):
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    retries: RetrySettings = Field(default_factory=RetrySettings)
 
     @field_validator("model")
     @classmethod

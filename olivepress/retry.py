@@ -1,16 +1,100 @@
-"""Retry what a retry can fix: Prefect's retry policy applies unless the failure is the user's to fix."""
+"""Retry what a retry can fix, with exponential backoff and jitter; never what the user must fix.
+
+Transient: connection errors and timeouts, S3 5xx and throttling, Azure 429 and 5xx. Everything else, and
+above all a ``UserError`` (bad data, bad config, a failed gate), fails at once: it would fail the same way.
+"""
 
 from __future__ import annotations
 
-from olivepress.errors import UserError
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def unless_user_error(task, task_run, state) -> bool:
-    """A ``retry_condition_fn``: bad data, bad config or a failed gate fail the same way every time."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    base_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    jitter: float = 0.5  # each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.base_delay_s * 2 ** (attempt - 1), self.max_delay_s)
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Failures a retry can fix: the network, and S3's 5xx/throttling answers; not a missing key or a denial."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    if _azure_transient(error):
+        return True
+    try:
+        from botocore.exceptions import ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+    except ImportError:  # no S3 support installed: only the OS-level errors above are known
+        return False
+    if isinstance(error, (BotoConnectionError, HTTPClientError)):
+        return True
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = error.response.get("Error", {}).get("Code", "")
+        return status >= 500 or status == 429 or code in {"Throttling", "ThrottlingException", "SlowDown"}
+    # s3fs and Prefect wrap some failures: look one level down the chain
+    cause = error.__cause__ or error.__context__
+    return cause is not None and cause is not error and not _depth_exceeded(error) and is_transient(cause)
+
+
+def _depth_exceeded(error: BaseException, limit: int = 8) -> bool:
+    depth = 0
+    while error is not None and depth <= limit:
+        error, depth = error.__cause__ or error.__context__, depth + 1
+    return depth > limit
+
+
+def with_retries(action: Callable[[], T], what: str, policy: RetryPolicy) -> T:
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return action()
+        except Exception as error:
+            if attempt == policy.attempts or not is_transient(error):
+                raise
+            delay = policy.delay(attempt)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1f s",
+                what,
+                type(error).__name__,
+                error,
+                attempt,
+                policy.attempts - 1,
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _azure_transient(error: BaseException) -> bool:
+    try:
+        from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+    except ImportError:
+        return False
+    if isinstance(error, (ServiceRequestError, ServiceResponseError)):
+        return True
+    status = getattr(error, "status_code", None) or 0
+    return isinstance(error, HttpResponseError) and (status == 429 or status >= 500)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """A Prefect ``retry_condition_fn``: retry a failed step only when its failure was transient."""
     try:
         state.result(raise_on_failure=True)
-    except UserError:
-        return False
-    except BaseException:
-        return True
-    return True
+    except BaseException as error:
+        return is_transient(error)
+    return False

@@ -15,16 +15,15 @@ import json
 import logging
 import math
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from olivepress.atomic import atomic_write_text
 from olivepress.errors import UserError
+from olivepress.steps import step_task
+from olivepress.store import ArtifactStore, Manifest
 
 if TYPE_CHECKING:
     from olivepress.config import EvaluateSettings, GateSettings, RunConfig
@@ -34,6 +33,7 @@ log = logging.getLogger(__name__)
 BASE, QUANTIZED, FINE_TUNED = "base", "quantized", "fine-tuned"
 VARIANTS = (BASE, QUANTIZED, FINE_TUNED)
 MODEL_FILES = ("model.onnx", "model.onnx.data")
+METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -228,41 +228,44 @@ def decide_gate(metrics: list[VariantMetrics], gate: GateSettings) -> GateDecisi
     return GateDecision(passed=all(check.passed for check in checks), checks=checks)
 
 
-def evaluate(
-    config: RunConfig,
-    model_dir: Path,
-    onnx_dir: Path,
-    held_out: list[dict],
-    base_dir: Path,
-) -> Evaluation:
-    """Build the base model into ``base_dir`` (scratch), measure all variants, decide the gate."""
+def measure(config: RunConfig, model_dir: Path, onnx_dir: Path, held_out: list[dict], out: Path) -> None:
+    """Build the base model in scratch space (it is ~3× the int4 model: measured, not kept), measure the
+    three variants, and write ``metrics.json`` into ``out``."""
     from olivepress.genai import ADAPTER_FILE
     from olivepress.tasks.optimize import build_base_model
 
     started = time.perf_counter()
-    build_base_model(model_dir, base_dir, config.device)
-    metrics = evaluate_models(
-        base_dir, onnx_dir, onnx_dir / ADAPTER_FILE, held_out, config.evaluate, config.text_template
-    )
+    config.store.cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="olivepress-base-", dir=config.store.cache_dir) as scratch:
+        build_base_model(model_dir, Path(scratch), config.device)
+        metrics = evaluate_models(
+            Path(scratch), onnx_dir, onnx_dir / ADAPTER_FILE, held_out, config.evaluate, config.text_template
+        )
+    record = {
+        "metrics": [asdict(m) for m in metrics],
+        "held_out_pairs": len(held_out),
+        "generation_prompts": min(len(held_out), config.evaluate.generation_samples),
+        "seconds": time.perf_counter() - started,
+    }
+    (out / METRICS_FILE).write_text(json.dumps(record, indent=1))
+
+
+def read_evaluation(folder: Path, gate: GateSettings) -> Evaluation:
+    """The stored measurements with the gate decided now: a changed limit needs no new measurement."""
+    record = json.loads((folder / METRICS_FILE).read_text())
+    metrics = [VariantMetrics(**row) for row in record["metrics"]]
     return Evaluation(
         metrics=metrics,
-        gate=decide_gate(metrics, config.gate),
-        held_out_pairs=len(held_out),
-        generation_prompts=min(len(held_out), config.evaluate.generation_samples),
-        seconds=time.perf_counter() - started,
+        gate=decide_gate(metrics, gate),
+        held_out_pairs=record["held_out_pairs"],
+        generation_prompts=record["generation_prompts"],
+        seconds=record["seconds"],
     )
 
 
-@task(name="evaluate", retries=0, cache_policy=NO_CACHE, tags=["olivepress"])
+@step_task("evaluate")
 def evaluate_task(
-    config: RunConfig, model_dir: Path, onnx_dir: Path, held_out: list[dict], run_dir: Path, scratch: Path
-) -> Evaluation:
-    """Measure and decide; the record lands in ``run_dir/evaluation.json`` whether the gate passes or not."""
-    import shutil
-
-    try:
-        evaluation = evaluate(config, model_dir, onnx_dir, held_out, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)  # the fp32 base is ~3× the model: measured, not kept
-    atomic_write_text(run_dir / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1))
-    return evaluation
+    store: ArtifactStore, key: str, config: RunConfig, model_dir: Path, onnx_dir: Path, held_out: list[dict]
+) -> Manifest:
+    """The held-out measurements for ``key``; the gate thresholds are not part of it (see read_evaluation)."""
+    return store.produce("evaluate", key, lambda out: measure(config, model_dir, onnx_dir, held_out, out))

@@ -8,17 +8,18 @@ quantization error it will actually run next to.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from olivepress.atomic import atomic_dir
 from olivepress.config import FinetuneSettings, RunConfig
 from olivepress.prompts import format_pair
+from olivepress.steps import step_task
+from olivepress.store import ArtifactStore, Manifest
+
+log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LOSS_FILE = "loss_history.json"
@@ -107,7 +108,8 @@ def olive_lora_config(
                 "train_data_config": "train_data",
                 "training_args": {
                     "output_dir": str(work_dir / "checkpoints"),
-                    "overwrite_output_dir": True,
+                    # resume from the last checkpoint a crashed run left (Olive's LoRA pass finds it)
+                    "overwrite_output_dir": False,
                     "max_steps": settings.max_steps,
                     "per_device_train_batch_size": settings.batch_size,
                     "learning_rate": settings.learning_rate,
@@ -131,6 +133,22 @@ def olive_lora_config(
         "log_severity_level": 3,
         "no_artifacts": True,
     }
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+
+
+def drop_incomplete_checkpoints(checkpoints_dir: Path) -> Path | None:
+    """Delete checkpoints a crash cut short (a file missing); return the last complete one, if any."""
+    if not checkpoints_dir.is_dir():
+        return None
+    complete = []
+    for folder in checkpoints_dir.iterdir():
+        if folder.is_dir() and all((folder / name).is_file() for name in CHECKPOINT_FILES):
+            complete.append(folder)
+        else:
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+    return max(complete, key=lambda f: int(f.name.rsplit("-", 1)[-1]), default=None)
 
 
 def read_loss_history(checkpoints_dir: Path) -> list[dict]:
@@ -163,6 +181,8 @@ def finetune_lora(
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     work_dir.mkdir(parents=True, exist_ok=True)
+    if resumable := drop_incomplete_checkpoints(work_dir / "checkpoints"):
+        log.info("finetune: resuming from %s", resumable.name)
     model_dir = prepare_training_model(checkpoint_dir, work_dir / "dequantized")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_file = write_training_text(tokenizer, examples, work_dir / "train.jsonl", text_template)
@@ -177,21 +197,26 @@ def finetune_lora(
     return FinetuneResult(adapter_dir=out_dir, losses=losses)
 
 
-@task(name="finetune", retries=1, cache_policy=NO_CACHE, tags=["olivepress", "finetune", "lora"])
+@step_task("finetune", "lora")
 def finetune_task(
-    config: RunConfig, checkpoint_dir: Path, examples: list[dict], target: Path, work_dir: Path
-) -> Path:
-    """Publish the adapter at ``target`` only when training finished; scratch space is dropped after."""
-    with atomic_dir(target) as staging:
-        finetune_lora(
+    store: ArtifactStore, key: str, config: RunConfig, checkpoint_dir: Path, examples: list[dict]
+) -> Manifest:
+    """The adapter for ``key``. Training checkpoints live in a scratch folder named by the key, so a run
+    that crashed mid-training resumes from its last checkpoint; the folder goes once the adapter is stored."""
+    work_dir = config.store.cache_dir / "work" / f"finetune-{key[:16]}"
+    manifest = store.produce(
+        "finetune",
+        key,
+        lambda out: finetune_lora(
             checkpoint_dir,
             examples,
-            staging,
+            out,
             config.finetune,
             work_dir=work_dir,
             text_template=config.text_template,
             device=config.device,
             seed=config.seed,
-        )
+        ),
+    )
     shutil.rmtree(work_dir, ignore_errors=True)
-    return target
+    return manifest

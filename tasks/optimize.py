@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from olivepress.atomic import atomic_dir
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE
 from olivepress.prompts import save_prompt_format
+from olivepress.steps import step_task
+from olivepress.store import ArtifactStore, Manifest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -296,10 +294,14 @@ def write_adapter(lora: dict[str, LoraMatrices], path: Path, io_dtype: int) -> N
     adapter.export_adapter(str(path))
 
 
-@task(name="optimize", retries=1, cache_policy=NO_CACHE, tags=["olivepress", "optimize", "onnx"])
-def optimize_task(config: RunConfig, checkpoint_dir: Path, adapter_dir: Path, target: Path) -> Path:
-    """Publish the ONNX folder at ``target`` whole, with the prompt format chat needs to match training."""
-    with atomic_dir(target) as staging:
-        export_onnx(checkpoint_dir, adapter_dir, staging, device=config.device)
-        save_prompt_format(staging, config.text_template)
-    return target
+@step_task("optimize", "onnx")
+def optimize_task(
+    store: ArtifactStore, key: str, config: RunConfig, checkpoint_dir: Path, adapter_dir: Path
+) -> Manifest:
+    """The ONNX folder for ``key``, with the prompt format chat needs to match training."""
+
+    def compute(out: Path) -> None:
+        export_onnx(checkpoint_dir, adapter_dir, out, device=config.device)
+        save_prompt_format(out, config.text_template)
+
+    return store.produce("optimize", key, compute)

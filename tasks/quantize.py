@@ -16,14 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from olivepress.atomic import atomic_dir
 from olivepress.config import QuantizeSettings, RunConfig
 from olivepress.errors import UserError
 from olivepress.int4 import Int4Weight, write_int4_checkpoint
 from olivepress.prompts import format_pair
+from olivepress.steps import step_task
+from olivepress.store import ArtifactStore, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -255,16 +253,15 @@ def _quiet_unless(progress: bool):
         logger.enable("llmcompressor")
 
 
-@task(name="quantize", retries=1, cache_policy=NO_CACHE, tags=["olivepress", "quantize", "awq"])
-def quantize_task(config: RunConfig, model_dir: Path, examples: list[dict], target: Path) -> Path:
-    """Publish the int4 checkpoint at ``target`` only once it is complete."""
-    with atomic_dir(target) as staging:
-        quantize_awq(
-            model_dir,
-            examples,
-            staging,
-            config.quantize,
-            seed=config.seed,
-            text_template=config.text_template,
-        )
-    return target
+@step_task("quantize", "awq")
+def quantize_task(
+    store: ArtifactStore, key: str, config: RunConfig, model_dir: Path, examples: list[dict]
+) -> Manifest:
+    """The int4 checkpoint for ``key``: reused from the store, or computed and published whole."""
+    return store.produce(
+        "quantize",
+        key,
+        lambda out: quantize_awq(
+            model_dir, examples, out, config.quantize, seed=config.seed, text_template=config.text_template
+        ),
+    )

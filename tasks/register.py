@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,38 +17,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from olivepress.cache_keys import library_versions
 from olivepress.registry import LocalRegistry, Registration, content_sha256, default_model_name
-from olivepress.retry import unless_user_error
+from olivepress.retry import retry_if_transient
 
 if TYPE_CHECKING:
     from olivepress.config import RunConfig
     from olivepress.tasks.evaluate import Evaluation
-
-# The libraries whose versions decide what the model is; recorded so a registered model can be rebuilt.
-LINEAGE_PACKAGES = (
-    "olivepress",
-    "torch",
-    "transformers",
-    "llmcompressor",
-    "olive-ai",
-    "peft",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "onnxruntime-genai",
-    "onnxruntime-genai-cuda",
-    "prefect",
-    "great-expectations",
-)
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for package in LINEAGE_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def build_lineage(
@@ -63,7 +37,8 @@ def build_lineage(
     from olivepress.tasks.report import metrics_rows
 
     return {
-        "content_sha256": content_sha256(sources),
+        # the model alone: a re-run's report differs in its timings, yet it registers the same model
+        "content_sha256": content_sha256({"model": sources["model"]}),
         "base_model": str(base_model),
         "data": {"path": str(config.data), "sha256": data_hash},
         "config": config.model_dump(mode="json"),
@@ -92,7 +67,7 @@ def register_model(
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_jitter_factor=0.5,
-    retry_condition_fn=unless_user_error,
+    retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,
     tags=["olivepress"],
 )

@@ -29,11 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from olivepress.atomic import atomic_write_text
 from olivepress.errors import UserError
+from olivepress.steps import step_task
+from olivepress.store import ArtifactStore, Manifest
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
@@ -427,19 +426,25 @@ class InvalidData(UserError):
     """The data failed validation; the message is the report."""
 
 
-@task(name="validate", retries=0, cache_policy=NO_CACHE, tags=["olivepress", "validate"])
-def validate_task(config: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
-    """Bad data stops the run here, before any model is loaded; never retried (it would fail the same way)."""
-    report = validate_jsonl(
-        config.data, min_chars=config.validation.min_chars, max_chars=config.validation.max_chars
-    )
-    report_path = write_report(report, run_dir)
-    if not report.ok:
-        from olivepress.tasks.report import publish_validation_failure
+@step_task("validate", "validate")
+def validate_task(store: ArtifactStore, key: str, config: RunConfig, run_dir: Path) -> Manifest:
+    """Bad data stops the run here, before any model is loaded, with the report in ``run_dir`` and on the
+    flow run's Artifacts tab; it is never retried (it would fail the same way). A valid file's report is
+    stored under ``key``, so the same bytes are not validated twice."""
 
-        publish_validation_failure(report)
-        raise InvalidData(
-            f"{config.data} has {len(report.errors)} bad line(s); nothing was trained "
-            f"(report: {report_path}):\n{report.to_text()}"
+    def compute(out: Path) -> None:
+        report = validate_jsonl(
+            config.data, min_chars=config.validation.min_chars, max_chars=config.validation.max_chars
         )
-    return read_examples(config.data)
+        write_report(report, out)
+        if not report.ok:
+            from olivepress.tasks.report import publish_validation_failure
+
+            report_path = write_report(report, run_dir)
+            publish_validation_failure(report)
+            raise InvalidData(
+                f"{config.data} has {len(report.errors)} bad line(s); nothing was trained "
+                f"(report: {report_path}):\n{report.to_text()}"
+            )
+
+    return store.produce("validate", key, compute)

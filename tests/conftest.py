@@ -116,3 +116,43 @@ def make_lora_adapter(checkpoint_dir, target, **lora_options):
                 parameter.normal_(0.0, 0.2)
     model.save_pretrained(target)
     return target
+
+
+class S3Server:
+    """moto's S3 server on a loopback port; stop() and start() keep the buckets (moto keeps them in-process)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    import os
+
+    # moto accepts any credentials; botocore must find some, and must not look for a real account's
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        os.environ[name] = value
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()

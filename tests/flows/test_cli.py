@@ -75,3 +75,35 @@ def test_run_rejects_a_bad_config_file(tmp_path):
     result = olivepress("run", "--config", str(config))
     assert result.returncode == 1
     assert "device:" in result.stderr
+
+
+def test_models_lists_each_registered_version_with_its_metrics(tmp_path):
+    from olivepress.registry import LocalRegistry, content_sha256
+    from olivepress.tasks.report import metrics_rows
+    from tests.tasks.test_report import evaluation
+
+    registry = LocalRegistry(tmp_path / "registry")
+    for text in ("one", "two"):
+        model = tmp_path / text
+        model.mkdir()
+        (model / "model.onnx").write_text(text)
+        lineage = {
+            "content_sha256": content_sha256({"model": model}),
+            "metrics": metrics_rows(evaluation(True)),
+            "data": {"sha256": "0123456789abcdef"},
+            "registered_at": "2026-11-25T12:00:00+00:00",
+        }
+        registry.register("travel-model", {"model": model}, lineage)
+
+    result = olivepress("models", "--registry", str(tmp_path / "registry"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["name", "version", "registered"]
+    assert [line.split()[:2] for line in lines[1:]] == [["travel-model", "1"], ["travel-model", "2"]]
+    assert "17.81 (base 21.75)" in lines[1] and "0123456789ab" in lines[1]
+
+
+def test_models_on_an_empty_registry_says_so(tmp_path):
+    result = olivepress("models", "--registry", str(tmp_path / "none"))
+    assert result.returncode == 0
+    assert "no registered models" in result.stdout

@@ -41,6 +41,7 @@ def tiny_config(tmp_path, model_dir, **overrides):
             "evaluate.generation_samples": 2,
             "evaluate.max_new_tokens": 8,
             "registry.path": tmp_path / "registry",
+            "store.cache_dir": tmp_path / "cache",
             # a random model: the gate's defaults would (rightly) reject it; these limits it can meet
             "gate.max_perplexity_ratio": 100.0,
             "gate.min_speedup": 0.0,
@@ -80,7 +81,12 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir):
         for step in ("validate", "quantize", "finetune", "optimize", "evaluate", "report", "register")
     ]
     assert not list(run_dir.glob(".tmp-*")), "no staging folder is left behind"
-    assert not (run_dir / "work").exists(), "the scratch base model is removed after evaluation"
+    cache = tmp_path / "cache"
+    assert not list((cache / "work").iterdir()), "training checkpoints are removed once the adapter is stored"
+    assert not list((cache / "staging").iterdir()), "no step leaves scratch space behind"
+    assert [p.name for p in cache.iterdir()] == ["staging", "work"] or sorted(
+        p.name for p in cache.iterdir()
+    ) == ["staging", "work"]
 
     split = json.loads((run_dir / "split.json").read_text())
     held_out = [json.loads(line) for line in (run_dir / "held_out.jsonl").read_text().splitlines()]

@@ -1,0 +1,215 @@
+"""Content-keyed artifact store: a local folder or ``s3://bucket/prefix``, through fsspec.
+
+Each step output lives at ``<root>/<step>/<key>/`` where ``key`` is the step's cache key (a hash of its
+inputs' content, its settings, its code and its libraries). Publishing uploads the files into a fresh
+``<publish-id>/`` sub-folder, then writes ``manifest.json`` (every file's size and SHA-256, and which
+publish-id holds them) last, in one atomic write. So:
+
+* an output counts as done only when its manifest exists and its files match it; a crash mid-upload leaves
+  files no manifest points to, never a manifest with missing or torn files;
+* two runs publishing the same key at once each upload a complete set and the last manifest wins: both
+  sets are whole, so either is a correct answer;
+* a corrupted file (one byte changed) fails verification, and the step is recomputed rather than used.
+
+Files stream in chunks (upload, download, hashing); nothing is held in memory whole. Store operations
+retry transient failures (connection errors, S3 5xx and throttling) with exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from olivepress.registry import file_sha256
+from olivepress.retry import RetryPolicy, with_retries
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: str
+    key: str
+    publish_id: str
+    files: dict[str, dict[str, Any]]  # relative path → {"size", "sha256"}
+
+    @property
+    def digest(self) -> str:
+        """The output's content identity: what the next step's cache key is built from."""
+        import hashlib
+
+        listing = json.dumps(sorted((name, meta["sha256"]) for name, meta in self.files.items()))
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"step": self.step, "key": self.key, "publish_id": self.publish_id, "files": self.files}, indent=1
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        data = json.loads(text)
+        return cls(data["step"], data["key"], data["publish_id"], data["files"])
+
+
+def describe_folder(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+class ArtifactStore:
+    """See the module docstring. ``cache_dir`` holds local copies of remote outputs for the steps to read."""
+
+    def __init__(
+        self,
+        uri: str,
+        cache_dir: Path,
+        *,
+        retry: RetryPolicy | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        import fsspec
+
+        self.uri = uri
+        self.is_local = "://" not in uri or uri.startswith("file://")
+        self.fs, self.root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.cache_dir = cache_dir
+        self.retry = retry or RetryPolicy()
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def manifest(self, step: str, key: str) -> Manifest | None:
+        """The published manifest of ``step``/``key``, or None if there is none (not done)."""
+        path = self._path(step, key, MANIFEST)
+
+        def read() -> Manifest | None:
+            try:
+                with self.fs.open(path, "rb") as handle:
+                    return Manifest.from_json(handle.read().decode("utf-8"))
+            except FileNotFoundError:
+                return None
+
+        try:
+            return with_retries(read, f"reading {path}", self.retry)
+        except (ValueError, KeyError):
+            log.warning("%s is not a valid manifest; the step will be recomputed", path)
+            return None
+
+    def complete(self, step: str, key: str) -> Manifest | None:
+        """The manifest if the output is done: every file present with its size and SHA-256.
+
+        Local files are hashed in place; remote ones are fetched into the cache and hashed there (the copy
+        is what the next step reads anyway).
+        """
+        manifest = self.manifest(step, key)
+        if manifest is None:
+            return None
+        try:
+            self.local_copy(manifest)
+        except CorruptArtifact as error:
+            log.warning("%s; the step will be recomputed", error)
+            return None
+        return manifest
+
+    def local_copy(self, manifest: Manifest) -> Path:
+        """A local folder holding the manifest's files, verified; remote files are downloaded once."""
+        if self.is_local:
+            folder = Path(self._path(manifest.step, manifest.key, manifest.publish_id))
+            verify(folder, manifest)
+            return folder
+        folder = self.cache_dir / manifest.step / manifest.key / manifest.publish_id
+        if folder.is_dir():
+            try:
+                verify(folder, manifest)
+                return folder
+            except CorruptArtifact:
+                shutil.rmtree(folder)
+        staging = folder.with_name(f".tmp-{uuid.uuid4().hex}")
+        try:
+            for name in manifest.files:
+                remote = self._path(manifest.step, manifest.key, manifest.publish_id, name)
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with_retries(
+                    lambda r=remote, t=target: self.fs.get_file(r, str(t)),
+                    f"downloading {remote}",
+                    self.retry,
+                )
+            verify(staging, manifest)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):  # another run placed the same verified copy first
+                os.rename(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return folder
+
+    def publish(self, step: str, key: str, folder: Path) -> Manifest:
+        """Upload ``folder``'s files under a new publish-id, then the manifest; return the manifest."""
+        manifest = Manifest(step, key, uuid.uuid4().hex, describe_folder(folder))
+        for name in manifest.files:
+            remote = self._path(step, key, manifest.publish_id, name)
+            local = folder / name
+            with_retries(lambda r=remote, p=local: self._upload(p, r), f"uploading {remote}", self.retry)
+        self._write_manifest(manifest)
+        return manifest
+
+    def _upload(self, local: Path, remote: str) -> None:
+        self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(str(local), remote)
+
+    def produce(self, step: str, key: str, compute: Callable[[Path], object]) -> Manifest:
+        """The step's output for ``key``: reused if published and intact, else computed and published.
+
+        ``compute`` fills an empty local folder; a crash inside it leaves nothing in the store.
+        """
+        if manifest := self.complete(step, key):
+            log.info("%s: reusing the output published for this input (key %s)", step, key[:12])
+            return manifest
+        staging_root = self.cache_dir / "staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{step}-", dir=staging_root))
+        try:
+            compute(staging)
+            return self.publish(step, key, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        target = self._path(manifest.step, manifest.key, MANIFEST)
+        data = manifest.to_json().encode("utf-8")
+        if self.is_local:  # a local rename is atomic; the temporary name never looks like a manifest
+            temporary = self._path(manifest.step, manifest.key, f".tmp-{manifest.publish_id}-{MANIFEST}")
+            Path(temporary).write_bytes(data)
+            os.replace(temporary, target)
+            return
+        # one S3 PUT is atomic: readers see the old object or the new one
+        with_retries(lambda: self.fs.pipe_file(target, data), f"writing {target}", self.retry)
+
+
+class CorruptArtifact(Exception):
+    """A stored file is missing or does not match its manifest."""
+
+
+def verify(folder: Path, manifest: Manifest) -> None:
+    for name, meta in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CorruptArtifact(f"{manifest.step}/{manifest.key}: {name} is missing")
+        if path.stat().st_size != meta["size"] or file_sha256(path) != meta["sha256"]:
+            raise CorruptArtifact(f"{manifest.step}/{manifest.key}: {name} does not match its manifest")

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+
+from olivepress.config import GateSettings
+from olivepress.tasks.evaluate import (
+    BASE,
+    FINE_TUNED,
+    QUANTIZED,
+    VariantMetrics,
+    decide_gate,
+    peak_rss_reset,
+    rouge_l,
+    rss_mib,
+)
+
+
+def variant(name, *, perplexity=10.0, speed=100.0, size=1000, rouge=0.3):
+    return VariantMetrics(
+        variant=name,
+        loss=float(np.log(perplexity)),
+        perplexity=perplexity,
+        rouge_l=rouge,
+        decode_tokens_per_s=speed,
+        time_to_first_token_s=0.1,
+        bytes_on_disk=size,
+        peak_memory_mib=50.0,
+        generated_tokens=64,
+    )
+
+
+def metrics(**tuned):
+    return [variant(BASE), variant(QUANTIZED, perplexity=12.0), variant(FINE_TUNED, **tuned)]
+
+
+def test_a_model_within_every_limit_passes_with_each_check_recorded():
+    decision = decide_gate(metrics(perplexity=10.5, speed=150.0, size=300), GateSettings())
+    assert decision.passed
+    by_name = {check.name: check for check in decision.checks}
+    assert by_name["perplexity_ratio"].measured == pytest.approx(1.05)
+    assert by_name["speedup"].measured == pytest.approx(1.5)
+    assert by_name["size_ratio"].measured == pytest.approx(0.3)
+    assert "rouge_l" not in by_name, "ROUGE-L is reported, not gated, unless a limit is set"
+
+
+@pytest.mark.parametrize(
+    ("tuned", "failing"),
+    [
+        ({"perplexity": 11.5, "speed": 150.0, "size": 300}, "perplexity_ratio"),
+        ({"perplexity": 10.0, "speed": 90.0, "size": 300}, "speedup"),
+        ({"perplexity": 10.0, "speed": 150.0, "size": 600}, "size_ratio"),
+    ],
+)
+def test_each_limit_alone_can_fail_the_gate(tuned, failing):
+    decision = decide_gate(metrics(**tuned), GateSettings())
+    assert not decision.passed
+    assert [check.name for check in decision.checks if not check.passed] == [failing]
+    assert f"FAIL  {failing}: measured" in decision.to_text()
+
+
+def test_rouge_l_limit_is_applied_when_set():
+    decision = decide_gate(
+        metrics(perplexity=10.0, speed=150.0, size=300, rouge=0.1), GateSettings(min_rouge_l=0.2)
+    )
+    assert not decision.passed
+    assert [c.name for c in decision.checks if not c.passed] == ["rouge_l"]
+
+
+def test_a_base_that_generated_nothing_cannot_pass_the_speed_check():
+    rows = [variant(BASE, speed=0.0), variant(QUANTIZED), variant(FINE_TUNED, size=300)]
+    decision = decide_gate(rows, GateSettings())
+    assert not next(c for c in decision.checks if c.name == "speedup").passed
+
+
+def test_rouge_l_scores_overlap_of_words():
+    assert rouge_l(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    assert rouge_l(["the cat sat on the mat"], ["dogs run fast"]) == 0.0
+    partial = rouge_l(["visit the Louvre in Paris"], ["you should visit the Louvre"])
+    assert 0.3 < partial < 0.9
+
+
+def test_peak_memory_reset_forgets_an_earlier_peak():
+    if not peak_rss_reset():
+        pytest.skip("no /proc/self/clear_refs here")
+    block = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+    peak_with_block = rss_mib("VmHWM")
+    del block
+    peak_rss_reset()
+    assert rss_mib("VmHWM") < peak_with_block - 100

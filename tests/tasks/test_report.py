@@ -1,0 +1,66 @@
+import json
+
+from olivepress.config import load_config
+from olivepress.tasks.evaluate import (
+    BASE,
+    FINE_TUNED,
+    QUANTIZED,
+    Evaluation,
+    GateCheck,
+    GateDecision,
+    VariantMetrics,
+)
+from olivepress.tasks.report import ReportInputs, render_markdown, write_report
+
+
+def evaluation(passed: bool) -> Evaluation:
+    rows = [
+        VariantMetrics(name, loss, 2.718**loss, rouge, speed, 0.1, size, 40.0, 64)
+        for name, loss, rouge, speed, size in [
+            (BASE, 3.08, 0.20, 50.0, 540_000_000),
+            (QUANTIZED, 3.24, 0.18, 70.0, 184_000_000),
+            (FINE_TUNED, 2.88, 0.25, 69.0, 191_000_000),
+        ]
+    ]
+    check = GateCheck("size_ratio", "size", 0.35, 0.5 if passed else 0.1, passed)
+    return Evaluation(
+        rows, GateDecision(passed, [check]), held_out_pairs=51, generation_prompts=16, seconds=60.0
+    )
+
+
+def inputs(passed: bool = True) -> ReportInputs:
+    return ReportInputs(
+        config=load_config(),
+        data_sha256="ab" * 32,
+        n_records=81,
+        n_warnings=0,
+        train_pairs=65,
+        held_out_pairs=16,
+        steps=[{"step": "validate", "status": "completed", "seconds": 3.1, "output_bytes": None}],
+        loss_history=[{"step": 1, "loss": 3.5}, {"step": 2, "loss": 3.1}],
+        evaluation=evaluation(passed),
+        flow_run_id="1234",
+    )
+
+
+def test_report_folder_holds_the_page_its_plots_and_the_records(tmp_path):
+    report_dir = write_report(inputs(), tmp_path / "report")
+    page = (report_dir / "report.md").read_text()
+    assert page.startswith("# olivepress run: gate passed")
+    assert "| fine-tuned | 2.88 | 17.81 | 0.25 | 69.0 | 0.1 | 191.0 | 40 |" in page
+    assert "![training loss](training_loss.png)" in page and "![comparison](comparison.png)" in page
+    for plot in ("training_loss.png", "comparison.png"):
+        assert (report_dir / plot).read_bytes()[:4] == b"\x89PNG"
+    assert [row["variant"] for row in json.loads((report_dir / "metrics.json").read_text())] == [
+        "base",
+        "quantized",
+        "fine-tuned",
+    ]
+    assert json.loads((report_dir / "gate.json").read_text())["passed"] is True
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_failed_gate_is_the_headline_and_marks_the_failing_check():
+    page = render_markdown(inputs(passed=False), {"comparison.png": "c.png", "training_loss.png": "t.png"})
+    assert page.startswith("# olivepress run: gate FAILED")
+    assert "| size_ratio | 0.35 | 0.1 | **FAIL** |" in page
