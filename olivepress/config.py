@@ -196,6 +196,21 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     target[leaf] = value
 
 
+# Paths in a config file are relative to the file, not to wherever the command runs.
+RELATIVE_TO_FILE = ("model", "data", "output", "registry.path", "store.uri", "store.cache_dir")
+
+
+def _resolve_relative(raw: dict[str, Any], dotted: str, base: Path) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        raw = raw.get(part)
+        if not isinstance(raw, dict):
+            return
+    value = raw.get(leaf)
+    if isinstance(value, str) and "://" not in value:
+        raw[leaf] = str((base / Path(value).expanduser()).resolve())
+
+
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read ``path`` (YAML), apply ``overrides`` (dotted keys such as ``finetune.max_steps``), validate.
 
@@ -212,12 +227,8 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raise UserError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
-        for key in ("model", "data", "output"):
-            if isinstance(raw.get(key), str):
-                raw[key] = str((path.parent / Path(raw[key]).expanduser()).resolve())
-        registry = raw.get("registry")
-        if isinstance(registry, dict) and isinstance(registry.get("path"), str):
-            registry["path"] = str((path.parent / Path(registry["path"]).expanduser()).resolve())
+        for dotted in RELATIVE_TO_FILE:
+            _resolve_relative(raw, dotted, path.parent)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)

@@ -86,9 +86,6 @@ class Evaluation:
     generation_prompts: int
     seconds: float
 
-    def metric(self, variant: str) -> VariantMetrics:
-        return next(m for m in self.metrics if m.variant == variant)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -78,3 +78,21 @@ def test_missing_config_file(tmp_path):
 def test_config_round_trips_through_json():
     config = load_config()
     assert RunConfig.model_validate_json(config.model_dump_json()) == config
+
+
+def test_paths_in_a_config_file_are_relative_to_it_and_uris_are_kept(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = write_yaml(
+        tmp_path / "conf",
+        "registry:\n  path: reg\nstore:\n  uri: s3://bucket/prefix\n  cache_dir: cache\noutput: out\n",
+    )
+    config = load_config(path)
+    assert config.registry.path == tmp_path / "conf" / "reg"
+    assert config.store.cache_dir == tmp_path / "conf" / "cache"
+    assert config.output == tmp_path / "conf" / "out"
+    assert config.store.uri == "s3://bucket/prefix"
+
+
+def test_azureml_backend_needs_its_workspace():
+    with pytest.raises(UserError, match="registry: .*backend azureml needs registry.azureml"):
+        load_config(overrides={"registry.backend": "azureml"})
