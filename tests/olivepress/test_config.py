@@ -94,5 +94,5 @@ def test_paths_in_a_config_file_are_relative_to_it_and_uris_are_kept(tmp_path):
 
 
 def test_azureml_backend_needs_its_workspace():
-    with pytest.raises(UserError, match="registry: .*backend azureml needs registry.azureml"):
+    with pytest.raises(UserError, match=r"registry: .*backend azureml needs registry\.azureml"):
         load_config(overrides={"registry.backend": "azureml"})
