@@ -184,42 +184,40 @@ def evaluate_models(
     ]
 
 
+def at_most(name: str, description: str, measured: float, limit: float) -> GateCheck:
+    return GateCheck(name, f"{description}; at most the limit", measured, limit, measured <= limit)
+
+
+def at_least(name: str, description: str, measured: float, limit: float) -> GateCheck:
+    return GateCheck(name, f"{description}; at least the limit", measured, limit, measured >= limit)
+
+
 def decide_gate(metrics: list[VariantMetrics], gate: GateSettings) -> GateDecision:
-    """Compare the fine-tuned variant with the base against each limit; every check is kept, pass or fail."""
+    """Compare the fine-tuned variant with the base against each limit; every check is kept, pass or fail.
+
+    A base that decoded nothing gives a speed-up of 0, which fails any positive limit."""
     by_variant = {m.variant: m for m in metrics}
     base, tuned = by_variant[BASE], by_variant[FINE_TUNED]
+    speedup = tuned.decode_tokens_per_s / base.decode_tokens_per_s if base.decode_tokens_per_s else 0.0
     checks = [
-        GateCheck(
+        at_most(
             "perplexity_ratio",
-            "fine-tuned held-out perplexity / base; at most the limit",
+            "fine-tuned held-out perplexity / base",
             tuned.perplexity / base.perplexity,
             gate.max_perplexity_ratio,
-            tuned.perplexity / base.perplexity <= gate.max_perplexity_ratio,
         ),
-        GateCheck(
-            "speedup",
-            "fine-tuned decode tokens/s / base; at least the limit",
-            tuned.decode_tokens_per_s / base.decode_tokens_per_s if base.decode_tokens_per_s else 0.0,
-            gate.min_speedup,
-            base.decode_tokens_per_s > 0
-            and tuned.decode_tokens_per_s / base.decode_tokens_per_s >= gate.min_speedup,
-        ),
-        GateCheck(
+        at_least("speedup", "fine-tuned decode tokens/s / base", speedup, gate.min_speedup),
+        at_most(
             "size_ratio",
-            "fine-tuned model + adapter bytes / base; at most the limit",
+            "fine-tuned model + adapter bytes / base",
             tuned.bytes_on_disk / base.bytes_on_disk,
             gate.max_size_ratio,
-            tuned.bytes_on_disk / base.bytes_on_disk <= gate.max_size_ratio,
         ),
     ]
     if gate.min_rouge_l is not None:
         checks.append(
-            GateCheck(
-                "rouge_l",
-                "fine-tuned ROUGE-L F1 against the references; at least the limit",
-                tuned.rouge_l,
-                gate.min_rouge_l,
-                tuned.rouge_l >= gate.min_rouge_l,
+            at_least(
+                "rouge_l", "fine-tuned ROUGE-L F1 against the references", tuned.rouge_l, gate.min_rouge_l
             )
         )
     return GateDecision(passed=all(check.passed for check in checks), checks=checks)
