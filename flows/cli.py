@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="validate, quantize (AWQ), fine-tune (LoRA) and export to ONNX")
+    run = commands.add_parser(
+        "run", help="validate, quantize (AWQ), fine-tune (LoRA), export to ONNX, evaluate the gate, register"
+    )
     run.add_argument("--config", type=Path, help="YAML run config; flags below override it")
     run.add_argument("--model", type=Path, help="Hugging Face model folder (default: SmolLM2-135M-Instruct)")
     run.add_argument("--data", type=Path, help="JSONL of {prompt, response} (default: the shipped sample)")
@@ -40,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--no-adapter", action="store_true", help="run the quantized base without LoRA")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("prompt")
+
+    deploy = commands.add_parser(
+        "deploy",
+        help="create a work pool and deployment on the Prefect API (targets: process, docker-gpu, kubernetes-gpu)",
+        add_help=False,
+    )
+    deploy.add_argument("arguments", nargs=argparse.REMAINDER, help="see: olivepress deploy --help")
 
     models = commands.add_parser("models", help="list registered models and versions with their key metrics")
     models.add_argument("--config", type=Path, help="YAML run config whose registry section to read")
@@ -145,13 +154,29 @@ def format_rows(rows: list[dict[str, str]]) -> str:
     )
 
 
-COMMANDS = {"run": command_run, "validate": command_validate, "chat": command_chat, "models": command_models}
+def command_deploy(args: argparse.Namespace) -> int:
+    from olivepress.deployments.deploy import main as deploy_main
+
+    return deploy_main(args.arguments)
+
+
+COMMANDS = {
+    "run": command_run,
+    "validate": command_validate,
+    "chat": command_chat,
+    "models": command_models,
+    "deploy": command_deploy,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     # the embedded Prefect server must not try to phone home from an offline machine
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["deploy"]:  # its own parser, options and --help included
+        args = argparse.Namespace(command="deploy", arguments=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except UserError as error:

