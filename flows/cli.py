@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", type=Path, help="YAML run config; flags below override it")
     run.add_argument("--model", type=Path, help="Hugging Face model folder (default: SmolLM2-135M-Instruct)")
-    run.add_argument("--data", type=Path, help="JSONL of {prompt, response} (default: the shipped sample)")
+    run.add_argument(
+        "--data", help="JSONL of {prompt, response}: a path or s3:// URI (default: the shipped sample)"
+    )
     run.add_argument("--device", choices=["cpu", "gpu"], help="where to train and which ONNX target to build")
     run.add_argument("--max-steps", type=int, help="LoRA training steps")
     run.add_argument("--calibration-samples", type=int, help="examples AWQ calibrates on")

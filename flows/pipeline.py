@@ -28,7 +28,7 @@ from olivepress.errors import UserError
 from olivepress.registry import file_sha256
 from olivepress.retry import RetryPolicy
 from olivepress.scoring import split_by_prompt
-from olivepress.store import ArtifactStore, Manifest
+from olivepress.store import ArtifactStore, Manifest, fetch_file
 from olivepress.tasks import evaluate, finetune, optimize, quantize, validate
 from olivepress.tasks.evaluate import GateFailed, evaluate_task, read_evaluation
 from olivepress.tasks.finetune import LOSS_FILE, finetune_task
@@ -172,22 +172,34 @@ def current_flow_run_id() -> str | None:
     return flow_run.id
 
 
-def open_store(config: RunConfig) -> ArtifactStore:
-    """The configured store. For S3, botocore's own retries are off: s3fs retries a failed call for about
-    two seconds, then olivepress's retry (config.retries: logged, exponential, with jitter) takes over."""
-    uri = config.store.uri or str(config.output.resolve() / "store")
-    options = {}
-    if uri.startswith("s3://"):
-        options = {
-            "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 1}, "connect_timeout": 10},
-            "client_kwargs": {"endpoint_url": config.store.endpoint_url} if config.store.endpoint_url else {},
-        }
-    policy = RetryPolicy(
+def s3_options(config: RunConfig) -> dict:
+    """fsspec options for s3:// (store and data). botocore's own retries are off: s3fs retries a failed call
+    for about two seconds, then olivepress's retry (config.retries: logged, exponential, with jitter)."""
+    return {
+        "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 1}, "connect_timeout": 10},
+        "client_kwargs": {"endpoint_url": config.store.endpoint_url} if config.store.endpoint_url else {},
+    }
+
+
+def retry_policy(config: RunConfig) -> RetryPolicy:
+    return RetryPolicy(
         attempts=config.retries.store_attempts,
         base_delay_s=config.retries.backoff_seconds,
         jitter=config.retries.jitter,
     )
-    return ArtifactStore(uri, config.store.cache_dir, retry=policy, storage_options=options)
+
+
+def open_store(config: RunConfig) -> ArtifactStore:
+    uri = config.store.uri or str(config.output.resolve() / "store")
+    options = s3_options(config) if uri.startswith("s3://") else {}
+    return ArtifactStore(uri, config.store.cache_dir, retry=retry_policy(config), storage_options=options)
+
+
+def local_data_file(config: RunConfig) -> Path:
+    """The run's data as a local file: itself, or a fresh download of its s3:// URI."""
+    if isinstance(config.data, Path):
+        return config.data
+    return fetch_file(config.data, config.store.cache_dir / "data", s3_options(config), retry_policy(config))
 
 
 def run_step(
@@ -236,12 +248,13 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
     store = open_store(config)
     common = {"seed": config.seed, "text_template": config.text_template}
     try:
-        data_hash = file_sha256(config.data)
+        data_file = local_data_file(config)
+        data_hash = file_sha256(data_file)
         key = key_for("validate", validate, {"data": data_hash}, validation=config.validation)
-        _, validated = run_step(records, config, store, "validate", validate_task, key, run_dir)
+        _, validated = run_step(records, config, store, "validate", validate_task, key, run_dir, data_file)
         for report_file in validated.iterdir():
             atomic_write_text(run_dir / report_file.name, report_file.read_text(encoding="utf-8"))
-        examples = read_examples(config.data)
+        examples = read_examples(data_file)
         train, held_out = split_by_prompt(examples, config.evaluate.held_out_fraction, config.seed)
         write_split(run_dir, config, train, held_out)
         logger.info("split by prompt: %d training pairs, %d held out", len(train), len(held_out))

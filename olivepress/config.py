@@ -132,7 +132,10 @@ class StoreSettings(Section):
 
 class RunConfig(Section):
     model: Path | None = Field(None, description="Hugging Face model folder; default: SmolLM2-135M-Instruct.")
-    data: Path = Field(SAMPLE_DATA, description="JSON Lines file of {prompt, response} pairs.")
+    data: Path | str = Field(
+        SAMPLE_DATA,
+        description="JSON Lines file of {prompt, response} pairs: a local path or s3://bucket/key.jsonl.",
+    )
     output: Path = Field(Path("runs"), description="Folder that receives one sub-folder per run.")
     device: Literal["cpu", "gpu"] = "cpu"
     text_template: str | None = Field(
@@ -162,10 +165,13 @@ class RunConfig(Section):
 
     @field_validator("data")
     @classmethod
-    def _data_is_file(cls, value: Path) -> Path:
-        if not value.is_file():
-            raise ValueError(f"{value} does not exist or is not a file")
-        return value.resolve()
+    def _data_is_file(cls, value: Path | str) -> Path | str:
+        if isinstance(value, str) and value.startswith("s3://"):
+            return value  # fetched when the run starts, with the store's S3 settings
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist or is not a file")
+        return path.resolve()
 
     @field_validator("text_template")
     @classmethod

@@ -18,6 +18,7 @@ retry transient failures (connection errors, S3 5xx and throttling) with exponen
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -47,8 +48,6 @@ class Manifest:
     @property
     def digest(self) -> str:
         """The output's content identity: what the next step's cache key is built from."""
-        import hashlib
-
         listing = json.dumps(sorted((name, meta["sha256"]) for name, meta in self.files.items()))
         return hashlib.sha256(listing.encode()).hexdigest()
 
@@ -200,6 +199,23 @@ class ArtifactStore:
             return
         # one S3 PUT is atomic: readers see the old object or the new one
         with_retries(lambda: self.fs.pipe_file(target, data), f"writing {target}", self.retry)
+
+
+def fetch_file(uri: str, target_dir: Path, storage_options: dict[str, Any], retry: RetryPolicy) -> Path:
+    """Download ``uri`` (e.g. the run's s3:// data) afresh into ``target_dir``; the source may have changed,
+    and the steps key on the bytes, not the name."""
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(uri, **storage_options)
+    target = target_dir / hashlib.sha256(uri.encode()).hexdigest()[:16] / remote.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".tmp-{uuid.uuid4().hex}")
+    try:
+        with_retries(lambda: fs.get_file(remote, str(partial)), f"downloading {uri}", retry)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 class CorruptArtifact(Exception):

@@ -137,7 +137,7 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
     return "\n\n".join(
         [
             f"# olivepress run: gate {'passed' if gate.passed else 'FAILED'}",
-            f"Model `{model}` on `{config.data.name}` ({config.device}); flow run `{inputs.flow_run_id or '-'}`.",
+            f"Model `{model}` on `{Path(str(config.data)).name}` ({config.device}); flow run `{inputs.flow_run_id or '-'}`.",
             "## Data\n\n"
             f"- file `{config.data}`, SHA-256 `{inputs.data_sha256}`\n"
             f"- validation: valid, {inputs.n_records} records, {inputs.n_warnings} warnings (see validation.txt)\n"

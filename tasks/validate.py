@@ -427,14 +427,16 @@ class InvalidData(UserError):
 
 
 @step_task("validate", "validate")
-def validate_task(store: ArtifactStore, key: str, config: RunConfig, run_dir: Path) -> Manifest:
+def validate_task(
+    store: ArtifactStore, key: str, config: RunConfig, run_dir: Path, data_file: Path
+) -> Manifest:
     """Bad data stops the run here, before any model is loaded, with the report in ``run_dir`` and on the
     flow run's Artifacts tab; it is never retried (it would fail the same way). A valid file's report is
     stored under ``key``, so the same bytes are not validated twice."""
 
     def compute(out: Path) -> None:
         report = validate_jsonl(
-            config.data, min_chars=config.validation.min_chars, max_chars=config.validation.max_chars
+            data_file, min_chars=config.validation.min_chars, max_chars=config.validation.max_chars
         )
         write_report(report, out)
         if not report.ok:

@@ -142,11 +142,14 @@ def test_a_run_killed_mid_training_resumes_from_its_last_checkpoint(tmp_path, ti
 def test_a_run_on_s3_survives_the_server_going_away(tmp_path, tiny_model_dir, s3_server, caplog):
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket="runs")
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    client.create_bucket(Bucket="runs")
+    client.put_object(Bucket="runs", Key="data/sample.jsonl", Body=load_config().data.read_bytes())
     config = tiny_config(
         tmp_path,
         tiny_model_dir,
         **{
+            "data": "s3://runs/data/sample.jsonl",
             "store.uri": "s3://runs/olivepress",
             "store.endpoint_url": s3_server.endpoint,
             "retries.store_attempts": 10,
@@ -177,6 +180,8 @@ def test_a_run_on_s3_survives_the_server_going_away(tmp_path, tiny_model_dir, s3
     assert outage.is_set()
     assert any("retry" in record.getMessage() for record in caplog.records), "an upload met the outage"
     assert result["registration"]["version"] == "1"
+    lineage = json.loads((Path(result["registration"]["uri"]) / "lineage.json").read_text())
+    assert lineage["data"]["path"] == "s3://runs/data/sample.jsonl"
 
     fresh = open_store(load_config(overrides={**config.model_dump(), "store.cache_dir": tmp_path / "fresh"}))
     for step in COMPUTED_STEPS:

@@ -96,3 +96,10 @@ def test_paths_in_a_config_file_are_relative_to_it_and_uris_are_kept(tmp_path):
 def test_azureml_backend_needs_its_workspace():
     with pytest.raises(UserError, match=r"registry: .*backend azureml needs registry\.azureml"):
         load_config(overrides={"registry.backend": "azureml"})
+
+
+def test_data_may_be_an_s3_uri_checked_when_the_run_fetches_it():
+    config = load_config(overrides={"data": "s3://bucket/data/travel.jsonl"})
+    assert config.data == "s3://bucket/data/travel.jsonl"
+    with pytest.raises(UserError, match=r"data: /nope\.jsonl does not exist"):
+        load_config(overrides={"data": "/nope.jsonl"})
