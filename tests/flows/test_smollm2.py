@@ -1,5 +1,7 @@
 """The real default model through the whole flow, on the lab's own data, with a few steps."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -27,11 +29,22 @@ def test_smollm2_on_the_lab_data(tmp_path, travel_jsonl):
             "finetune.max_seq_len": 128,
             "quantize.calibration_samples": 8,
             "quantize.calibration_max_tokens": 128,
+            "evaluate.generation_samples": 4,
+            "evaluate.max_new_tokens": 16,
+            "registry.path": tmp_path / "registry",
+            "store.cache_dir": tmp_path / "cache",
+            # 2 training steps cannot win back AWQ's loss (perplexity ratio about 1.18): this tests the
+            # path to registration, the gate's defaults are tested elsewhere
+            "gate.max_perplexity_ratio": 1.5,
         }
     )
     run_dir = new_run_dir(config)
     onnx_dir = run_dir / "onnx"
-    olivepress_flow(config, run_dir)
+    result = olivepress_flow(config, run_dir)
+    assert result["registration"]["version"] == "1"
+    metrics = {m["variant"]: m for m in json.loads((run_dir / "evaluation.json").read_text())["metrics"]}
+    assert metrics["base"]["bytes_on_disk"] > 2.5 * metrics["quantized"]["bytes_on_disk"]
+    assert metrics["quantized"]["loss"] > metrics["base"]["loss"], "4 bits cost some held-out loss"
 
     with_adapter = open_model(onnx_dir, onnx_dir / "adapter_weights.onnx_adapter")
     without_adapter = open_model(onnx_dir)
