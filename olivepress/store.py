@@ -89,6 +89,9 @@ class ArtifactStore:
         self.root = self.root.rstrip("/")
         self.cache_dir = cache_dir
         self.retry = retry or RetryPolicy()
+        # folders this store object already hashed against a manifest: the flow and the step's task both
+        # ask for the same output, and hashing a 500 MB model once per run is enough
+        self._verified: dict[tuple[str, str, str], Path] = {}
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -128,6 +131,12 @@ class ArtifactStore:
 
     def local_copy(self, manifest: Manifest) -> Path:
         """A local folder holding the manifest's files, verified; remote files are downloaded once."""
+        identity = (manifest.step, manifest.key, manifest.publish_id)
+        if identity not in self._verified:
+            self._verified[identity] = self._verified_copy(manifest)
+        return self._verified[identity]
+
+    def _verified_copy(self, manifest: Manifest) -> Path:
         if self.is_local:
             folder = Path(self._path(manifest.step, manifest.key, manifest.publish_id))
             verify(folder, manifest)
