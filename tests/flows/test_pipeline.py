@@ -122,9 +122,18 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir):
     assert (again.version, again.reused) == ("1", True), "the same content is not registered twice"
 
 
+AZURE_WORKSPACE = {"subscription_id": "0000", "resource_group": "rg", "workspace_name": "ws"}
+
+
 @pytest.mark.slow
-def test_a_model_that_fails_the_gate_is_reported_not_registered(tmp_path, tiny_model_dir):
-    config = tiny_config(tmp_path, tiny_model_dir, **{"gate.max_size_ratio": 0.01})
+@pytest.mark.parametrize(
+    "registry",
+    [{}, {"registry.backend": "azureml", "registry.azureml": AZURE_WORKSPACE}],
+    ids=["local", "azureml"],
+)
+def test_a_model_that_fails_the_gate_is_reported_not_registered(tmp_path, tiny_model_dir, registry):
+    # with Azure ML, reaching register at all would fail differently (no credentials, no workspace here)
+    config = tiny_config(tmp_path, tiny_model_dir, **{"gate.max_size_ratio": 0.01, **registry})
     run_dir = new_run_dir(config)
     with pytest.raises(GateFailed, match=r"FAIL  size_ratio: measured [0-9.]+, limit 0\.01"):
         olivepress_flow(config, run_dir)
