@@ -230,8 +230,10 @@ def link_output(run_dir: Path, name: str, folder: Path) -> Path:
     return link
 
 
-def key_for(step: str, module, inputs: dict[str, str], **settings) -> str:
-    return step_key(step, module.__file__, inputs=inputs, settings=settings)
+def key_for(step: str, module, data_hash: str, inputs: dict[str, str], **settings) -> str:
+    """Every key includes the data file's hash: one edited line of the JSONL invalidates every step, even
+    one whose other inputs (a held-out split, an unchanged export) happen to come out the same."""
+    return step_key(step, module.__file__, inputs={"data": data_hash, **inputs}, settings=settings)
 
 
 @flow(name="olivepress", persist_result=False)
@@ -250,7 +252,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
     try:
         data_file = local_data_file(config)
         data_hash = file_sha256(data_file)
-        key = key_for("validate", validate, {"data": data_hash}, validation=config.validation)
+        key = key_for("validate", validate, data_hash, {}, validation=config.validation)
         _, validated = run_step(records, config, store, "validate", validate_task, key, run_dir, data_file)
         for report_file in validated.iterdir():
             atomic_write_text(run_dir / report_file.name, report_file.read_text(encoding="utf-8"))
@@ -264,6 +266,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
         key = key_for(
             "quantize",
             quantize,
+            data_hash,
             {"model": model_hash, "train": train_hash},
             quantize=config.quantize,
             **common,
@@ -276,6 +279,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
         key = key_for(
             "finetune",
             finetune,
+            data_hash,
             {"quantized": quantized.digest, "train": train_hash},
             finetune=config.finetune,
             device=config.device,
@@ -287,6 +291,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
         key = key_for(
             "optimize",
             optimize,
+            data_hash,
             {"quantized": quantized.digest, "adapter": tuned.digest},
             device=config.device,
             text_template=config.text_template,
@@ -299,6 +304,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
         key = key_for(
             "evaluate",
             evaluate,
+            data_hash,
             {"model": model_hash, "onnx": exported.digest, "held_out": records_sha256(held_out)},
             evaluate=config.evaluate,
             device=config.device,
