@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from olivepress.retry import RetryPolicy, with_retries
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+STALE_PUBLISH_SECONDS = 6 * 3600  # longer than any upload; younger leftovers may be a live publisher's
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,23 @@ class ArtifactStore:
             local = folder / name
             with_retries(lambda r=remote, p=local: self._upload(p, r), f"uploading {remote}", self.retry)
         self._write_manifest(manifest)
+        self._drop_stale_publishes(manifest)
         return manifest
+
+    def _drop_stale_publishes(self, manifest: Manifest) -> None:
+        """Remove this key's other publish folders once they are old: what a crashed or out-raced upload
+        left. A young one may be a concurrent publisher still uploading, so it stays."""
+        now = time.time()
+        for entry in self.fs.ls(self._path(manifest.step, manifest.key), detail=True):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry["type"] != "directory" or name == manifest.publish_id:
+                continue
+            with contextlib.suppress(FileNotFoundError):  # another publisher removed it first
+                files = self.fs.find(entry["name"], detail=True).values()
+                # a folder just made, still empty, is as young as the folder itself
+                newest = max([_modified(entry), *(_modified(info) for info in files)])
+                if now - newest > STALE_PUBLISH_SECONDS:
+                    self.fs.rm(entry["name"], recursive=True)
 
     def _upload(self, local: Path, remote: str) -> None:
         self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
@@ -208,6 +226,12 @@ class ArtifactStore:
             return
         # one S3 PUT is atomic: readers see the old object or the new one
         with_retries(lambda: self.fs.pipe_file(target, data), f"writing {target}", self.retry)
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """A file's modification time in seconds from fsspec's listing (local: ``mtime``; S3: ``LastModified``)."""
+    value = info.get("mtime") or info.get("LastModified") or 0.0
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
 
 
 def fetch_file(uri: str, target_dir: Path, storage_options: dict[str, Any], retry: RetryPolicy) -> Path:

@@ -136,3 +136,19 @@ def test_the_store_rides_out_an_s3_outage(s3_server, tmp_path):
         restarter.join()
     assert time.monotonic() - started >= 1.0, "the upload waited for the server"
     assert store.complete("quantize", "k7") == manifest
+
+
+def test_leftovers_of_an_old_upload_are_removed_and_a_young_one_is_kept(store, tmp_path, monkeypatch):
+    from olivepress import store as store_module
+
+    source = make_output(tmp_path / "out")
+    crashed = store.publish("quantize", "k8", source)  # stands for an upload no manifest points to now
+    live = store.publish("quantize", "k8", source)
+    assert store.fs.exists(store._path("quantize", "k8", crashed.publish_id)), "young: maybe still uploading"
+
+    monkeypatch.setattr(store_module, "STALE_PUBLISH_SECONDS", -1.0)
+    latest = store.publish("quantize", "k8", source)
+    folders = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store._path("quantize", "k8"))}
+    assert folders == {latest.publish_id, MANIFEST}
+    assert live.publish_id not in folders
+    assert store.complete("quantize", "k8") == latest
