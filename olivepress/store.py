@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STALE_PUBLISH_SECONDS = 6 * 3600  # longer than any upload; younger leftovers may be a live publisher's
+STALE_SCRATCH_SECONDS = 24 * 3600  # longer than any step's computation
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,17 @@ class ArtifactStore:
                 if now - newest > STALE_PUBLISH_SECONDS:
                     self.fs.rm(entry["name"], recursive=True)
 
+    def scratch_root(self) -> Path:
+        """Where steps compute: ``cache_dir/staging``. Folders there older than a day are what a killed run
+        left (a live step's folder is younger), so they are removed here."""
+        root = self.cache_dir / "staging"
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - leftover.stat().st_mtime > STALE_SCRATCH_SECONDS:
+                    shutil.rmtree(leftover, ignore_errors=True)
+        return root
+
     def _upload(self, local: Path, remote: str) -> None:
         self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
         self.fs.put_file(str(local), remote)
@@ -207,9 +219,7 @@ class ArtifactStore:
         if manifest := self.complete(step, key):
             log.info("%s: reusing the output published for this input (key %s)", step, key[:12])
             return manifest
-        staging_root = self.cache_dir / "staging"
-        staging_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{step}-", dir=staging_root))
+        staging = Path(tempfile.mkdtemp(prefix=f"{step}-", dir=self.scratch_root()))
         try:
             compute(staging)
             return self.publish(step, key, staging)

@@ -223,15 +223,16 @@ def decide_gate(metrics: list[VariantMetrics], gate: GateSettings) -> GateDecisi
     return GateDecision(passed=all(check.passed for check in checks), checks=checks)
 
 
-def measure(config: RunConfig, model_dir: Path, onnx_dir: Path, held_out: list[dict], out: Path) -> None:
+def measure(
+    config: RunConfig, model_dir: Path, onnx_dir: Path, held_out: list[dict], out: Path, scratch_root: Path
+) -> None:
     """Build the base model in scratch space (it is ~3× the int4 model: measured, not kept), measure the
     three variants, and write ``metrics.json`` into ``out``."""
     from olivepress.genai import ADAPTER_FILE
     from olivepress.tasks.optimize import build_base_model
 
     started = time.perf_counter()
-    config.store.cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="olivepress-base-", dir=config.store.cache_dir) as scratch:
+    with tempfile.TemporaryDirectory(prefix="base-model-", dir=scratch_root) as scratch:
         build_base_model(model_dir, Path(scratch), config.device)
         metrics = evaluate_models(
             Path(scratch), onnx_dir, onnx_dir / ADAPTER_FILE, held_out, config.evaluate, config.text_template
@@ -263,4 +264,6 @@ def evaluate_task(
     store: ArtifactStore, key: str, config: RunConfig, model_dir: Path, onnx_dir: Path, held_out: list[dict]
 ) -> Manifest:
     """The held-out measurements for ``key``; the gate thresholds are not part of it (see read_evaluation)."""
-    return store.produce("evaluate", key, lambda out: measure(config, model_dir, onnx_dir, held_out, out))
+    return store.produce(
+        "evaluate", key, lambda out: measure(config, model_dir, onnx_dir, held_out, out, store.scratch_root())
+    )

@@ -152,3 +152,16 @@ def test_leftovers_of_an_old_upload_are_removed_and_a_young_one_is_kept(store, t
     assert folders == {latest.publish_id, MANIFEST}
     assert live.publish_id not in folders
     assert store.complete("quantize", "k8") == latest
+
+
+def test_scratch_a_killed_run_left_is_removed_and_a_live_one_kept(tmp_path):
+    import os
+
+    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache", retry=FAST_RETRY)
+    staging = tmp_path / "cache" / "staging"
+    (staging / "quantize-killed").mkdir(parents=True)
+    (staging / "finetune-live").mkdir()
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(staging / "quantize-killed", (two_days_ago, two_days_ago))
+    assert store.scratch_root() == staging
+    assert sorted(p.name for p in staging.iterdir()) == ["finetune-live"]
