@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 # Debian's chromium renders the Prefect UI in the deployment test (it skips, saying so, without it).
 if ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    # best effort: without it only the screenshot test skips, so a failed install must not stop the setup
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+      echo "could not install chromium: the Prefect UI screenshot test will skip" >&2
   else
     echo "chromium is missing (apt-get install chromium): the Prefect UI screenshot test will skip" >&2
   fi
