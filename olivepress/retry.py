@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from olivepress.errors import UserError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -31,15 +33,26 @@ class RetryPolicy:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Failures a retry can fix: the network, and S3's 5xx/throttling answers; not a missing key or a denial."""
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    if _azure_transient(error):
+    """Failures a retry can fix: the network, S3's 5xx/throttling and Azure's 429/5xx answers, also when
+    wrapped (s3fs and Prefect wrap some); never a ``UserError``, whatever it was raised from."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return False
+        if _transient_itself(error):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return False
+
+
+def _transient_itself(error: BaseException) -> bool:
+    if isinstance(error, (ConnectionError, TimeoutError)) or _azure_transient(error):
         return True
     try:
         from botocore.exceptions import ClientError, HTTPClientError
         from botocore.exceptions import ConnectionError as BotoConnectionError
-    except ImportError:  # no S3 support installed: only the OS-level errors above are known
+    except ImportError:  # no S3 support installed: only the errors above are known
         return False
     if isinstance(error, (BotoConnectionError, HTTPClientError)):
         return True
@@ -47,16 +60,7 @@ def is_transient(error: BaseException) -> bool:
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = error.response.get("Error", {}).get("Code", "")
         return status >= 500 or status == 429 or code in {"Throttling", "ThrottlingException", "SlowDown"}
-    # s3fs and Prefect wrap some failures: look one level down the chain
-    cause = error.__cause__ or error.__context__
-    return cause is not None and cause is not error and not _depth_exceeded(error) and is_transient(cause)
-
-
-def _depth_exceeded(error: BaseException, limit: int = 8) -> bool:
-    depth = 0
-    while error is not None and depth <= limit:
-        error, depth = error.__cause__ or error.__context__, depth + 1
-    return depth > limit
+    return False
 
 
 def with_retries(action: Callable[[], T], what: str, policy: RetryPolicy) -> T:

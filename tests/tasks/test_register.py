@@ -47,3 +47,18 @@ def test_only_transient_failures_are_retried():
     assert retry_if_transient(None, None, Failed(data=throttled)) is True
     assert retry_if_transient(None, None, Failed(data=not_found)) is False
     assert retry_if_transient(None, None, Completed()) is False
+
+    def wrapped(outer: Exception, inner: Exception, *, explicit: bool) -> Exception:
+        try:
+            try:
+                raise inner
+            except Exception as cause:
+                if explicit:
+                    raise outer from cause
+                raise outer from None
+        except Exception as error:
+            return error
+
+    assert retry_if_transient(None, None, Failed(data=wrapped(OSError("s3fs"), throttled, explicit=True)))
+    no_credential = wrapped(UserError("registry.azureml: no credential"), ConnectionError(), explicit=False)
+    assert retry_if_transient(None, None, Failed(data=no_credential)) is False
