@@ -4,19 +4,19 @@ Route: ONNX Runtime GenAI's model builder reads the checkpoint's ``olive`` int4 
 into ``MatMulNBits`` initializers, so the ONNX model runs exactly the integers the quantize step chose. The
 builder's own LoRA path (``adapter_path``) fails on such a checkpoint: it wraps the loaded model with PEFT,
 and the quantized loader's model is not a torch module ('OliveModel' object has no attribute
-'named_modules'); on a float model its int4 pass also rounds the LoRA matrices (earlier attempts found
-those int4 LoRA nodes fail when no adapter is active). So the LoRA branches are added to the built graph here, as float
-``MatMul``s whose A and B matrices are graph inputs with empty default values: with no adapter active
-ONNX Runtime uses the empty defaults and the branch adds zeros; with one active, ONNX Runtime GenAI feeds
-the matrices from ``adapter_weights.onnx_adapter``.
+'named_modules'); on a float model its int4 pass also rounds the LoRA matrices. So the LoRA branches are
+added to the built graph here (:mod:`olivepress.lora_graph`: float ``MatMul``s, one branch per group of
+linears that read the same activation, whose matrices are graph inputs with empty defaults): with no
+adapter active the branches add zeros; with one active, ONNX Runtime GenAI feeds the matrices from
+``adapter_weights.onnx_adapter``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Literal
 
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE
+from olivepress.lora_graph import Branch, LoraMatrices
 from olivepress.prompts import save_prompt_format
 from olivepress.steps import step_task
 from olivepress.store import ArtifactStore, Manifest
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from olivepress.config import RunConfig
 
 MODEL_FILE = "model.onnx"
@@ -39,22 +38,6 @@ EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}
 # Tied or not, the embedding and LM head stay float as in the checkpoint: rounding them would add an error
 # the quantize step never measured. Every other MatMul comes from the checkpoint already in int4.
 FLOAT_NODES = ("/lm_head/MatMul", "/model/embed_tokens/Gather")
-# The PEFT module names that can carry a LoRA branch: the decoder linears the checkpoint holds in int4.
-DECODER_LINEAR = re.compile(
-    r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-)
-BUILDER_BLOCKS = {"self_attn": "attn", "mlp": "mlp"}
-QKV = ("q_proj", "k_proj", "v_proj")
-# The rank dimension of every LoRA input: ONNX Runtime GenAI/Olive's name for it.
-RANK_DIM = "lora_r"
-
-
-@dataclass(frozen=True)
-class LoraMatrices:
-    """One linear's LoRA, as the ONNX branch multiplies it: ``x @ a @ b`` with PEFT's scaling folded into b."""
-
-    a: np.ndarray  # (in_features, rank)
-    b: np.ndarray  # (rank, out_features), already multiplied by lora_alpha / r (or its rsLoRA form)
 
 
 @dataclass(frozen=True)
@@ -79,23 +62,22 @@ def export_onnx(
     ``accuracy_level`` is MatMulNBits' compute type; None keeps the builder's default for the device: on
     CPU 4, int8 activations, the fastest; 1 computes in float32, the dequantized PyTorch model's math.
     """
+    import onnx
+
+    from olivepress.lora_graph import group_branches, int4_node_modules, part_sizes
+
     if device not in EXECUTION_PROVIDERS:
         raise UserError(f"device must be one of {sorted(EXECUTION_PROVIDERS)}, not {device!r}")
     started = time.perf_counter()
     lora = read_lora(checkpoint_dir, adapter_dir) if adapter_dir is not None else {}
-    split_qkv = any(module_name.endswith(QKV) for module_name in lora)
-    build_int4_model(
-        checkpoint_dir,
-        out_dir,
-        EXECUTION_PROVIDERS[device],
-        split_qkv=split_qkv,
-        accuracy_level=accuracy_level,
-    )
+    build_int4_model(checkpoint_dir, out_dir, EXECUTION_PROVIDERS[device], accuracy_level=accuracy_level)
     adapter_file = None
     if lora:
-        io_dtype = add_lora_inputs(out_dir / MODEL_FILE, lora)
+        graph = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False).graph
+        sizes = part_sizes(json.loads((checkpoint_dir / "config.json").read_text()))
+        branches = group_branches(lora, int4_node_modules(graph), sizes)
         adapter_file = out_dir / ADAPTER_FILE
-        write_adapter(lora, adapter_file, io_dtype)
+        add_lora_branches(out_dir / MODEL_FILE, branches, adapter_file)
     model_files = [out_dir / MODEL_FILE, *out_dir.glob(f"{MODEL_FILE}.data")]
     return ExportResult(
         model_dir=out_dir,
@@ -108,21 +90,11 @@ def export_onnx(
 
 
 def build_int4_model(
-    checkpoint_dir: Path,
-    out_dir: Path,
-    execution_provider: str,
-    *,
-    split_qkv: bool,
-    accuracy_level: int | None,
+    checkpoint_dir: Path, out_dir: Path, execution_provider: str, *, accuracy_level: int | None
 ) -> None:
-    """Build the int4 model from the checkpoint's own integers.
-
-    ``split_qkv`` keeps q/k/v as separate nodes (the builder fuses them by default) so each can get its own
-    LoRA branch.
-    """
+    """Build the int4 model from the checkpoint's own integers (q/k/v fused into one node, the builder's
+    default, which the LoRA branches keep)."""
     extra_options = [f"nodes_to_exclude={','.join(FLOAT_NODES)}"]
-    if split_qkv:
-        extra_options.append("fuse_qkv=false")
     if accuracy_level is not None:
         extra_options.append(f"accuracy_level={accuracy_level}")
     run_model_builder(checkpoint_dir, out_dir, "int4", execution_provider, extra_options)
@@ -181,6 +153,7 @@ def read_lora(checkpoint_dir: Path, adapter_dir: Path) -> dict[str, LoraMatrices
     from peft.tuners.lora.layer import LoraLayer
 
     from olivepress.int4 import load_dequantized_model
+    from olivepress.lora_graph import PEFT_LINEAR
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
     unsupported = {
@@ -200,7 +173,7 @@ def read_lora(checkpoint_dir: Path, adapter_dir: Path) -> dict[str, LoraMatrices
     for name, module in model.base_model.model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        if not DECODER_LINEAR.match(name) or "default" not in module.lora_A:
+        if not PEFT_LINEAR.match(name) or "default" not in module.lora_A:
             raise UserError(f"the adapter puts LoRA on {name}; only the decoder's linear layers are exported")
         a = module.lora_A["default"].weight.detach().float()
         b = module.lora_B["default"].weight.detach().float() * module.scaling["default"]
@@ -210,88 +183,12 @@ def read_lora(checkpoint_dir: Path, adapter_dir: Path) -> dict[str, LoraMatrices
     return lora
 
 
-def builder_node_prefix(module_name: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``/model/layers.3/attn/q_proj``, the builder's node names."""
-    layer, block, linear = DECODER_LINEAR.match(module_name).groups()
-    return f"/model/layers.{layer}/{BUILDER_BLOCKS[block]}/{linear}"
+def add_lora_branches(model_path: Path, branches: list[Branch], adapter_file: Path) -> None:
+    """Graft the branches onto the model and write their matrices, in the graph's float type, as the
+    adapter file."""
+    from olivepress.lora_graph import graft_branches, write_adapter
 
-
-def lora_input_names(module_name: str) -> tuple[str, str]:
-    """Graph input names for A and B, spelled as Olive's ExtractAdapters spells them for builder graphs."""
-    stem = builder_node_prefix(module_name)[1:].replace("/", ".")
-    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
-
-
-def add_lora_inputs(model_path: Path, lora: dict[str, LoraMatrices]) -> int:
-    """Add ``y += (x @ A) @ B`` beside each adapted ``MatMulNBits``; returns the graph's float type.
-
-    A and B are inputs with empty ([in, 0] and [0, out]) defaults, so a run with no adapter multiplies by
-    nothing and adds zeros. The external weight data is not touched.
-    """
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    graph = model.graph
-    nodes = {node.name: node for node in graph.node}
-    initializers = {initializer.name: initializer for initializer in graph.initializer}
-    consumers = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, index))
-
-    io_dtype = None
-    branches = {}
-    for module_name, matrices in lora.items():
-        prefix = builder_node_prefix(module_name)
-        base = nodes.get(f"{prefix}/MatMulNBits")
-        if base is None:
-            raise RuntimeError(f"the exported graph has no int4 node {prefix}/MatMulNBits for {module_name}")
-        io_dtype = initializers[base.input[2]].data_type  # MatMulNBits' scales share the activations' type
-        numpy_dtype = helper.tensor_dtype_to_np_dtype(io_dtype)
-        in_features, out_features = matrices.a.shape[0], matrices.b.shape[1]
-        a_name, b_name = lora_input_names(module_name)
-        for name, shape, empty in (
-            (a_name, [in_features, RANK_DIM], (in_features, 0)),
-            (b_name, [RANK_DIM, out_features], (0, out_features)),
-        ):
-            graph.input.append(helper.make_tensor_value_info(name, io_dtype, shape))
-            graph.initializer.append(numpy_helper.from_array(np.zeros(empty, dtype=numpy_dtype), name))
-        base_output = base.output[0]
-        lora_a, lora_b, summed = f"{prefix}/lora_A/MatMul", f"{prefix}/lora_B/MatMul", f"{prefix}/lora/Add"
-        for node, index in consumers.get(base_output, []):
-            node.input[index] = f"{summed}/output_0"
-        branches[base.name] = [
-            helper.make_node("MatMul", [base.input[0], a_name], [f"{lora_a}/output_0"], name=lora_a),
-            helper.make_node("MatMul", [f"{lora_a}/output_0", b_name], [f"{lora_b}/output_0"], name=lora_b),
-            helper.make_node("Add", [base_output, f"{lora_b}/output_0"], [f"{summed}/output_0"], name=summed),
-        ]
-    # Right after its base node each branch is still in topological order: it reads only the base's input
-    # and output, and the base's former consumers all come later.
-    ordered = []
-    for node in graph.node:
-        ordered += [node, *branches.get(node.name, [])]
-    del graph.node[:]
-    graph.node.extend(ordered)
-    onnx.save(model, str(model_path))
-    return io_dtype
-
-
-def write_adapter(lora: dict[str, LoraMatrices], path: Path, io_dtype: int) -> None:
-    """Save A and the scaled B per linear in ONNX Runtime's adapter format, in the graph's float type."""
-    import onnxruntime as ort
-    from onnx import helper
-
-    numpy_dtype = helper.tensor_dtype_to_np_dtype(io_dtype)
-    parameters = {}
-    for module_name, matrices in lora.items():
-        a_name, b_name = lora_input_names(module_name)
-        parameters[a_name] = ort.OrtValue.ortvalue_from_numpy(matrices.a.astype(numpy_dtype))
-        parameters[b_name] = ort.OrtValue.ortvalue_from_numpy(matrices.b.astype(numpy_dtype))
-    adapter = ort.AdapterFormat()
-    adapter.set_parameters(parameters)
-    adapter.export_adapter(str(path))
+    write_adapter(graft_branches(model_path, branches), adapter_file)
 
 
 @step_task("optimize", "onnx")

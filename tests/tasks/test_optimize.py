@@ -5,7 +5,8 @@ import pytest
 
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE, open_model, sequence_logits
-from olivepress.tasks.optimize import builder_node_prefix, export_onnx, lora_input_names
+from olivepress.lora_graph import LoraMatrices, group_branches, lora_a_name, lora_b_name
+from olivepress.tasks.optimize import export_onnx
 from tests.conftest import LINEARS, make_lora_adapter
 
 IDS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 2]
@@ -46,26 +47,51 @@ def test_folder_holds_what_the_runtime_loads(exported):
     assert decoder["session_options"]["provider_options"] == []  # the CPU execution provider
 
 
+def builder_stem(layer: int, block: str, module: str) -> str:
+    return f"model.layers.{layer}.{block}.{module}.MatMulNBits"
+
+
 def test_int4_weights_are_exactly_the_checkpoints(exported, tiny_int4_dir):
+    import torch
+
     from olivepress.int4 import pack_nibbles, read_int4_checkpoint
 
     _, weights = read_int4_checkpoint(tiny_int4_dir)
     model = load_graph(exported.model_dir)
     values = initializer_values(model.graph)
     int4_nodes = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
-    # one node per checkpoint weight: nothing else (the float embedding / LM head) was quantized
-    assert len(int4_nodes) == len(weights)
-    for module_name, weight in weights.items():
-        stem = builder_node_prefix(module_name)[1:].replace("/", ".") + ".MatMulNBits"
-        out_features = weight.q.shape[0]
-        qweight = values[f"{stem}.qweight"]
-        assert np.array_equal(qweight.reshape(out_features, -1), pack_nibbles(weight.q).numpy())
-        assert np.array_equal(values[f"{stem}.scales"], weight.scales.numpy().reshape(-1))
-        assert np.array_equal(values[f"{stem}.qzeros"], pack_nibbles(weight.zero_points).numpy().reshape(-1))
+    # q, k and v stay fused in one node, the builder's default, rows in that order
+    by_node = {}
+    for layer in range(2):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        by_node[builder_stem(layer, "attn", "qkv_proj")] = [
+            f"{attn}.{m}" for m in ("q_proj", "k_proj", "v_proj")
+        ]
+        by_node[builder_stem(layer, "attn", "o_proj")] = [f"{attn}.o_proj"]
+        for module in ("gate_proj", "up_proj", "down_proj"):
+            by_node[builder_stem(layer, "mlp", module)] = [f"{mlp}.{module}"]
+    # nothing else (the float embedding / LM head) was quantized
+    assert len(int4_nodes) == len(by_node)
+    for stem, modules in by_node.items():
+        q = torch.cat([weights[m].q for m in modules])
+        scales = torch.cat([weights[m].scales for m in modules])
+        zero_points = torch.cat([weights[m].zero_points for m in modules])
+        assert np.array_equal(values[f"{stem}.qweight"].reshape(q.shape[0], -1), pack_nibbles(q).numpy())
+        assert np.array_equal(values[f"{stem}.scales"], scales.numpy().reshape(-1))
+        assert np.array_equal(values[f"{stem}.qzeros"], pack_nibbles(zero_points).numpy().reshape(-1))
         node = next(node for node in int4_nodes if node.input[1] == f"{stem}.qweight")
         attributes = {attribute.name: attribute.i for attribute in node.attribute}
-        assert (attributes["bits"], attributes["block_size"]) == (4, weight.group_size)
+        assert (attributes["bits"], attributes["block_size"]) == (4, weights[modules[0]].group_size)
     assert {node.op_type for node in model.graph.node if node.name.startswith("/lm_head/")} == {"MatMul"}
+
+
+def test_one_branch_per_group_of_linears_sharing_an_input(exported):
+    """A decoder layer gets 14 LoRA nodes (an A product per group, a B product and a sum per int4 node),
+    not 21 (three per linear)."""
+    graph = load_graph(exported.model_dir).graph
+    lora_nodes = [node for node in graph.node if "_lora/" in node.name]
+    assert len(lora_nodes) == 2 * 14
+    assert sum(node.name.endswith("/A") for node in lora_nodes) == 2 * 4
 
 
 def test_adapter_file_holds_float_a_and_scaled_b(exported, tiny_int4_dir, adapter_dir):
@@ -76,17 +102,70 @@ def test_adapter_file_holds_float_a_and_scaled_b(exported, tiny_int4_dir, adapte
 
     parameters = ort.AdapterFormat.read_adapter(str(exported.adapter_file)).get_parameters()
     peft_model = PeftModel.from_pretrained(load_dequantized_model(tiny_int4_dir), adapter_dir)
-    for module_name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj"):
+
+    def matrices(module_name):
         layer = peft_model.base_model.model.get_submodule(module_name)
-        a_name, b_name = lora_input_names(module_name)
-        a, b = parameters[a_name].numpy(), parameters[b_name].numpy()
-        assert a.dtype == b.dtype == np.float32
-        expected_b = layer.lora_B["default"].weight.detach().numpy() * layer.scaling["default"]
-        assert np.array_equal(a, layer.lora_A["default"].weight.detach().numpy().T)
-        assert np.allclose(b, expected_b.T, rtol=1e-6, atol=0)
+        a = layer.lora_A["default"].weight.detach().numpy().T
+        return a, (layer.lora_B["default"].weight.detach().numpy() * layer.scaling["default"]).T
+
+    a_q, b_q = matrices("model.layers.0.self_attn.q_proj")
+    a_v, b_v = matrices("model.layers.0.self_attn.v_proj")
+    a_qkv = parameters[lora_a_name(0, "qkv")].numpy()
+    b_qkv = parameters[lora_b_name(0, "qkv_proj")].numpy()
+    assert a_qkv.dtype == b_qkv.dtype == np.float32
+    rank, q_size = a_q.shape[1], b_q.shape[1]
+    assert np.array_equal(a_qkv[:, :rank], a_q) and np.array_equal(a_qkv[:, 2 * rank :], a_v)
+    assert np.allclose(b_qkv[:rank, :q_size], b_q, rtol=1e-6, atol=0)
+    assert np.allclose(b_qkv[2 * rank :, -b_v.shape[1] :], b_v, rtol=1e-6, atol=0)
+    assert not b_qkv[:rank, q_size:].any()  # q's rows touch only q's columns
+
+    a_o, b_o = matrices("model.layers.1.self_attn.o_proj")
+    assert np.array_equal(parameters[lora_a_name(1, "o")].numpy(), a_o)
+    assert np.allclose(parameters[lora_b_name(1, "o_proj")].numpy(), b_o, rtol=1e-6, atol=0)
     assert (
         peft_model.base_model.model.get_submodule("model.layers.1.self_attn.o_proj").scaling["default"] == 4
     )
+
+
+SIZES = {"q_proj": 8, "k_proj": 4, "v_proj": 4, "o_proj": 8, "gate_proj": 16, "up_proj": 16, "down_proj": 8}
+
+
+def lora(rank, out_features, seed):
+    rng = np.random.default_rng(seed)
+    return LoraMatrices(a=rng.normal(size=(8, rank)), b=rng.normal(size=(rank, out_features)))
+
+
+def test_fused_peft_modules_map_onto_split_nodes():
+    """Phi-3's adapter (qkv_proj, gate_up_proj) on a graph whose gate and up are separate nodes."""
+    peft = {
+        "model.layers.0.self_attn.qkv_proj": lora(2, 16, 0),
+        "model.layers.0.mlp.gate_up_proj": lora(2, 32, 1),
+    }
+    nodes = {(0, "qkv"): ["qkv_proj"], (0, "gate_up"): ["gate_proj", "up_proj"]}
+    qkv, gate_up = group_branches(peft, nodes, SIZES)
+    assert np.array_equal(qkv.b_per_node["qkv_proj"], peft["model.layers.0.self_attn.qkv_proj"].b)
+    fused_b = peft["model.layers.0.mlp.gate_up_proj"].b
+    assert np.array_equal(gate_up.b_per_node["gate_proj"], fused_b[:, :16])
+    assert np.array_equal(gate_up.b_per_node["up_proj"], fused_b[:, 16:])
+
+
+def test_split_peft_modules_map_onto_fused_node_and_unadapted_columns_stay_zero():
+    peft = {
+        "model.layers.0.self_attn.v_proj": lora(3, 4, 0),
+        "model.layers.0.self_attn.q_proj": lora(2, 8, 1),
+    }
+    (fused,) = group_branches(peft, {(0, "qkv"): ["qkv_proj"]}, SIZES)
+    # A in column order q then v, whatever order PEFT listed them in
+    assert np.array_equal(fused.a[:, :2], peft["model.layers.0.self_attn.q_proj"].a)
+    b = fused.b_per_node["qkv_proj"]
+    assert b.shape == (5, 16) and not b[:, 8:12].any()  # k is not adapted
+    (split,) = group_branches(peft, {(0, "qkv"): ["q_proj", "k_proj", "v_proj"]}, SIZES)
+    assert set(split.b_per_node) == {"q_proj", "v_proj"}  # no B, hence no product, for k
+
+
+def test_b_of_the_wrong_width_is_refused():
+    with pytest.raises(ValueError, match="columns"):
+        group_branches({"model.layers.0.self_attn.o_proj": lora(2, 5, 0)}, {(0, "o"): ["o_proj"]}, SIZES)
 
 
 def test_logits_match_pytorch_with_and_without_adapter(exported, tiny_int4_dir, adapter_dir):
@@ -115,7 +194,7 @@ def test_gpu_flag_builds_for_cuda_in_float16(tiny_int4_dir, adapter_dir, tmp_pat
     decoder = json.loads((result.model_dir / "genai_config.json").read_text())["model"]["decoder"]
     assert "cuda" in decoder["session_options"]["provider_options"][0]
     graph = onnx.load(str(result.model_dir / "model.onnx"), load_external_data=False).graph
-    a_name, b_name = lora_input_names("model.layers.0.self_attn.q_proj")
+    a_name, b_name = lora_a_name(0, "qkv"), lora_b_name(0, "qkv_proj")
     types = {value.name: value.type.tensor_type.elem_type for value in graph.input}
     assert types[a_name] == types[b_name] == onnx.TensorProto.FLOAT16
     parameters = ort.AdapterFormat.read_adapter(str(result.adapter_file)).get_parameters()
