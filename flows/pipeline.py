@@ -31,7 +31,7 @@ from olivepress.scoring import split_by_prompt
 from olivepress.store import ArtifactStore, Manifest, fetch_file
 from olivepress.tasks import evaluate, finetune, optimize, quantize, validate
 from olivepress.tasks.evaluate import GateFailed, evaluate_task, read_evaluation
-from olivepress.tasks.finetune import LOSS_FILE, finetune_task
+from olivepress.tasks.finetune import LOSS_FILE, finetune_task, read_training_memory
 from olivepress.tasks.optimize import optimize_task
 from olivepress.tasks.quantize import quantize_task
 from olivepress.tasks.register import build_lineage, register_task
@@ -293,6 +293,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
             optimize,
             data_hash,
             {"quantized": quantized.digest, "adapter": tuned.digest},
+            optimize=config.optimize,
             device=config.device,
             text_template=config.text_template,
         )
@@ -307,6 +308,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
             data_hash,
             {"model": model_hash, "onnx": exported.digest, "held_out": records_sha256(held_out)},
             evaluate=config.evaluate,
+            optimize=config.optimize,
             device=config.device,
             text_template=config.text_template,
         )
@@ -328,6 +330,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
             loss_history=json.loads((adapter / LOSS_FILE).read_text()),
             evaluation=evaluation,
             flow_run_id=flow_run_id,
+            training_memory=read_training_memory(adapter),
         )
         report_dir = timed(records, "report", report_task, report_inputs, run_dir / REPORT)
         if not evaluation.gate.passed:

@@ -54,6 +54,15 @@ class FinetuneSettings(Section):
     checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
 
 
+class OptimizeSettings(Section):
+    cuda_graph: bool = Field(
+        True,
+        description="With device gpu, decode through CUDA graphs (ONNX Runtime GenAI's enable_cuda_graph): "
+        "each token replays one captured graph instead of launching every kernel, which batch-1 decoding is "
+        "bound by. Applies to the base model measured by evaluate too. Ignored on cpu.",
+    )
+
+
 class EvaluateSettings(Section):
     held_out_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of distinct prompts held out of training and used by the gate."
@@ -146,6 +155,7 @@ class RunConfig(Section):
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    optimize: OptimizeSettings = Field(default_factory=OptimizeSettings)
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)

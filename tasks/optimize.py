@@ -56,11 +56,13 @@ def export_onnx(
     out_dir: Path,
     device: Literal["cpu", "gpu"] = "cpu",
     accuracy_level: int | None = None,
+    cuda_graph: bool = False,
 ) -> ExportResult:
     """Write genai_config.json, the int4 model, tokenizer files and (given an adapter) the adapter file.
 
     ``accuracy_level`` is MatMulNBits' compute type; None keeps the builder's default for the device: on
     CPU 4, int8 activations, the fastest; 1 computes in float32, the dequantized PyTorch model's math.
+    ``cuda_graph`` (device gpu only) has the runtime capture decoding in CUDA graphs.
     """
     import onnx
 
@@ -70,7 +72,13 @@ def export_onnx(
         raise UserError(f"device must be one of {sorted(EXECUTION_PROVIDERS)}, not {device!r}")
     started = time.perf_counter()
     lora = read_lora(checkpoint_dir, adapter_dir) if adapter_dir is not None else {}
-    build_int4_model(checkpoint_dir, out_dir, EXECUTION_PROVIDERS[device], accuracy_level=accuracy_level)
+    build_int4_model(
+        checkpoint_dir,
+        out_dir,
+        EXECUTION_PROVIDERS[device],
+        accuracy_level=accuracy_level,
+        cuda_graph=cuda_graph and device == "gpu",
+    )
     adapter_file = None
     if lora:
         graph = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False).graph
@@ -90,22 +98,44 @@ def export_onnx(
 
 
 def build_int4_model(
-    checkpoint_dir: Path, out_dir: Path, execution_provider: str, *, accuracy_level: int | None
+    checkpoint_dir: Path,
+    out_dir: Path,
+    execution_provider: str,
+    *,
+    accuracy_level: int | None,
+    cuda_graph: bool = False,
 ) -> None:
     """Build the int4 model from the checkpoint's own integers (q/k/v fused into one node, the builder's
     default, which the LoRA branches keep)."""
-    extra_options = [f"nodes_to_exclude={','.join(FLOAT_NODES)}"]
+    extra_options = [f"nodes_to_exclude={','.join(FLOAT_NODES)}", *runtime_options(cuda_graph)]
     if accuracy_level is not None:
         extra_options.append(f"accuracy_level={accuracy_level}")
     run_model_builder(checkpoint_dir, out_dir, "int4", execution_provider, extra_options)
 
 
-def build_base_model(model_dir: Path, out_dir: Path, device: Literal["cpu", "gpu"] = "cpu") -> Path:
-    """The unquantized model through the same builder and runtime (fp32 on CPU, fp16 on CUDA): the
-    baseline the evaluate step compares loss, speed and size against, runtime for runtime."""
+def build_base_model(
+    model_dir: Path, out_dir: Path, device: Literal["cpu", "gpu"] = "cpu", cuda_graph: bool = False
+) -> Path:
+    """The unquantized model through the same builder and runtime (fp32 on CPU, fp16 on CUDA, CUDA graphs
+    as the int4 model has them): the baseline evaluate compares loss, speed and size against, runtime for
+    runtime."""
     precision = "fp16" if device == "gpu" else "fp32"
-    run_model_builder(model_dir, out_dir, precision, EXECUTION_PROVIDERS[device], [])
+    options = runtime_options(cuda_graph and device == "gpu")
+    run_model_builder(model_dir, out_dir, precision, EXECUTION_PROVIDERS[device], options)
     return out_dir
+
+
+def runtime_options(cuda_graph: bool) -> list[str]:
+    """Builder options that only set genai_config.json's provider options."""
+    return ["enable_cuda_graph=1"] if cuda_graph else []
+
+
+# Sliding-window layers (Gemma 2/3) get full-length KV caches like the others. With the builder's default
+# window-sized caches, runtime 0.18 sizes a window cache at min(max_length, window) but its attention kernel
+# demands at least the window ("KV cache capacity (84) must be at least local_window_size (4096)"): every
+# generation shorter than the window fails. A full-length cache is max_length long, never more than the
+# window cache would be for such runs; the kernel still masks to the window. No effect on other models.
+BUILDER_OPTIONS = ["windowed_kv_cache=false"]
 
 
 def run_model_builder(
@@ -123,12 +153,35 @@ def run_model_builder(
     ):
         args = (None, str(input_dir), str(out_dir), precision, execution_provider, cache_dir)
         try:
-            options = parse_extra_options(*args, extra_options)
+            options = parse_extra_options(*args, [*BUILDER_OPTIONS, *extra_options])
+            flatten_gemma3_rope(options["hf_details"]["hf_config"])
             create_model(*args, **options)
+        except UserError:
+            raise
         except Exception as error:
             raise RuntimeError(
                 f"the ONNX Runtime GenAI model builder failed:\n{chatter.getvalue()[-4000:]}"
             ) from error
+
+
+def flatten_gemma3_rope(config) -> None:
+    """Give a Gemma 3 config the RoPE fields builder 0.18 reads, in place.
+
+    transformers 5 nests Gemma 3's RoPE per layer type (``rope_parameters = {"full_attention": {...},
+    "sliding_attention": {...}}``); the builder's Gemma 3 reads the transformers 4 fields: a flat
+    ``rope_parameters`` with ``rope_type``, ``rope_theta`` (global layers) and ``rope_local_base_freq``
+    (sliding layers), and raises ``KeyError: 'rope_type'`` on the nested form.
+    """
+    rope = getattr(config, "rope_parameters", None)
+    if config.model_type != "gemma3_text" or not isinstance(rope, dict) or "full_attention" not in rope:
+        return
+    full, sliding = rope["full_attention"], rope["sliding_attention"]
+    if full.get("rope_type", "default") != "default" or sliding.get("rope_type", "default") != "default":
+        # the builder would scale the sliding layers' RoPE by the global factor too
+        raise UserError(f"Gemma 3 with scaled RoPE ({rope}) is not exported correctly by the model builder")
+    config.rope_parameters = dict(full)
+    config.rope_theta = full["rope_theta"]
+    config.rope_local_base_freq = sliding["rope_theta"]
 
 
 @contextlib.contextmanager
@@ -198,7 +251,9 @@ def optimize_task(
     """The ONNX folder for ``key``, with the prompt format chat needs to match training."""
 
     def compute(out: Path) -> None:
-        export_onnx(checkpoint_dir, adapter_dir, out, device=config.device)
+        export_onnx(
+            checkpoint_dir, adapter_dir, out, device=config.device, cuda_graph=config.optimize.cuda_graph
+        )
         save_prompt_format(out, config.text_template)
 
     return store.produce("optimize", key, compute)

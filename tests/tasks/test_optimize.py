@@ -190,9 +190,9 @@ def test_gpu_flag_builds_for_cuda_in_float16(tiny_int4_dir, adapter_dir, tmp_pat
     import onnx
     import onnxruntime as ort
 
-    result = export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "gpu", device="gpu")
+    result = export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "gpu", device="gpu", cuda_graph=True)
     decoder = json.loads((result.model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    assert "cuda" in decoder["session_options"]["provider_options"][0]
+    assert decoder["session_options"]["provider_options"][0]["cuda"]["enable_cuda_graph"] == "1"
     graph = onnx.load(str(result.model_dir / "model.onnx"), load_external_data=False).graph
     a_name, b_name = lora_a_name(0, "qkv"), lora_b_name(0, "qkv_proj")
     types = {value.name: value.type.tensor_type.elem_type for value in graph.input}
