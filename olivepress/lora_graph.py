@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from olivepress.errors import UserError
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -56,7 +58,7 @@ def parts_of(module: str) -> tuple[str, ...]:
 
 
 def part_sizes(config: dict) -> dict[str, int]:
-    """Output columns of each part, from the model's config.json."""
+    """Output columns of each part and input rows of each group (``qkv.in``...), from config.json."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads") or heads
@@ -69,6 +71,10 @@ def part_sizes(config: dict) -> dict[str, int]:
         "gate_proj": intermediate,
         "up_proj": intermediate,
         "down_proj": config["hidden_size"],
+        "qkv.in": config["hidden_size"],
+        "o.in": heads * head_dim,
+        "gate_up.in": config["hidden_size"],
+        "down.in": intermediate,
     }
 
 
@@ -120,6 +126,12 @@ def group_branches(
             column_start[part] = offset
             offset += sizes[part]
         members.sort(key=lambda member: parts.index(parts_of(member[0])[0]))
+        for module, matrices in members:
+            if matrices.a.shape[0] != sizes[f"{group}.in"]:
+                raise UserError(
+                    f"LoRA A of layer {layer} {module} has {matrices.a.shape[0]} rows; "
+                    f"the model's {group} input has {sizes[f'{group}.in']}: the adapter is not this model's"
+                )
         a = np.concatenate([matrices.a for _, matrices in members], axis=1)
         b = np.zeros((a.shape[1], offset), dtype=a.dtype)
         row = 0
@@ -127,8 +139,9 @@ def group_branches(
             start = column_start[parts_of(module)[0]]
             width = sum(sizes[part] for part in parts_of(module))
             if matrices.b.shape[1] != width:
-                raise ValueError(
-                    f"LoRA B of layer {layer} {module} has {matrices.b.shape[1]} columns, not {width}"
+                raise UserError(
+                    f"LoRA B of layer {layer} {module} has {matrices.b.shape[1]} columns, not {width}: "
+                    "the adapter is not this model's"
                 )
             rank = matrices.a.shape[1]
             b[row : row + rank, start : start + width] = matrices.b

@@ -71,7 +71,7 @@ def export_onnx(
     if device not in EXECUTION_PROVIDERS:
         raise UserError(f"device must be one of {sorted(EXECUTION_PROVIDERS)}, not {device!r}")
     started = time.perf_counter()
-    lora = read_lora(checkpoint_dir, adapter_dir) if adapter_dir is not None else {}
+    lora = read_lora(adapter_dir) if adapter_dir is not None else {}
     build_int4_model(
         checkpoint_dir,
         out_dir,
@@ -196,16 +196,20 @@ def quiet_logger(name: str):
         logger.setLevel(level)
 
 
-def read_lora(checkpoint_dir: Path, adapter_dir: Path) -> dict[str, LoraMatrices]:
-    """The adapter's matrices per linear, as PEFT applies them to the dequantized model it was trained on.
+def read_lora(adapter_dir: Path) -> dict[str, LoraMatrices]:
+    """The adapter's matrices per linear, with PEFT's scaling folded into B as its LoRA layers apply it.
 
-    Loading through PEFT (not parsing the safetensors) gets rank/alpha patterns, rsLoRA and module matching
-    exactly as training saw them, and fails loudly if the adapter does not fit this checkpoint.
+    Read from the adapter's own files, without building the model it was trained on (a 3.8 B model costs
+    15 GB and most of a minute to build): the rank is A's, alpha comes from ``alpha_pattern`` matched by
+    PEFT's own rule, and rsLoRA divides by the rank's square root. Whether the matrices fit the checkpoint
+    is checked against its config when the branches are built.
     """
-    from peft import PeftConfig, PeftModel
-    from peft.tuners.lora.layer import LoraLayer
+    import math
 
-    from olivepress.int4 import load_dequantized_model
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+    from peft.utils.other import get_pattern_key
+
     from olivepress.lora_graph import PEFT_LINEAR
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
@@ -221,18 +225,23 @@ def read_lora(checkpoint_dir: Path, adapter_dir: Path) -> dict[str, LoraMatrices
         raise UserError(
             f"the adapter in {adapter_dir} uses {', '.join(problems)}; only plain LoRA is exported"
         )
-    model = PeftModel.from_pretrained(load_dequantized_model(checkpoint_dir), str(adapter_dir))
+    weights = load_peft_weights(str(adapter_dir), device="cpu")
     lora = {}
-    for name, module in model.base_model.model.named_modules():
-        if not isinstance(module, LoraLayer):
+    for key, a in weights.items():
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        if not PEFT_LINEAR.match(module) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise UserError(f"the adapter holds {key}; only LoRA on the decoder's linear layers is exported")
+        if key.endswith(".lora_B.weight"):
             continue
-        if not PEFT_LINEAR.match(name) or "default" not in module.lora_A:
-            raise UserError(f"the adapter puts LoRA on {name}; only the decoder's linear layers are exported")
-        a = module.lora_A["default"].weight.detach().float()
-        b = module.lora_B["default"].weight.detach().float() * module.scaling["default"]
-        lora[name] = LoraMatrices(a=a.T.contiguous().numpy(), b=b.T.contiguous().numpy())
+        rank = a.shape[0]
+        alpha = config.alpha_pattern.get(
+            get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha
+        )
+        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        b = weights[key.removesuffix("lora_A.weight") + "lora_B.weight"].float() * scaling
+        lora[module] = LoraMatrices(a=a.float().T.contiguous().numpy(), b=b.T.contiguous().numpy())
     if not lora:
-        raise UserError(f"the adapter in {adapter_dir} matches no layer of the checkpoint {checkpoint_dir}")
+        raise UserError(f"the adapter in {adapter_dir} holds no LoRA matrices")
     return lora
 
 

@@ -128,6 +128,7 @@ def test_adapter_file_holds_float_a_and_scaled_b(exported, tiny_int4_dir, adapte
 
 
 SIZES = {"q_proj": 8, "k_proj": 4, "v_proj": 4, "o_proj": 8, "gate_proj": 16, "up_proj": 16, "down_proj": 8}
+SIZES |= {"qkv.in": 8, "o.in": 8, "gate_up.in": 8, "down.in": 16}
 
 
 def lora(rank, out_features, seed):
@@ -163,9 +164,11 @@ def test_split_peft_modules_map_onto_fused_node_and_unadapted_columns_stay_zero(
     assert set(split.b_per_node) == {"q_proj", "v_proj"}  # no B, hence no product, for k
 
 
-def test_b_of_the_wrong_width_is_refused():
-    with pytest.raises(ValueError, match="columns"):
+def test_matrices_of_another_model_are_refused():
+    with pytest.raises(UserError, match="columns"):
         group_branches({"model.layers.0.self_attn.o_proj": lora(2, 5, 0)}, {(0, "o"): ["o_proj"]}, SIZES)
+    with pytest.raises(UserError, match="rows"):
+        group_branches({"model.layers.0.mlp.down_proj": lora(2, 8, 0)}, {(0, "down"): ["down_proj"]}, SIZES)
 
 
 def test_logits_match_pytorch_with_and_without_adapter(exported, tiny_int4_dir, adapter_dir):
