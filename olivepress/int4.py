@@ -4,6 +4,11 @@ The builder's "olive" loader takes, per linear layer, ``qweight`` (out, in/2) ui
 byte (low nibble first), ``scales`` (out, groups) and ``qzeros`` (out, groups/2) packed the same way, and
 only reshapes them into ``MatMulNBits``: the integers we write are the integers the ONNX model runs, with no
 second quantization. Dequantized, ``w = (q - zero_point) * scale`` per group, the same forward as MatMulNBits.
+
+Fused linears (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are stored split, under the unfused names
+(``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``): builder 0.18 splits a fused "olive" ``qzeros`` at
+the wrong row (``q_size // 2``, as if its rows were packed), and the ONNX model then fails to load. Split
+tensors it reads as they are, for every model. Readers here fuse them back, so the HF model loads exactly.
 """
 
 from __future__ import annotations
@@ -93,15 +98,74 @@ def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
     return values[..., :length]
 
 
-def quantization_config(group_size: int) -> dict:
-    return {"quant_method": CHECKPOINT_FORMAT, "bits": BITS, "group_size": group_size}
+# A fused HF linear and the unfused linears it is stored as, in the order its output rows hold them.
+FUSED_LINEARS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+STORED_SPLIT_KEY = "stored_split"  # quantization_config entry: fused name -> the names it is stored under
+
+
+def quantization_config(group_size: int, stored_split: dict[str, tuple[str, ...]]) -> dict:
+    config = {"quant_method": CHECKPOINT_FORMAT, "bits": BITS, "group_size": group_size}
+    if stored_split:
+        config[STORED_SPLIT_KEY] = {fused: list(parts) for fused, parts in stored_split.items()}
+    return config
+
+
+def fused_part_sizes(config, fused: str) -> list[int]:
+    """Output rows of each unfused linear in a fused one, from the model's config."""
+    if fused == "self_attn.qkv_proj":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_rows = config.num_key_value_heads * head_dim
+        return [config.num_attention_heads * head_dim, kv_rows, kv_rows]
+    return [config.intermediate_size, config.intermediate_size]
+
+
+def split_fused(model_config, weights: dict[str, Int4Weight]) -> dict[str, Int4Weight]:
+    """``weights`` with each fused linear replaced by its unfused parts (rows cut by the config's sizes)."""
+    split = {}
+    for module_name, weight in weights.items():
+        fused = next((f for f in FUSED_LINEARS if module_name.endswith(f".{f}")), None)
+        if fused is None:
+            split[module_name] = weight
+            continue
+        sizes = fused_part_sizes(model_config, fused)
+        if sum(sizes) != weight.q.shape[0]:
+            raise ValueError(f"{module_name} has {weight.q.shape[0]} output rows; its config gives {sizes}")
+        prefix = module_name.removesuffix(fused)
+        pieces = (weight.q.split(sizes), weight.scales.split(sizes), weight.zero_points.split(sizes))
+        for part, q, scales, zero_points in zip(FUSED_LINEARS[fused], *pieces, strict=True):
+            # copies: safetensors refuses tensors that share memory
+            split[prefix + part] = Int4Weight(
+                q=q.clone(), scales=scales.clone(), zero_points=zero_points.clone()
+            )
+    return split
+
+
+def join_fused(weights: dict[str, Int4Weight], stored_split: dict[str, list[str]]) -> dict[str, Int4Weight]:
+    """The inverse of :func:`split_fused`: parts stored under unfused names back under the fused one."""
+    import torch
+
+    joined = dict(weights)
+    for fused, parts in stored_split.items():
+        for first in [name for name in weights if name.endswith(f".{parts[0]}")]:
+            prefix = first.removesuffix(parts[0])
+            pieces = [joined.pop(prefix + part) for part in parts]
+            joined[prefix + fused] = Int4Weight(
+                q=torch.cat([piece.q for piece in pieces]),
+                scales=torch.cat([piece.scales for piece in pieces]),
+                zero_points=torch.cat([piece.zero_points for piece in pieces]),
+            )
+    return joined
 
 
 def write_int4_checkpoint(model, weights: dict[str, Int4Weight], out_dir: Path, group_size: int) -> None:
     """Save ``model`` with the linear layers named in ``weights`` stored as packed 4-bit integers.
 
     Other tensors (embeddings, norms, an untied lm_head) stay in float32; a tied lm_head is not stored
-    twice. The tokenizer is the caller's to save beside it.
+    twice. Fused linears are stored split (see the module docstring). The tokenizer is the caller's to save
+    beside it.
     """
     from safetensors.torch import save_file
 
@@ -111,17 +175,20 @@ def write_int4_checkpoint(model, weights: dict[str, Int4Weight], out_dir: Path, 
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue  # the embedding matrix again: readers tie it back from the config
-        module_name = name.removesuffix(".weight")
-        if name.endswith(".weight") and module_name in weights:
-            quantized = weights[module_name]
-            tensors[f"{module_name}.qweight"] = pack_nibbles(quantized.q)
-            tensors[f"{module_name}.scales"] = quantized.scales.float()
-            tensors[f"{module_name}.qzeros"] = pack_nibbles(quantized.zero_points)
-        else:
+        if not (name.endswith(".weight") and name.removesuffix(".weight") in weights):
             tensors[name] = tensor.detach().float().clone().contiguous()
+    for module_name, quantized in split_fused(model.config, weights).items():
+        tensors[f"{module_name}.qweight"] = pack_nibbles(quantized.q)
+        tensors[f"{module_name}.scales"] = quantized.scales.float()
+        tensors[f"{module_name}.qzeros"] = pack_nibbles(quantized.zero_points)
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    stored_split = {
+        fused: parts
+        for fused, parts in FUSED_LINEARS.items()
+        if any(name.endswith(f".{fused}") for name in weights)
+    }
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(group_size)
+    config["quantization_config"] = quantization_config(group_size, stored_split)
     config["torch_dtype"] = "float32"
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if getattr(model, "generation_config", None) is not None:
@@ -129,11 +196,13 @@ def write_int4_checkpoint(model, weights: dict[str, Int4Weight], out_dir: Path, 
 
 
 def read_int4_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Int4Weight]]:
-    """Float tensors and 4-bit weights of a checkpoint written by :func:`write_int4_checkpoint`."""
+    """Float tensors and 4-bit weights (by the HF model's module names, fused linears fused again) of a
+    checkpoint written by :func:`write_int4_checkpoint`."""
     from safetensors.torch import load_file
 
     config = json.loads((checkpoint_dir / "config.json").read_text())
-    group_size = config["quantization_config"]["group_size"]
+    quantization = config["quantization_config"]
+    group_size = quantization["group_size"]
     tensors = load_file(str(checkpoint_dir / WEIGHTS_FILE))
     floats, weights = {}, {}
     for name, tensor in tensors.items():
@@ -148,7 +217,7 @@ def read_int4_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor],
             )
         elif not name.endswith((".scales", ".qzeros")):
             floats[name] = tensor
-    return floats, weights
+    return floats, join_fused(weights, quantization.get(STORED_SPLIT_KEY, {}))
 
 
 def load_dequantized_model(checkpoint_dir: Path):

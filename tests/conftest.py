@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama-architecture model with a real BPE tokenizer, built offline."""
+"""Shared fixtures: tiny random decoder models (Llama by default) with a real BPE tokenizer, built offline."""
 
 from __future__ import annotations
 
@@ -31,11 +31,64 @@ def sample_pairs() -> list[dict]:
     return [json.loads(line) for line in SAMPLE_DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def build_tiny_model(target: Path, *, hidden_size: int = 64, layers: int = 2) -> Path:
-    """A random Llama (ChatML tokenizer trained on the sample data) small enough to train in seconds."""
+# One tiny config per decoder family the pipeline supports, each shaped like its real models where that
+# shape is what the exporter or the runtime has to get right: Phi-3's fused linears and LongRoPE (as
+# Phi-3.5-mini), Qwen2's q/k/v biases and tied embeddings, Qwen3's q/k norms, Gemma's sliding windows.
+# Every input size is a multiple of the group size 32 (hidden 64, head_dim 16, intermediate 128).
+ARCHITECTURES = ("llama", "phi3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text")
+
+
+def tiny_model_config(architecture: str, vocab_size: int, hidden_size: int, layers: int, token_ids: dict):
+    """The transformers config of a tiny random model of ``architecture``."""
+    import transformers
+
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        **token_ids,
+    }
+    head_dim = hidden_size // 4
+    if architecture == "llama":
+        return transformers.LlamaConfig(**common)
+    if architecture == "phi3":
+        factors = [1.0 + index / head_dim for index in range(head_dim // 2)]
+        return transformers.Phi3Config(
+            **{**common, "max_position_embeddings": 131072, "tie_word_embeddings": False},
+            original_max_position_embeddings=4096,
+            rope_parameters={"type": "longrope", "short_factor": factors, "long_factor": factors[::-1]},
+        )
+    if architecture == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if architecture == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=head_dim)
+    if architecture == "mistral":
+        return transformers.MistralConfig(**{**common, "tie_word_embeddings": False}, head_dim=head_dim)
+    if architecture == "gemma2":
+        return transformers.Gemma2Config(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim)
+    if architecture == "gemma3_text":
+        return transformers.Gemma3TextConfig(
+            **common,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+            + ["sliding_attention"] * (layers % 2),
+        )
+    raise ValueError(f"no tiny config for {architecture!r}; known: {ARCHITECTURES}")
+
+
+def build_tiny_model(
+    target: Path, *, architecture: str = "llama", hidden_size: int = 64, layers: int = 2
+) -> Path:
+    """A random ``architecture`` model (ChatML tokenizer trained on the sample data) that trains in seconds."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE(unk_token=None))
@@ -56,21 +109,14 @@ def build_tiny_model(target: Path, *, hidden_size: int = 64, layers: int = 2) ->
         unk_token="<|endoftext|>",
     )
     tokenizer.chat_template = CHATML_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    token_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = tiny_model_config(architecture, len(tokenizer), hidden_size, layers, token_ids)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target

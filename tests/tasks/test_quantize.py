@@ -20,6 +20,7 @@ from olivepress.tasks.quantize import (
     quantize_awq,
     take_int4_weights,
 )
+from tests.conftest import build_tiny_model
 
 TINY_SETTINGS = QuantizeSettings(group_size=32, calibration_samples=8, calibration_max_tokens=64)
 SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, head_dim=64)
@@ -163,3 +164,34 @@ def test_awq_on_smollm2_beats_round_to_nearest(tmp_path, travel_jsonl):
         if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
             module.weight.data = rtn_quantize(module.weight.data, settings.group_size).dequantize()
     assert awq_loss < response_token_loss(rtn, tokenizer, held_out)
+
+
+def test_fused_linears_are_stored_split_and_read_back_fused(tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj go to disk as q/k/v and gate/up (the builder misreads a fused
+    "olive" qzeros); readers get the fused 4-bit integers back exactly, and the HF model loads them."""
+    from safetensors.torch import load_file
+
+    model_dir = build_tiny_model(tmp_path / "phi3", architecture="phi3")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    weights = {
+        name: rtn_quantize(module.weight.data, 32)
+        for name, module in model.named_modules()
+        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear)
+    }
+    write_int4_checkpoint(model, weights, tmp_path / "int4", group_size=32)
+
+    stored = load_file(tmp_path / "int4" / "model.safetensors")
+    layer = "model.layers.0"
+    assert not [name for name in stored if "qkv_proj" in name or "gate_up_proj" in name]
+    assert stored[f"{layer}.self_attn.q_proj.qzeros"].shape == (64, 1)  # (out, groups / 2): 4 heads of 16
+    assert stored[f"{layer}.self_attn.k_proj.qweight"].shape == (32, 32)  # 2 kv heads of 16, 64 inputs / 2
+    assert stored[f"{layer}.mlp.up_proj.scales"].shape == (128, 2)
+    _, read = read_int4_checkpoint(tmp_path / "int4")
+    assert read.keys() == weights.keys()
+    for name, weight in weights.items():
+        assert torch.equal(read[name].q, weight.q), name
+        assert torch.equal(read[name].zero_points, weight.zero_points), name
+        assert torch.equal(read[name].scales, weight.scales), name
+    dequantized = load_dequantized_model(tmp_path / "int4")
+    fused = f"{layer}.self_attn.qkv_proj"
+    assert torch.equal(dequantized.get_submodule(fused).weight, weights[fused].dequantize())
