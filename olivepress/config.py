@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from olivepress.architectures import unsupported_reason
 from olivepress.errors import UserError
 
 SAMPLE_DATA = Path(str(files("olivepress") / "data" / "travel_sample.jsonl"))
@@ -171,6 +172,8 @@ class RunConfig(Section):
             raise ValueError(f"{value} is not a folder (a Hugging Face model folder is expected)")
         if not (value / "config.json").is_file():
             raise ValueError(f"{value} has no config.json, so it is not a Hugging Face model folder")
+        if reason := unsupported_reason(value):
+            raise ValueError(reason)
         return value.resolve()
 
     @field_validator("data")

@@ -1,9 +1,12 @@
+import json
 from pathlib import Path
 
 import pytest
 
+from olivepress.architectures import SUPPORTED_ARCHITECTURES
 from olivepress.config import SAMPLE_DATA, RunConfig, load_config
 from olivepress.errors import UserError
+from tests.conftest import ARCHITECTURES
 
 
 def write_yaml(tmp_path: Path, text: str) -> Path:
@@ -103,3 +106,31 @@ def test_data_may_be_an_s3_uri_checked_when_the_run_fetches_it():
     assert config.data == "s3://bucket/data/travel.jsonl"
     with pytest.raises(UserError, match=r"data: /nope\.jsonl does not exist"):
         load_config(overrides={"data": "/nope.jsonl"})
+
+
+@pytest.mark.parametrize(
+    ("model_type", "architecture"),
+    [
+        ("bert", "BertForMaskedLM"),
+        ("falcon", "FalconForCausalLM"),
+        ("llama", "LlamaForSequenceClassification"),
+    ],
+)
+def test_a_model_the_builder_cannot_export_is_refused_before_any_step(tmp_path, model_type, architecture):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps({"model_type": model_type, "architectures": [architecture]})
+    )
+    with pytest.raises(UserError) as caught:
+        load_config(overrides={"model": model})
+    message = str(caught.value)
+    assert (
+        f"model: model_type {model_type!r} with architecture {architecture!r} cannot be exported" in message
+    )
+    for supported in SUPPORTED_ARCHITECTURES:
+        assert supported in message
+
+
+def test_every_supported_architecture_has_a_tiny_model_in_the_tests():
+    assert set(SUPPORTED_ARCHITECTURES) == set(ARCHITECTURES)

@@ -1,0 +1,47 @@
+"""The decoder architectures a run accepts: those that go through every step, the ONNX export included.
+
+ONNX Runtime GenAI 0.18's model builder picks its exporter by the config's first ``architectures`` entry
+and raises for any other; a model it cannot export would otherwise fail only after quantizing and
+fine-tuning. Each entry below runs end to end in ``tests/flows/test_architectures.py`` on a tiny random
+model of its shape; the builder knows more families, but only these are tested through our int4 layout,
+LoRA export and runtime. By ``model_type``, the HF class the builder expects, and what makes it work:
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SUPPORTED_ARCHITECTURES = {
+    # SmolLM2 (the default model), Llama 3: the reference layout, separate q/k/v and gate/up linears.
+    "llama": "LlamaForCausalLM",
+    # Mistral 7B: Llama's layout; the builder ignores its sliding window (every layer full attention).
+    "mistral": "MistralForCausalLM",
+    # Qwen2/2.5: q/k/v biases and tied embeddings, read by the builder as they are.
+    "qwen2": "Qwen2ForCausalLM",
+    # Qwen3: adds q/k RMS norms, which the builder fuses into attention.
+    "qwen3": "Qwen3ForCausalLM",
+    # Phi-3/3.5: fused qkv_proj and gate_up_proj, stored split in the int4 checkpoint (olivepress.int4);
+    # LongRoPE short/long factors.
+    "phi3": "Phi3ForCausalLM",
+    # Gemma 2: alternating sliding-window layers, exported with full-length KV caches (tasks/optimize.py).
+    "gemma2": "Gemma2ForCausalLM",
+    # Gemma 3 text-only (1B, 270M): as Gemma 2, plus per-layer-type RoPE flattened for the builder.
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
+def unsupported_reason(model_dir: Path) -> str | None:
+    """Why the model in ``model_dir`` cannot run through the pipeline, or None when it can.
+
+    Reads only config.json, so it answers in milliseconds, before any step runs.
+    """
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    model_type = config.get("model_type")
+    architecture = (config.get("architectures") or [None])[0]
+    expected = SUPPORTED_ARCHITECTURES.get(model_type)
+    if expected is not None and architecture == expected:
+        return None
+    supported = ", ".join(f"{name} ({cls})" for name, cls in SUPPORTED_ARCHITECTURES.items())
+    found = f"model_type {model_type!r} with architecture {architecture!r}"
+    return f"{found} cannot be exported by the ONNX Runtime GenAI model builder here; supported: {supported}"
