@@ -45,10 +45,12 @@ class FinetuneSettings(Section):
     lora_r: int = Field(16, ge=1, le=512, description="LoRA rank.")
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+    target_modules: list[str] | None = Field(
+        None,
         min_length=1,
-        description="Names of the linear layers that get a LoRA adapter.",
+        description="Names of the linear layers that get a LoRA adapter; default: every attention and MLP "
+        "linear of the decoder under the model's own names (q_proj, ..., down_proj; Phi-3: qkv_proj, o_proj, "
+        "gate_up_proj, down_proj).",
     )
     max_seq_len: int = Field(256, ge=16, le=32_768, description="Tokens kept of each training example.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory on large models.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,29 @@ def prepare_training_model(checkpoint_dir: Path, target: Path) -> Path:
     load_dequantized_model(checkpoint_dir).save_pretrained(target)
     AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(target)
     return target
+
+
+# A linear directly under a decoder layer's attention or MLP block: model.layers.3.self_attn.q_proj, ...
+DECODER_LINEAR_NAME = re.compile(r"^model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)$")
+
+
+def decoder_linear_names(model_dir: Path) -> list[str]:
+    """Every attention and MLP linear of the decoder, by the model's own short names (q_proj, ..., down_proj;
+    Phi-3's fused qkv_proj, gate_up_proj): read off its modules, so a new family needs no table entry.
+
+    The model is built on the meta device: names and types only, no weights read or allocated.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    names = []
+    for name, module in model.named_modules():
+        match = DECODER_LINEAR_NAME.match(name)
+        if match and isinstance(module, torch.nn.Linear) and match[1] not in names:
+            names.append(match[1])
+    return names
 
 
 def olive_lora_config(
@@ -102,7 +126,7 @@ def olive_lora_config(
                 "r": settings.lora_r,
                 "alpha": settings.lora_alpha,
                 "lora_dropout": settings.lora_dropout,
-                "target_modules": settings.target_modules,
+                "target_modules": settings.target_modules or decoder_linear_names(model_dir),
                 # bfloat16 training on CPU is slower than float32 and no smaller at this size
                 "torch_dtype": "bfloat16" if on_gpu else "float32",
                 "train_data_config": "train_data",
