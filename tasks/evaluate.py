@@ -6,6 +6,9 @@ model, adapter off) and *fine-tuned* (the int4 model with its LoRA adapter). For
 and perplexity of the held-out responses, ROUGE-L of greedy generations against them, decode tokens/s and
 time to first token, bytes on disk and the memory it added. Generations are interleaved prompt by prompt, so
 a burst of load on a shared machine slows every variant alike and the speed ratio stays fair.
+
+On a GPU each variant's device memory is measured too, before the three are loaded here: each alone in a
+fresh process (see :mod:`olivepress.gpu_memory` for why and for the method's limits).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class VariantMetrics:
     bytes_on_disk: int  # model files, plus the adapter file for the fine-tuned variant
     peak_memory_mib: float | None  # resident memory the model added, loading and generating
     generated_tokens: int
+    # GPU memory the model added, loading and generating, alone in a fresh process; None on CPU and in
+    # records measured before it was recorded
+    gpu_memory_mib: float | None = None
 
 
 @dataclass
@@ -129,12 +135,21 @@ def evaluate_models(
     held_out: list[dict],
     settings: EvaluateSettings,
     text_template: str | None = None,
+    device: str = "cpu",
 ) -> list[VariantMetrics]:
     """Measure the three variants on ``held_out``; see the module docstring."""
     from olivepress.genai import open_model, prompt_token_ids, response_loss, stream_generate
 
     sources = {BASE: (base_dir, None), QUANTIZED: (onnx_dir, None), FINE_TUNED: (onnx_dir, adapter_file)}
     prompts = held_out[: settings.generation_samples]
+    gpu_memory = dict.fromkeys(VARIANTS)
+    if device == "gpu":
+        from olivepress.gpu_memory import variant_peak_mib
+
+        for variant, (model_dir, adapter) in sources.items():
+            gpu_memory[variant] = variant_peak_mib(
+                model_dir, adapter, prompts[0]["prompt"], text_template, settings.max_new_tokens
+            )
     models, peak_memory = {}, {}
     can_measure_memory = peak_rss_reset()
     for variant, (model_dir, adapter) in sources.items():
@@ -179,6 +194,7 @@ def evaluate_models(
             bytes_on_disk=bytes_on_disk(model_dir, adapter),
             peak_memory_mib=peak_memory[variant],
             generated_tokens=generated[variant],
+            gpu_memory_mib=gpu_memory[variant],
         )
         for variant, (model_dir, adapter) in sources.items()
     ]
@@ -233,9 +249,15 @@ def measure(
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="base-model-", dir=scratch_root) as scratch:
-        build_base_model(model_dir, Path(scratch), config.device)
+        build_base_model(model_dir, Path(scratch), config.device, config.optimize.cuda_graph)
         metrics = evaluate_models(
-            Path(scratch), onnx_dir, onnx_dir / ADAPTER_FILE, held_out, config.evaluate, config.text_template
+            Path(scratch),
+            onnx_dir,
+            onnx_dir / ADAPTER_FILE,
+            held_out,
+            config.evaluate,
+            config.text_template,
+            config.device,
         )
     record = {
         "metrics": [asdict(m) for m in metrics],

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LOSS_FILE = "loss_history.json"
+MEMORY_FILE = "training_memory.json"
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,39 @@ def read_loss_history(checkpoints_dir: Path) -> list[dict]:
     ]
 
 
+def reset_training_memory(device: str) -> float | None:
+    """Start counting torch's peak GPU memory afresh (CUDA only); return what is allocated already, MiB."""
+    if device != "gpu":
+        return None
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**20
+
+
+def training_memory(device: str, allocated_at_start_mib: float | None) -> dict:
+    """torch's peak GPU memory since :func:`reset_training_memory`, MiB; every value is None on CPU.
+
+    Peak allocated is what tensors held at most (weights, LoRA, optimizer state, activations); reserved is
+    what torch's caching allocator held from the driver, closer to what nvidia-smi shows. Both include what
+    was allocated at the start, recorded beside them."""
+    if device != "gpu":
+        return {"peak_allocated_mib": None, "peak_reserved_mib": None, "allocated_at_start_mib": None}
+    import torch
+
+    return {
+        "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+        "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+        "allocated_at_start_mib": allocated_at_start_mib,
+    }
+
+
+def read_training_memory(adapter_dir: Path) -> dict | None:
+    """The adapter's training memory record; None for an adapter stored before it was recorded."""
+    path = adapter_dir / MEMORY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def finetune_lora(
     checkpoint_dir: Path,
     examples: list[dict],
@@ -199,7 +233,8 @@ def finetune_lora(
     device: str = "cpu",
     seed: int = 0,
 ) -> FinetuneResult:
-    """Train a LoRA adapter on ``examples``; write the PEFT adapter and its loss history to ``out_dir``."""
+    """Train a LoRA adapter on ``examples``; write the PEFT adapter, its loss history and (on a GPU) its
+    peak memory to ``out_dir``."""
     from olive.workflows import run as olive_run
     from transformers import AutoTokenizer
 
@@ -211,13 +246,16 @@ def finetune_lora(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_file = write_training_text(tokenizer, examples, work_dir / "train.jsonl", text_template)
     config = olive_lora_config(model_dir, train_file, work_dir, settings, device=device, seed=seed)
+    allocated_at_start = reset_training_memory(device)
     output = olive_run(config)
+    memory = training_memory(device, allocated_at_start)
     adapter_dir = Path(output.get_best_candidate().olive_model_config["config"]["adapter_path"])
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:
         shutil.copy2(adapter_dir / name, out_dir / name)
     losses = read_loss_history(work_dir / "checkpoints")
     (out_dir / LOSS_FILE).write_text(json.dumps(losses, indent=1))
+    (out_dir / MEMORY_FILE).write_text(json.dumps(memory, indent=1))
     return FinetuneResult(adapter_dir=out_dir, losses=losses)
 
 

@@ -29,6 +29,7 @@ GATE_KEY = "olivepress-gate"
 VALIDATION_KEY = "olivepress-validation"
 LOSS_PLOT = "training_loss.png"
 COMPARISON_PLOT = "comparison.png"
+TRAINING_MEMORY = "training_memory.json"
 MAX_ISSUES_SHOWN = 50
 
 
@@ -44,10 +45,14 @@ class ReportInputs:
     loss_history: list[dict[str, Any]]  # {"step", "loss"} per training step
     evaluation: Evaluation
     flow_run_id: str | None
+    # torch's peak GPU memory in training (finetune's training_memory.json); None for an older adapter
+    training_memory: dict[str, Any] | None = None
 
 
 def metrics_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
-    """One row per variant, rounded for reading; the exact values stay in evaluation.json."""
+    """One row per variant, rounded for reading; the exact values stay in evaluation.json. GPU memory is a
+    column only when it was measured (a GPU run)."""
+    with_gpu = any(m.gpu_memory_mib is not None for m in evaluation.metrics)
     return [
         {
             "variant": m.variant,
@@ -58,9 +63,24 @@ def metrics_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
             "first_token_s": round(m.time_to_first_token_s, 3),
             "size_mb": round(m.bytes_on_disk / 1e6, 1),
             "peak_mem_mib": None if m.peak_memory_mib is None else round(m.peak_memory_mib),
+            **(
+                {"gpu_mem_mib": None if m.gpu_memory_mib is None else round(m.gpu_memory_mib)}
+                if with_gpu
+                else {}
+            ),
         }
         for m in evaluation.metrics
     ]
+
+
+def training_gpu_peak(training_memory: dict[str, Any] | None) -> str | None:
+    """The training section's line on GPU memory, when it was measured."""
+    if not training_memory or training_memory.get("peak_allocated_mib") is None:
+        return None
+    return (
+        f"peak GPU memory in training (torch): {training_memory['peak_allocated_mib']:.0f} MiB allocated, "
+        f"{training_memory['peak_reserved_mib']:.0f} MiB reserved"
+    )
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -134,6 +154,8 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
         for c in gate.checks
     ]
     model = str(config.model) if config.model else "SmolLM2-135M-Instruct (default)"
+    gpu_peak = training_gpu_peak(inputs.training_memory)
+    training_notes = f"\n\n{gpu_peak}" if gpu_peak else ""
     return "\n\n".join(
         [
             f"# olivepress run: gate {'passed' if gate.passed else 'FAILED'}",
@@ -153,9 +175,9 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
             "## Gate\n\n" + markdown_table(gate_rows),
             "## Training\n\n"
             f"{len(inputs.loss_history)} steps, loss {inputs.loss_history[0]['loss']:.3f} → "
-            f"{inputs.loss_history[-1]['loss']:.3f}\n\n![training loss]({image[LOSS_PLOT]})"
+            f"{inputs.loss_history[-1]['loss']:.3f}{training_notes}\n\n![training loss]({image[LOSS_PLOT]})"
             if inputs.loss_history
-            else "## Training\n\nno loss history",
+            else f"## Training\n\nno loss history{training_notes}",
         ]
     )
 
@@ -165,7 +187,8 @@ def data_uri(path: Path) -> str:
 
 
 def write_report(inputs: ReportInputs, report_dir: Path) -> Path:
-    """Write report.md, its plots, metrics.json and gate.json into ``report_dir`` (whole or not at all)."""
+    """Write report.md, its plots, metrics.json, gate.json and (from a GPU run) training_memory.json into
+    ``report_dir`` (whole or not at all)."""
     with atomic_dir(report_dir) as staging:
         plot_comparison(inputs.evaluation, staging / COMPARISON_PLOT)
         if inputs.loss_history:
@@ -174,6 +197,8 @@ def write_report(inputs: ReportInputs, report_dir: Path) -> Path:
         (staging / "report.md").write_text(markdown + "\n", encoding="utf-8")
         (staging / "metrics.json").write_text(json.dumps(metrics_rows(inputs.evaluation), indent=1))
         (staging / "gate.json").write_text(json.dumps(inputs.evaluation.to_dict()["gate"], indent=1))
+        if training_gpu_peak(inputs.training_memory):
+            (staging / TRAINING_MEMORY).write_text(json.dumps(inputs.training_memory, indent=1))
     return report_dir
 
 

@@ -1,5 +1,7 @@
+import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from olivepress.tasks.evaluate import (
     QUANTIZED,
     VariantMetrics,
     decide_gate,
+    read_evaluation,
     rouge_l,
 )
 
@@ -100,3 +103,14 @@ def test_peak_memory_reset_forgets_an_earlier_peak():
     assert result.returncode == 0, result.stderr
     peak_with_block, peak_after_reset = map(float, result.stdout.split())
     assert peak_after_reset < peak_with_block - 100
+
+
+def test_a_record_stored_before_gpu_memory_was_measured_still_loads(tmp_path):
+    rows = [asdict(row) for row in metrics(perplexity=10.5, speed=150.0, size=300)]
+    for row in rows:
+        del row["gpu_memory_mib"]
+    record = {"metrics": rows, "held_out_pairs": 5, "generation_prompts": 2, "seconds": 1.0}
+    (tmp_path / "metrics.json").write_text(json.dumps(record))
+    evaluation = read_evaluation(tmp_path, GateSettings())
+    assert [m.gpu_memory_mib for m in evaluation.metrics] == [None, None, None]
+    assert evaluation.gate.passed

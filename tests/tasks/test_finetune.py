@@ -3,7 +3,12 @@ import json
 import pytest
 
 from olivepress.config import FinetuneSettings
-from olivepress.tasks.finetune import finetune_lora, olive_lora_config, write_training_text
+from olivepress.tasks.finetune import (
+    finetune_lora,
+    olive_lora_config,
+    read_training_memory,
+    write_training_text,
+)
 from tests.conftest import LINEARS, sample_pairs
 
 
@@ -58,8 +63,17 @@ def test_lora_trains_on_the_dequantized_int4_model(tmp_path, tiny_int4_dir):
     assert [entry["step"] for entry in result.losses] == [1, 2, 3]
     assert all(entry["loss"] > 0 for entry in result.losses)
     assert json.loads((tmp_path / "adapter" / "loss_history.json").read_text()) == result.losses
+    assert read_training_memory(tmp_path / "adapter") == {
+        "peak_allocated_mib": None,
+        "peak_reserved_mib": None,
+        "allocated_at_start_mib": None,
+    }, "no GPU memory on CPU"
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(LINEARS), "by default every decoder linear"
     tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     lora_b = [tensor for name, tensor in tensors.items() if "lora_B" in name]
     assert lora_b and any(tensor.abs().max() > 0 for tensor in lora_b), "training moved LoRA B off zero"
+
+
+def test_an_adapter_stored_before_training_memory_was_recorded_reads_as_none(tmp_path):
+    assert read_training_memory(tmp_path) is None

@@ -13,9 +13,9 @@ from olivepress.tasks.evaluate import (
 from olivepress.tasks.report import ReportInputs, render_markdown, write_report
 
 
-def evaluation(passed: bool) -> Evaluation:
+def evaluation(passed: bool, gpu_memory_mib: float | None = None) -> Evaluation:
     rows = [
-        VariantMetrics(name, loss, 2.718**loss, rouge, speed, 0.1, size, 40.0, 64)
+        VariantMetrics(name, loss, 2.718**loss, rouge, speed, 0.1, size, 40.0, 64, gpu_memory_mib)
         for name, loss, rouge, speed, size in [
             (BASE, 3.08, 0.20, 50.0, 540_000_000),
             (QUANTIZED, 3.24, 0.18, 70.0, 184_000_000),
@@ -28,7 +28,7 @@ def evaluation(passed: bool) -> Evaluation:
     )
 
 
-def inputs(passed: bool = True) -> ReportInputs:
+def inputs(passed: bool = True, **overrides) -> ReportInputs:
     return ReportInputs(
         config=load_config(),
         data_sha256="ab" * 32,
@@ -38,8 +38,8 @@ def inputs(passed: bool = True) -> ReportInputs:
         held_out_pairs=16,
         steps=[{"step": "validate", "status": "completed", "seconds": 3.1, "output_bytes": None}],
         loss_history=[{"step": 1, "loss": 3.5}, {"step": 2, "loss": 3.1}],
-        evaluation=evaluation(passed),
         flow_run_id="1234",
+        **{"evaluation": evaluation(passed), **overrides},
     )
 
 
@@ -58,9 +58,24 @@ def test_report_folder_holds_the_page_its_plots_and_the_records(tmp_path):
     ]
     assert json.loads((report_dir / "gate.json").read_text())["passed"] is True
     assert not list(tmp_path.glob(".tmp-*"))
+    assert "gpu_mem_mib" not in page and "GPU memory" not in page, "a CPU run shows no GPU columns"
+    assert not (report_dir / "training_memory.json").exists()
 
 
 def test_a_failed_gate_is_the_headline_and_marks_the_failing_check():
     page = render_markdown(inputs(passed=False), {"comparison.png": "c.png", "training_loss.png": "t.png"})
     assert page.startswith("# olivepress run: gate FAILED")
     assert "| size_ratio | 0.35 | 0.1 | **FAIL** |" in page
+
+
+def test_gpu_memory_shows_only_when_measured(tmp_path):
+    memory = {"peak_allocated_mib": 9000.4, "peak_reserved_mib": 10240.0, "allocated_at_start_mib": 7.0}
+    report_dir = write_report(
+        inputs(evaluation=evaluation(True, gpu_memory_mib=812.6), training_memory=memory), tmp_path / "r"
+    )
+    page = (report_dir / "report.md").read_text()
+    assert "| peak_mem_mib | gpu_mem_mib |" in page
+    assert "| fine-tuned | 2.88 | 17.81 | 0.25 | 69.0 | 0.1 | 191.0 | 40 | 813 |" in page
+    assert "peak GPU memory in training (torch): 9000 MiB allocated, 10240 MiB reserved" in page
+    assert json.loads((report_dir / "training_memory.json").read_text()) == memory
+    assert json.loads((report_dir / "metrics.json").read_text())[0]["gpu_mem_mib"] == 813
