@@ -1,0 +1,24 @@
+"""The CUDA export: genai_config names the CUDA provider, and ONNX Runtime GenAI (CUDA build) runs it."""
+
+import json
+
+import pytest
+
+from olivepress.genai import ADAPTER_FILE, GENAI_CONFIG, open_model, prompt_token_ids, stream_generate
+
+pytestmark = pytest.mark.gpu
+
+
+def test_the_cuda_export_names_cuda_and_generates_in_onnxruntime_genai_cuda(cuda_export_dir):
+    config = json.loads((cuda_export_dir / GENAI_CONFIG).read_text())
+    provider_options = config["model"]["decoder"]["session_options"]["provider_options"]
+    assert [name for options in provider_options for name in options] == ["cuda"]
+    assert (cuda_export_dir / ADAPTER_FILE).is_file()
+
+    # with CUDA graphs every decoded token after the first replays the captured graph, adapter on and off
+    for adapter in (None, cuda_export_dir / ADAPTER_FILE):
+        loaded = open_model(cuda_export_dir, adapter)
+        pieces = []
+        stats = stream_generate(loaded, prompt_token_ids(loaded, "Where should I go?"), 16, pieces.append)
+        assert 0 < stats.new_tokens <= 16
+        assert 0 < stats.time_to_first_token_s <= stats.seconds
