@@ -15,7 +15,7 @@ from pathlib import Path
 SUPPORTED_ARCHITECTURES = {
     # SmolLM2 (the default model), Llama 3: the reference layout, separate q/k/v and gate/up linears.
     "llama": "LlamaForCausalLM",
-    # Mistral 7B: Llama's layout; the builder ignores its sliding window (every layer full attention).
+    # Mistral 7B: Llama's layout; a sliding window (v0.1) on every layer, marked so for the builder.
     "mistral": "MistralForCausalLM",
     # Qwen2/2.5: q/k/v biases and tied embeddings, read by the builder as they are.
     "qwen2": "Qwen2ForCausalLM",
@@ -24,7 +24,8 @@ SUPPORTED_ARCHITECTURES = {
     # Phi-3/3.5: fused qkv_proj and gate_up_proj, stored split in the int4 checkpoint (olivepress.int4);
     # LongRoPE short/long factors.
     "phi3": "Phi3ForCausalLM",
-    # Gemma 2: alternating sliding-window layers, exported with full-length KV caches (tasks/optimize.py).
+    # Gemma 2: alternating sliding-window layers, given full-length KV caches (tasks/optimize.py: runtime
+    # 0.18 fails on window-sized ones shorter than the window).
     "gemma2": "Gemma2ForCausalLM",
     # Gemma 3 text-only (1B, 270M): as Gemma 2, plus per-layer-type RoPE flattened for the builder.
     "gemma3_text": "Gemma3ForCausalLM",

@@ -130,11 +130,11 @@ def runtime_options(cuda_graph: bool) -> list[str]:
     return ["enable_cuda_graph=1"] if cuda_graph else []
 
 
-# Sliding-window layers (Gemma 2/3) get full-length KV caches like the others. With the builder's default
-# window-sized caches, runtime 0.18 sizes a window cache at min(max_length, window) but its attention kernel
-# demands at least the window ("KV cache capacity (84) must be at least local_window_size (4096)"): every
-# generation shorter than the window fails. A full-length cache is max_length long, never more than the
-# window cache would be for such runs; the kernel still masks to the window. No effect on other models.
+# Sliding-window layers (Gemma 2/3, Mistral) get full-length KV caches like the others. With the builder's
+# default window-sized caches, runtime 0.18 sizes a window cache at min(max_length, window) but its attention
+# kernel demands at least the window ("KV cache capacity (84) must be at least local_window_size (4096)"):
+# every generation shorter than the window fails. A full-length cache is max_length long, never more than
+# the window cache would be for such runs; the kernel still masks to the window. No effect on other layers.
 BUILDER_OPTIONS = ["windowed_kv_cache=false"]
 
 
@@ -154,7 +154,7 @@ def run_model_builder(
         args = (None, str(input_dir), str(out_dir), precision, execution_provider, cache_dir)
         try:
             options = parse_extra_options(*args, [*BUILDER_OPTIONS, *extra_options])
-            flatten_gemma3_rope(options["hf_details"]["hf_config"])
+            adapt_config_for_builder(options["hf_details"]["hf_config"])
             create_model(*args, **options)
         except UserError:
             raise
@@ -164,24 +164,34 @@ def run_model_builder(
             ) from error
 
 
-def flatten_gemma3_rope(config) -> None:
-    """Give a Gemma 3 config the RoPE fields builder 0.18 reads, in place.
+def adapt_config_for_builder(config) -> None:
+    """Fill in, in place, config fields the builder reads where a transformers 5 config lacks them.
 
-    transformers 5 nests Gemma 3's RoPE per layer type (``rope_parameters = {"full_attention": {...},
-    "sliding_attention": {...}}``); the builder's Gemma 3 reads the transformers 4 fields: a flat
-    ``rope_parameters`` with ``rope_type``, ``rope_theta`` (global layers) and ``rope_local_base_freq``
-    (sliding layers), and raises ``KeyError: 'rope_type'`` on the nested form.
+    - Gemma 3: transformers 5 nests RoPE per layer type (``rope_parameters = {"full_attention": {...},
+      "sliding_attention": {...}}``); the builder reads a flat ``rope_parameters`` with ``rope_type``,
+      ``rope_theta`` (global layers) and ``rope_local_base_freq`` (sliding layers), and raises
+      ``KeyError: 'rope_type'`` on the nested form.
+    - Mistral: its ``sliding_window`` holds for every layer, but the builder windows only the layers that
+      ``layer_types`` marks sliding, and Mistral's config has no ``layer_types``: without them the export
+      attends to the whole context where the model attends to the window.
     """
     rope = getattr(config, "rope_parameters", None)
-    if config.model_type != "gemma3_text" or not isinstance(rope, dict) or "full_attention" not in rope:
-        return
-    full, sliding = rope["full_attention"], rope["sliding_attention"]
-    if full.get("rope_type", "default") != "default" or sliding.get("rope_type", "default") != "default":
-        # the builder would scale the sliding layers' RoPE by the global factor too
-        raise UserError(f"Gemma 3 with scaled RoPE ({rope}) is not exported correctly by the model builder")
-    config.rope_parameters = dict(full)
-    config.rope_theta = full["rope_theta"]
-    config.rope_local_base_freq = sliding["rope_theta"]
+    if config.model_type == "gemma3_text" and isinstance(rope, dict) and "full_attention" in rope:
+        full, sliding = rope["full_attention"], rope["sliding_attention"]
+        if full.get("rope_type", "default") != "default" or sliding.get("rope_type", "default") != "default":
+            # the builder would scale the sliding layers' RoPE by the global factor too
+            raise UserError(
+                f"Gemma 3 with scaled RoPE ({rope}) is not exported correctly by the model builder"
+            )
+        config.rope_parameters = dict(full)
+        config.rope_theta = full["rope_theta"]
+        config.rope_local_base_freq = sliding["rope_theta"]
+    if (
+        config.model_type == "mistral"
+        and config.sliding_window
+        and getattr(config, "layer_types", None) is None
+    ):
+        config.layer_types = ["sliding_attention"] * config.num_hidden_layers
 
 
 @contextlib.contextmanager
