@@ -66,13 +66,26 @@ PHI3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 MODEL_FILES = ("model.onnx", "model.onnx.data")
+# onnxruntime-gpu 1.31's CUDA kernels read these switches (strings in libonnxruntime_providers_cuda.so); each
+# int4 variant with CUDA graphs is decoded again under each, in its own process, to see what they are worth.
+ORT_SWITCHES = {
+    "fpA_intB": {"ORT_FPA_INTB_GEMM": "1"},  # TensorRT-LLM's weight-only int4 GEMM/GEMV for MatMulNBits
+    "small_n_gemv": {"ORT_ENABLE_SMALL_N_GEMV": "1"},  # the LoRA A products have N = rank
+    "xqa": {"ORT_ENABLE_XQA": "1"},  # XQA decode attention in GroupQueryAttention
+}
 
 
-def in_child(function, *args):
+def in_child(function, *args, environment: dict[str, str] | None = None):
     """``function(*args)`` in a fresh process: its own CUDA context and allocators, and a crash there
-    (a CUDA error, a segfault) becomes an exception here."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
+    (a CUDA error, a segfault) becomes an exception here. ``environment`` is added to the child's."""
+    saved = dict(os.environ)
+    os.environ.update(environment or {})
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(function, *args).result()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def as_error(error: BaseException) -> str:
@@ -374,29 +387,49 @@ def model_bytes(model_dir: Path) -> int:
 
 
 def decode_benchmark(
-    model_dir: Path, onnx_dir: Path, work: Path, args: argparse.Namespace, bandwidth: float | None
+    model_dir: Path,
+    checkpoint_dir: Path,
+    onnx_dir: Path,
+    work: Path,
+    args: argparse.Namespace,
+    bandwidth: float | None,
 ) -> dict:
     """base / int4 / int4+adapter, and on CUDA each again with CUDA graphs; see the module docstring."""
     from olivepress.genai import ADAPTER_FILE
-    from olivepress.tasks.optimize import build_base_model
+    from olivepress.tasks.optimize import build_base_model, export_onnx
 
     base_dir = work / "base-onnx"
     if not (base_dir / "genai_config.json").is_file():
         shutil.rmtree(base_dir, ignore_errors=True)
         build_base_model(model_dir, base_dir, args.device)
+    # the same int4 model exported without an adapter: what the empty LoRA branches cost with none active
+    plain_dir = work / "int4-no-branches"
+    if not (plain_dir / "genai_config.json").is_file():
+        shutil.rmtree(plain_dir, ignore_errors=True)
+        export_onnx(checkpoint_dir, None, plain_dir, device=args.device)
     adapter = onnx_dir / ADAPTER_FILE
-    plain = {"base": (base_dir, None), "int4": (onnx_dir, None), "int4+adapter": (onnx_dir, adapter)}
-    variants: dict[str, tuple[Path, Path | None, bool]] = {}
+    plain = {
+        "base": (base_dir, None),
+        "int4 no branches": (plain_dir, None),
+        "int4": (onnx_dir, None),
+        "int4+adapter": (onnx_dir, adapter),
+    }
+    variants: dict[str, tuple[Path, Path | None, bool, dict]] = {}
     for label, (folder, adapter_file) in plain.items():
-        variants[label] = (folder, adapter_file, False)
+        variants[label] = (folder, adapter_file, False, {})
         if args.device == "gpu":
-            variants[f"{label}+cuda_graph"] = (folder, adapter_file, True)
+            variants[f"{label}+cuda_graph"] = (folder, adapter_file, True, {})
+    if args.device == "gpu":
+        for switch, environment in ORT_SWITCHES.items():
+            for label in ("int4", "int4+adapter"):
+                folder, adapter_file = plain[label]
+                variants[f"{label}+cuda_graph [{switch}]"] = (folder, adapter_file, True, environment)
 
     results = {}
-    for label, (folder, adapter_file, graph) in variants.items():
+    for label, (folder, adapter_file, graph, environment) in variants.items():
         try:
             if args.device == "gpu":
-                folder = with_cuda_graph(folder, work / "decode" / label, enabled=graph)
+                folder = with_cuda_graph(folder, work / "decode" / label.replace(" ", "_"), enabled=graph)
                 adapter_file = folder / ADAPTER_FILE if adapter_file else None
             row = in_child(
                 decode_variant,
@@ -406,6 +439,7 @@ def decode_benchmark(
                 args.decode_tokens,
                 args.decode_repeats,
                 args.device == "gpu",
+                environment=environment,
             )
         except Exception as failure:
             results[label] = {"error": as_error(failure)}
@@ -421,8 +455,8 @@ def decode_benchmark(
         results[label] = row
         print(f"  decode {label}: {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
     for label, row in results.items():
-        if label.endswith("+cuda_graph") and "tokens" in row:
-            eager = results.get(label.removesuffix("+cuda_graph"), {})
+        if "+cuda_graph" in label and "tokens" in row:
+            eager = results.get(label.split("+cuda_graph")[0], {})
             row["same_tokens_as_without_graph"] = row["tokens"] == eager.get("tokens")
     for row in results.values():
         row.pop("tokens", None)
@@ -457,15 +491,19 @@ def benchmark_model(name: str, args: argparse.Namespace, bandwidth: float | None
         result["error"] = "the run left no ONNX folder"
         return result
     print(f"{name}: decode micro-benchmark, {args.decode_tokens} tokens", flush=True)
-    decode = decode_benchmark(model_dir, onnx_dir.resolve(), work, args, bandwidth)
+    checkpoint_dir = (run_dir / "quantized").resolve()
+    decode = decode_benchmark(model_dir, checkpoint_dir, onnx_dir.resolve(), work, args, bandwidth)
     result["decode"] = {
         "prompt": args.prompt,
         "new_tokens": args.decode_tokens,
         "repeats": args.decode_repeats,
         "variants": decode,
     }
-    result["adapter_speed_ratio"] = ratio(decode, "int4+adapter", "int4")
-    result["speedup_vs_base"] = ratio(decode, "int4+adapter", "base")
+    # the headline ratios are of what the flow ships: on CUDA, with graphs (optimize.cuda_graph's default)
+    shipped = "+cuda_graph" if args.device == "gpu" else ""
+    result["adapter_speed_ratio"] = ratio(decode, f"int4+adapter{shipped}", f"int4{shipped}")
+    result["speedup_vs_base"] = ratio(decode, f"int4+adapter{shipped}", f"base{shipped}")
+    result["empty_branches_speed_ratio"] = ratio(decode, f"int4{shipped}", f"int4 no branches{shipped}")
     return result
 
 
@@ -494,20 +532,21 @@ def print_tables(results: dict) -> None:
         if memory.get("peak_allocated_mib") is not None:
             print(f"training peak (torch): {memory['peak_allocated_mib']:.0f} MiB allocated")
         if decode := model.get("decode"):
-            print(f"{'decode':<24} {'tok/s':>8} {'TTFT s':>8} {'bound':>8} {'share':>6} {'GPU MiB':>8}")
+            print(f"{'decode':<40} {'tok/s':>8} {'TTFT s':>8} {'bound':>8} {'share':>6} {'GPU MiB':>8}")
             for label, row in decode["variants"].items():
                 if "error" in row:
-                    print(f"{label:<24} error: {row['error'][:80]}")
+                    print(f"{label:<40} error: {row['error'][:80]}")
                     continue
                 bound = row["bound_tokens_per_s"] or "-"
                 share = row["share_of_bound"] or "-"
                 gpu = "-" if row["gpu_memory_mib"] is None else f"{row['gpu_memory_mib']:.0f}"
                 print(
-                    f"{label:<24} {row['decode_tokens_per_s']:>8.1f} {row['time_to_first_token_s']:>8.3f}"
+                    f"{label:<40} {row['decode_tokens_per_s']:>8.1f} {row['time_to_first_token_s']:>8.3f}"
                     f" {bound:>8} {share:>6} {gpu:>8}"
                 )
             print(
                 f"adapter_speed_ratio {model['adapter_speed_ratio']}  speedup_vs_base {model['speedup_vs_base']}"
+                f"  empty_branches_speed_ratio {model['empty_branches_speed_ratio']}"
             )
 
 
@@ -538,7 +577,7 @@ def main() -> None:
         parser.error(f"no data file {args.data} (--data)")
     if not args.skip_flow:  # a measured run computes every step: no store, registry or base from before
         for name in names:
-            for leftover in ("runs", "cache", "registry", "base-onnx", "decode"):
+            for leftover in ("runs", "cache", "registry", "base-onnx", "int4-no-branches", "decode"):
                 shutil.rmtree(args.work / name / leftover, ignore_errors=True)
 
     device = device_info(args.device)
