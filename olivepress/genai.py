@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     import onnxruntime_genai as og
 
 ADAPTER_FILE = "adapter_weights.onnx_adapter"
+# The decoder with the folder's own adapter merged (olivepress.lora_graph.write_merged_model): the same
+# int4 weight file and LoRA branches, the adapter's matrices held as initializers rather than fed per step.
+MERGED_MODEL_FILE = "model.adapter.onnx"
 ADAPTER_NAME = "adapter"
 GENAI_CONFIG = "genai_config.json"
 PARTIAL_CHARACTER = "\ufffd"  # what decode shows for the first bytes of a character split over tokens
@@ -32,11 +35,12 @@ PARTIAL_CHARACTER = "\ufffd"  # what decode shows for the first bytes of a chara
 class LoadedModel:
     model: og.Model
     tokenizer: object  # the Hugging Face tokenizer of the folder
-    adapters: og.Adapters | None  # loaded adapter, active in every generator; kept alive here
+    adapters: og.Adapters | None  # a run-time adapter, active in every generator; kept alive here
+    adapter_merged: bool = False  # the model is the folder's merged graph
 
     @property
     def adapter_active(self) -> bool:
-        return self.adapters is not None
+        return self.adapters is not None or self.adapter_merged
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,16 @@ class GenerationStats:
         return (self.new_tokens - 1) / decode_seconds if self.new_tokens > 1 and decode_seconds > 0 else 0.0
 
 
-def open_model(model_dir: Path, adapter_file: Path | None = None) -> LoadedModel:
-    """The model of an exported folder, with ``adapter_file`` (an .onnx_adapter) active when given."""
+def open_model(
+    model_dir: Path, adapter_file: Path | None = None, *, run_time_adapter: bool = False
+) -> LoadedModel:
+    """The model of an exported folder, with ``adapter_file`` (an .onnx_adapter) active when given.
+
+    The folder's own adapter opens as its merged graph (the fast form, same outputs) unless
+    ``run_time_adapter``; any other adapter file is loaded at run time (``og.Adapters``).
+    """
+    import json
+
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
@@ -62,12 +74,18 @@ def open_model(model_dir: Path, adapter_file: Path | None = None) -> LoadedModel
         raise UserError(f"{model_dir} is not an ONNX Runtime GenAI model folder (no {GENAI_CONFIG})")
     if adapter_file is not None and not adapter_file.is_file():
         raise UserError(f"adapter file {adapter_file} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    own_adapter = adapter_file is not None and adapter_file.resolve() == (model_dir / ADAPTER_FILE).resolve()
+    if own_adapter and not run_time_adapter and (model_dir / MERGED_MODEL_FILE).is_file():
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"filename": MERGED_MODEL_FILE}}}))
+        return LoadedModel(model=og.Model(config), tokenizer=tokenizer, adapters=None, adapter_merged=True)
     model = og.Model(str(model_dir))
     adapters = None
     if adapter_file is not None:
         adapters = og.Adapters(model)
         adapters.load(str(adapter_file), ADAPTER_NAME)
-    return LoadedModel(model=model, tokenizer=AutoTokenizer.from_pretrained(model_dir), adapters=adapters)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapters=adapters)
 
 
 def new_generator(loaded: LoadedModel, max_length: int) -> og.Generator:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from olivepress.errors import UserError
-from olivepress.genai import ADAPTER_FILE
+from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE
 from olivepress.lora_graph import Branch, LoraMatrices
 from olivepress.prompts import save_prompt_format
 from olivepress.steps import step_task
@@ -256,11 +256,13 @@ def read_lora(adapter_dir: Path) -> dict[str, LoraMatrices]:
 
 
 def add_lora_branches(model_path: Path, branches: list[Branch], adapter_file: Path) -> None:
-    """Graft the branches onto the model and write their matrices, in the graph's float type, as the
-    adapter file."""
-    from olivepress.lora_graph import graft_branches, write_adapter
+    """Graft the branches onto the model, write their matrices (in the graph's float type) as the adapter
+    file, and the graph with them merged beside it (:func:`olivepress.lora_graph.write_merged_model`)."""
+    from olivepress.lora_graph import graft_branches, write_adapter, write_merged_model
 
-    write_adapter(graft_branches(model_path, branches), adapter_file)
+    parameters = graft_branches(model_path, branches)
+    write_adapter(parameters, adapter_file)
+    write_merged_model(model_path, parameters, model_path.parent / MERGED_MODEL_FILE)
 
 
 @step_task("optimize", "onnx")

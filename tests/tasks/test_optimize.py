@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from olivepress.errors import UserError
-from olivepress.genai import ADAPTER_FILE, open_model, sequence_logits
+from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE, open_model, sequence_logits
 from olivepress.lora_graph import LoraMatrices, group_branches, lora_a_name, lora_b_name
 from olivepress.tasks.optimize import export_onnx
 from tests.conftest import LINEARS, make_lora_adapter
@@ -40,6 +40,9 @@ def initializer_values(graph) -> dict:
 def test_folder_holds_what_the_runtime_loads(exported):
     names = {path.name for path in exported.model_dir.iterdir()}
     assert {"genai_config.json", "model.onnx", "model.onnx.data", ADAPTER_FILE, "tokenizer.json"} <= names
+    # the merged graph shares the int4 weight file: it holds the graph and the adapter's matrices only
+    assert MERGED_MODEL_FILE in names
+    assert (exported.model_dir / MERGED_MODEL_FILE).stat().st_size < 2 * exported.adapter_bytes + 1_000_000
     assert exported.adapter_file == exported.model_dir / ADAPTER_FILE
     assert exported.lora_modules == 2 * len(LINEARS)
     assert exported.model_bytes > 0 and exported.adapter_bytes > 0
@@ -182,7 +185,13 @@ def test_logits_match_pytorch_with_and_without_adapter(exported, tiny_int4_dir, 
         expected_off = base(torch.tensor([IDS])).logits[0].numpy()
         expected_on = PeftModel.from_pretrained(base, adapter_dir)(torch.tensor([IDS])).logits[0].numpy()
     off = sequence_logits(open_model(exported.model_dir), IDS)
-    on = sequence_logits(open_model(exported.model_dir, exported.adapter_file), IDS)
+    merged = open_model(exported.model_dir, exported.adapter_file)
+    run_time = open_model(exported.model_dir, exported.adapter_file, run_time_adapter=True)
+    assert merged.adapter_merged and merged.adapters is None
+    assert not run_time.adapter_merged and run_time.adapters is not None
+    on = sequence_logits(merged, IDS)
+    # the merged graph and the run-time adapter are one computation
+    assert np.array_equal(on, sequence_logits(run_time, IDS))
     # float32 round-off only: measured 2e-7 without and 3e-6 with the adapter, whose own effect is ~1
     assert np.abs(off - expected_off).max() < 1e-4
     assert np.abs(on - expected_on).max() < 1e-4
