@@ -66,8 +66,9 @@ PHI3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 MODEL_FILES = ("model.onnx", "model.onnx.data")
-# onnxruntime-gpu 1.31's CUDA kernels read these switches (strings in libonnxruntime_providers_cuda.so); each
-# int4 variant with CUDA graphs is decoded again under each, in its own process, to see what they are worth.
+# onnxruntime-gpu 1.31's CUDA kernels read these switches (strings in libonnxruntime_providers_cuda.so); with
+# --ort-switches each int4 variant with CUDA graphs is decoded again under each, in its own process. On an H100
+# (2026-11-26, SmolLM2) none beat the default: int4 672 tok/s; fpA_intB 657, small-N GEMV 631, XQA 663.
 ORT_SWITCHES = {
     "fpA_intB": {"ORT_FPA_INTB_GEMM": "1"},  # TensorRT-LLM's weight-only int4 GEMM/GEMV for MatMulNBits
     "small_n_gemv": {"ORT_ENABLE_SMALL_N_GEMV": "1"},  # the LoRA A products have N = rank
@@ -353,7 +354,13 @@ def decode_run(loaded, ids: list[int], new_tokens: int, sample_memory) -> dict:
 
 
 def decode_variant(
-    model_dir: Path, adapter: Path | None, prompt: str, new_tokens: int, repeats: int, gpu: bool
+    model_dir: Path,
+    adapter: Path | None,
+    prompt: str,
+    new_tokens: int,
+    repeats: int,
+    gpu: bool,
+    run_time_adapter: bool = False,
 ):
     """The decode micro-benchmark of one variant (run it in a fresh process): a warm-up generation (CUDA
     graph capture, kernel choice), then ``repeats`` timed ones; medians, the tokens, GPU memory."""
@@ -368,7 +375,7 @@ def decode_variant(
         if handle is not None:
             samples.append(device_used_bytes(handle))
 
-    loaded = open_model(model_dir, adapter)
+    loaded = open_model(model_dir, adapter, run_time_adapter=run_time_adapter)
     ids = prompt_token_ids(loaded, prompt)
     runs = [decode_run(loaded, ids, new_tokens, sample_memory) for _ in range(repeats + 1)][1:]
     return {
@@ -408,18 +415,20 @@ def decode_benchmark(
         shutil.rmtree(plain_dir, ignore_errors=True)
         export_onnx(checkpoint_dir, None, plain_dir, device=args.device)
     adapter = onnx_dir / ADAPTER_FILE
+    # int4+adapter opens the merged graph (what evaluate and chat use); the run-time form is og.Adapters
     plain = {
         "base": (base_dir, None),
         "int4 no branches": (plain_dir, None),
         "int4": (onnx_dir, None),
         "int4+adapter": (onnx_dir, adapter),
+        "int4+run-time adapter": (onnx_dir, adapter),
     }
     variants: dict[str, tuple[Path, Path | None, bool, dict]] = {}
     for label, (folder, adapter_file) in plain.items():
         variants[label] = (folder, adapter_file, False, {})
         if args.device == "gpu":
             variants[f"{label}+cuda_graph"] = (folder, adapter_file, True, {})
-    if args.device == "gpu":
+    if args.device == "gpu" and args.ort_switches:
         for switch, environment in ORT_SWITCHES.items():
             for label in ("int4", "int4+adapter"):
                 folder, adapter_file = plain[label]
@@ -439,6 +448,7 @@ def decode_benchmark(
                 args.decode_tokens,
                 args.decode_repeats,
                 args.device == "gpu",
+                label.startswith("int4+run-time adapter"),
                 environment=environment,
             )
         except Exception as failure:
@@ -504,6 +514,9 @@ def benchmark_model(name: str, args: argparse.Namespace, bandwidth: float | None
     result["adapter_speed_ratio"] = ratio(decode, f"int4+adapter{shipped}", f"int4{shipped}")
     result["speedup_vs_base"] = ratio(decode, f"int4+adapter{shipped}", f"base{shipped}")
     result["empty_branches_speed_ratio"] = ratio(decode, f"int4{shipped}", f"int4 no branches{shipped}")
+    result["run_time_adapter_speed_ratio"] = ratio(
+        decode, f"int4+run-time adapter{shipped}", f"int4{shipped}"
+    )
     return result
 
 
@@ -547,6 +560,7 @@ def print_tables(results: dict) -> None:
             print(
                 f"adapter_speed_ratio {model['adapter_speed_ratio']}  speedup_vs_base {model['speedup_vs_base']}"
                 f"  empty_branches_speed_ratio {model['empty_branches_speed_ratio']}"
+                f"  run_time_adapter_speed_ratio {model['run_time_adapter_speed_ratio']}"
             )
 
 
@@ -568,6 +582,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=300)
     parser.add_argument("--decode-repeats", type=int, default=3)
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument(
+        "--ort-switches", action="store_true", help="also decode under onnxruntime-gpu's kernel switches"
+    )
     parser.add_argument("--bandwidth", type=float, help="device memory bandwidth, B/s (default: known table)")
     args = parser.parse_args()
     names = [name.strip() for name in args.models.split(",") if name.strip()]
