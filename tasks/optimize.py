@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from olivepress.errors import UserError
-from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE
+from olivepress.genai import ADAPTER_FILE, GENAI_CONFIG, MERGED_MODEL_FILE
 from olivepress.lora_graph import Branch, LoraMatrices
 from olivepress.prompts import save_prompt_format
 from olivepress.steps import step_task
@@ -32,6 +32,8 @@ from olivepress.store import ArtifactStore, Manifest
 
 if TYPE_CHECKING:
     from olivepress.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}
@@ -107,10 +109,10 @@ def build_int4_model(
 ) -> None:
     """Build the int4 model from the checkpoint's own integers (q/k/v fused into one node, the builder's
     default, which the LoRA branches keep)."""
-    extra_options = [f"nodes_to_exclude={','.join(FLOAT_NODES)}", *runtime_options(cuda_graph)]
+    extra_options = [f"nodes_to_exclude={','.join(FLOAT_NODES)}"]
     if accuracy_level is not None:
         extra_options.append(f"accuracy_level={accuracy_level}")
-    run_model_builder(checkpoint_dir, out_dir, "int4", execution_provider, extra_options)
+    run_model_builder(checkpoint_dir, out_dir, "int4", execution_provider, extra_options, cuda_graph)
 
 
 def build_base_model(
@@ -120,8 +122,9 @@ def build_base_model(
     as the int4 model has them): the baseline evaluate compares loss, speed and size against, runtime for
     runtime."""
     precision = "fp16" if device == "gpu" else "fp32"
-    options = runtime_options(cuda_graph and device == "gpu")
-    run_model_builder(model_dir, out_dir, precision, EXECUTION_PROVIDERS[device], options)
+    run_model_builder(
+        model_dir, out_dir, precision, EXECUTION_PROVIDERS[device], [], cuda_graph and device == "gpu"
+    )
     return out_dir
 
 
@@ -139,9 +142,15 @@ BUILDER_OPTIONS = ["windowed_kv_cache=false"]
 
 
 def run_model_builder(
-    input_dir: Path, out_dir: Path, precision: str, execution_provider: str, extra_options: list[str]
+    input_dir: Path,
+    out_dir: Path,
+    precision: str,
+    execution_provider: str,
+    extra_options: list[str],
+    cuda_graph: bool = False,
 ) -> None:
-    """Run ONNX Runtime GenAI's model builder with its chatter captured, shown only if it fails."""
+    """Run ONNX Runtime GenAI's model builder with its chatter captured, shown only if it fails; with
+    ``cuda_graph``, ask for CUDA graphs and make the built graph capturable (:func:`prepare_cuda_graph`)."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     chatter = io.StringIO()
@@ -153,7 +162,9 @@ def run_model_builder(
     ):
         args = (None, str(input_dir), str(out_dir), precision, execution_provider, cache_dir)
         try:
-            options = parse_extra_options(*args, [*BUILDER_OPTIONS, *extra_options])
+            options = parse_extra_options(
+                *args, [*BUILDER_OPTIONS, *extra_options, *runtime_options(cuda_graph)]
+            )
             adapt_config_for_builder(options["hf_details"]["hf_config"])
             create_model(*args, **options)
         except UserError:
@@ -162,6 +173,185 @@ def run_model_builder(
             raise RuntimeError(
                 f"the ONNX Runtime GenAI model builder failed:\n{chatter.getvalue()[-4000:]}"
             ) from error
+    if cuda_graph:
+        prepare_cuda_graph(out_dir)
+
+
+CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
+
+
+def prepare_cuda_graph(model_dir: Path) -> None:
+    """Make the built graph capturable in a CUDA graph, or else run the model without one.
+
+    ONNX Runtime refuses graph capture on a graph with control-flow nodes, when the model loads: a run that
+    asked for CUDA graphs would fail. LongRoPE models' (Phi-3, Phi-3.5) one ``If`` is replaced
+    (:func:`select_rope_caches_without_if`); any other control flow turns ``enable_cuda_graph`` off in
+    genai_config.json, with a warning, so the model still runs, only slower.
+    """
+    import onnx
+
+    model_path = model_dir / MODEL_FILE
+    model = onnx.load(str(model_path), load_external_data=False)
+    if select_rope_caches_without_if(model.graph, model_dir):
+        onnx.save(model, str(model_path))
+    control_flow = sorted({node.op_type for node in model.graph.node if node.op_type in CONTROL_FLOW_OPS})
+    if control_flow:
+        disable_cuda_graph(model_dir / GENAI_CONFIG)
+        log.warning(
+            "%s holds control-flow nodes (%s), which ONNX Runtime cannot capture in a CUDA graph: "
+            "the model runs without CUDA graphs (enable_cuda_graph 0)",
+            model_path,
+            ", ".join(control_flow),
+        )
+
+
+def disable_cuda_graph(config_path: Path) -> None:
+    config = json.loads(config_path.read_text())
+    for options in config["model"]["decoder"]["session_options"]["provider_options"]:
+        for provider in options.values():
+            if "enable_cuda_graph" in provider:
+                provider["enable_cuda_graph"] = "0"
+    config_path.write_text(json.dumps(config, indent=4))
+
+
+def select_rope_caches_without_if(graph, model_dir: Path) -> bool:
+    """Replace the builder's LongRoPE cache choice, an ``If``, by a ``Gather`` from both caches stacked.
+
+    For LongRoPE the builder makes short-factor cos/sin caches of T = original_max_position_embeddings rows
+    and long-factor ones of context_length rows, and its ``If`` (then: long, else: short; the caches are
+    ``Constant`` nodes of its branches) picks the long ones once the sequence outgrows T. Here each cache
+    becomes ``Gather(stacked, index)`` with ``stacked`` = [else cache zero-padded to the then cache's rows,
+    then cache]: GroupQueryAttention reads rows only below the total length, so the short cache's padding
+    is never read. The index is 1 when any row's length (GroupQueryAttention's ``seqlens_k`` + 1) is past T,
+    not when the attention mask's width is, as the builder compares: with CUDA graphs ONNX Runtime GenAI
+    decodes with a mask as wide as max_length, so the width would switch to the long cache for every decoded
+    token of a run allowed past T, after a prompt that used the short one. Without graphs the two agree
+    (the longest row is unpadded), so the logits are the builder's.
+
+    The cost is a copy of each chosen cache per forward pass (Phi-3.5 in fp16: 2 x 12.6 MB read and written,
+    some 20 us on an H100, about 1% of a decode step) and both caches at full length in model.onnx and in
+    GPU memory (50 MB for Phi-3.5). CPU exports keep the builder's ``If``: it copies nothing, where these
+    copies would cost a CPU more.
+
+    Returns whether the graph changed; an ``If`` of any other shape is left as it is.
+    """
+    changed = False
+    for node in [node for node in graph.node if node.op_type == "If"]:
+        if choice := rope_cache_choice(graph, node, model_dir):
+            replace_rope_cache_if(graph, node, *choice)
+            changed = True
+    return changed
+
+
+def replace_rope_cache_if(graph, node, seqlens_k: str, threshold: int, caches: list) -> None:
+    """The replacement :func:`select_rope_caches_without_if` describes. Its ops and types all have CUDA
+    kernels at the builder's opset (ReduceSum on int64 as in the builder's own mask subgraph; not ReduceMax,
+    whose int32 CUDA kernel for opset 20 is uncertain): a node left to the CPU would bring a copy, and ONNX
+    Runtime refuses graph capture on a graph with copies too."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    condition, outputs, prefix = node.input[0], list(node.output), node.name.rsplit("/", 1)[0]
+    new_nodes = []
+
+    def add(op_type: str, inputs: list[str], name: str, **attributes) -> str:
+        output = f"{prefix}/{name}/output_0"
+        new_nodes.append(helper.make_node(op_type, inputs, [output], f"{prefix}/{name}", **attributes))
+        return output
+
+    # seqlens_k is int32 (GroupQueryAttention's type), each row's length - 1
+    threshold_name, zero_name = f"{prefix}/long_rows/threshold", f"{prefix}/long_rows/zero"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(threshold - 1, np.int32), threshold_name),
+            numpy_helper.from_array(np.array(0, np.int64), zero_name),
+        ]
+    )
+    past_t = add("Greater", [seqlens_k, threshold_name], "long_rows/Greater")
+    as_int = add("Cast", [past_t], "long_rows/Cast", to=onnx.TensorProto.INT64)
+    count = add("ReduceSum", [as_int], "long_rows/ReduceSum", keepdims=0)
+    any_past_t = add("Greater", [count, zero_name], "long_rows/Greater_1")
+    index = add("Cast", [any_past_t], "long_rows/Cast_1", to=onnx.TensorProto.INT64)
+    for output, (small, large) in zip(outputs, caches, strict=True):
+        rows = max(len(small), len(large))
+        padded = [
+            np.pad(cache, [(0, rows - len(cache))] + [(0, 0)] * (cache.ndim - 1)) for cache in (small, large)
+        ]
+        graph.initializer.append(numpy_helper.from_array(np.stack(padded), f"{output}/stacked"))
+        new_nodes.append(
+            helper.make_node(
+                "Gather", [f"{output}/stacked", index], [output], f"{prefix}/{output}/Gather", axis=0
+            )
+        )
+    nodes = [other for other in graph.node if other is not node]
+    first_user = next(at for at, other in enumerate(nodes) if set(other.input) & set(outputs))
+    nodes[first_user:first_user] = new_nodes
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    remove_unused(graph, [condition])
+
+
+def rope_cache_choice(graph, node, model_dir: Path) -> tuple[str, int, list] | None:
+    """``(seqlens_k, T, [(else cache, then cache) per output])`` when ``node`` is the builder's LongRoPE
+    ``If``: it feeds only GroupQueryAttention nodes, its condition is ``Greater(length, T)`` and each branch
+    output is a ``Constant`` of the same dtype and row size in both branches; else None."""
+    consumers = [user for user in graph.node if set(user.input) & set(node.output)]
+    seqlens_k = {user.input[5] for user in consumers if user.op_type == "GroupQueryAttention"}
+    if (
+        not consumers
+        or len(seqlens_k) != 1
+        or any(user.op_type != "GroupQueryAttention" for user in consumers)
+    ):
+        return None
+    condition = next((other for other in graph.node if node.input[0] in other.output), None)
+    if condition is None or condition.op_type != "Greater":
+        return None
+    threshold = constant_array(graph, condition.input[1], model_dir)
+    if threshold is None or threshold.size != 1:
+        return None
+    branches = {attribute.name: attribute.g for attribute in node.attribute}
+    small, large = (
+        [constant_array(branches[branch], output.name, model_dir) for output in branches[branch].output]
+        for branch in ("else_branch", "then_branch")
+    )
+    caches = list(zip(small, large, strict=True))
+    for short, long in caches:
+        if short is None or long is None or short.dtype != long.dtype or short.shape[1:] != long.shape[1:]:
+            return None
+    return seqlens_k.pop(), int(threshold.item()), caches
+
+
+def constant_array(graph, name: str, model_dir: Path):
+    """The value of ``name`` when an initializer or a ``Constant`` node's ``value`` of ``graph`` holds it
+    (external data read from ``model_dir``), else None."""
+    from onnx import numpy_helper
+
+    tensors = [initializer for initializer in graph.initializer if initializer.name == name] + [
+        attribute.t
+        for node in graph.node
+        if node.op_type == "Constant" and node.output[0] == name
+        for attribute in node.attribute
+        if attribute.name == "value"
+    ]
+    return numpy_helper.to_array(tensors[0], str(model_dir)) if tensors else None
+
+
+def remove_unused(graph, names: list[str]) -> None:
+    """Remove the nodes and initializers behind ``names`` that nothing reads any more, and theirs in turn
+    (ONNX Runtime warns about every unused initializer)."""
+    while names:
+        name = names.pop()
+        if any(name in node.input for node in graph.node) or any(
+            name == output.name for output in graph.output
+        ):
+            continue
+        for initializer in [initializer for initializer in graph.initializer if initializer.name == name]:
+            graph.initializer.remove(initializer)
+        for node in [node for node in graph.node if name in node.output]:
+            if not any(output in other.input for other in graph.node for output in node.output):
+                names.extend(node.input)
+                graph.node.remove(node)
 
 
 def adapt_config_for_builder(config) -> None:
