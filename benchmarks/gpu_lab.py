@@ -405,15 +405,17 @@ def decode_benchmark(
     from olivepress.genai import ADAPTER_FILE
     from olivepress.tasks.optimize import build_base_model, export_onnx
 
+    # built as the flow builds for CUDA graphs (no control flow: a LongRoPE graph keeps the builder's If
+    # otherwise, and refuses capture); the eager variants switch graphs off in their genai_config copy
     base_dir = work / "base-onnx"
     if not (base_dir / "genai_config.json").is_file():
         shutil.rmtree(base_dir, ignore_errors=True)
-        build_base_model(model_dir, base_dir, args.device)
+        build_base_model(model_dir, base_dir, args.device, cuda_graph=args.device == "gpu")
     # the same int4 model exported without an adapter: what the empty LoRA branches cost with none active
     plain_dir = work / "int4-no-branches"
     if not (plain_dir / "genai_config.json").is_file():
         shutil.rmtree(plain_dir, ignore_errors=True)
-        export_onnx(checkpoint_dir, None, plain_dir, device=args.device)
+        export_onnx(checkpoint_dir, None, plain_dir, device=args.device, cuda_graph=args.device == "gpu")
     adapter = onnx_dir / ADAPTER_FILE
     # int4+adapter opens the merged graph (what evaluate and chat use); the run-time form is og.Adapters
     plain = {
