@@ -42,13 +42,25 @@ def write_training_text(tokenizer, examples: list[dict], target: Path, text_temp
     return target
 
 
-def prepare_training_model(checkpoint_dir: Path, target: Path) -> Path:
-    """Save the int4 checkpoint dequantized as a plain HF folder, the input Olive's LoRA pass accepts."""
+def training_dtype(device: str) -> str:
+    """bfloat16 on a GPU; float32 on CPU, where bfloat16 training is slower and no smaller at our sizes."""
+    return "bfloat16" if device == "gpu" else "float32"
+
+
+def prepare_training_model(checkpoint_dir: Path, target: Path, *, device: str) -> Path:
+    """Save the int4 checkpoint dequantized as a plain HF folder, the input Olive's LoRA pass accepts.
+
+    It is saved in the dtype the pass loads it in (:func:`training_dtype`): on a GPU bfloat16, the same
+    float32-to-bfloat16 cast ``from_pretrained`` would make of a float32 folder, so the weights trained on
+    are the same, with half the bytes written and read back.
+    """
+    import torch
     from transformers import AutoTokenizer
 
     from olivepress.int4 import load_dequantized_model
 
-    load_dequantized_model(checkpoint_dir).save_pretrained(target)
+    dtype = getattr(torch, training_dtype(device))
+    load_dequantized_model(checkpoint_dir, dtype).save_pretrained(target)
     AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(target)
     return target
 
@@ -128,8 +140,7 @@ def olive_lora_config(
                 "alpha": settings.lora_alpha,
                 "lora_dropout": settings.lora_dropout,
                 "target_modules": settings.target_modules or decoder_linear_names(model_dir),
-                # bfloat16 training on CPU is slower than float32 and no smaller at this size
-                "torch_dtype": "bfloat16" if on_gpu else "float32",
+                "torch_dtype": training_dtype(device),
                 "train_data_config": "train_data",
                 "training_args": {
                     "output_dir": str(work_dir / "checkpoints"),
@@ -242,7 +253,7 @@ def finetune_lora(
     work_dir.mkdir(parents=True, exist_ok=True)
     if resumable := drop_incomplete_checkpoints(work_dir / "checkpoints"):
         log.info("finetune: resuming from %s", resumable.name)
-    model_dir = prepare_training_model(checkpoint_dir, work_dir / "dequantized")
+    model_dir = prepare_training_model(checkpoint_dir, work_dir / "dequantized", device=device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_file = write_training_text(tokenizer, examples, work_dir / "train.jsonl", text_template)
     config = olive_lora_config(model_dir, train_file, work_dir, settings, device=device, seed=seed)

@@ -146,16 +146,18 @@ def tiny_int4_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return target
 
 
-def make_lora_adapter(checkpoint_dir, target, **lora_options):
+def make_lora_adapter(checkpoint_dir, target, seed=0, **lora_options):
     """A PEFT adapter on the dequantized checkpoint, with a random (not zero) B so it changes the output."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from olivepress.int4 import load_dequantized_model
 
-    torch.manual_seed(0)
     options = {"r": 4, "lora_alpha": 8, "target_modules": LINEARS, "task_type": "CAUSAL_LM", **lora_options}
-    model = get_peft_model(load_dequantized_model(checkpoint_dir), LoraConfig(**options))
+    base = load_dequantized_model(checkpoint_dir)
+    # seeded after loading: the adapter depends on the seed alone, not on how the model was built
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(**options))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:

@@ -18,8 +18,10 @@ from tests.conftest import make_lora_adapter, sample_pairs
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_int4_dir, tmp_path_factory):
+    # on this near-uniform random model a random adapter moves the held-out loss little: seeds 0-5 moved it
+    # 0.2e-2 to 1.5e-2; seed 4, 1.5e-2, more than the ONNX losses' tolerance
     return make_lora_adapter(
-        tiny_int4_dir, tmp_path_factory.mktemp("lora"), target_modules=["q_proj", "v_proj"]
+        tiny_int4_dir, tmp_path_factory.mktemp("lora"), seed=4, target_modules=["q_proj", "v_proj"]
     )
 
 
@@ -53,7 +55,7 @@ def test_onnx_loss_matches_the_pytorch_loss(model_dir, tiny_int4_dir, adapter_di
     expected_on = response_token_loss(PeftModel.from_pretrained(base, adapter_dir), plain.tokenizer, pairs)
     # MatMulNBits' int8 activations move the loss by 1e-5 relative here and 1e-3 on SmolLM2 (3.6535 vs
     # 3.6500 on 20 travel pairs; with float activations both models agree to 1e-6). A wrong weight, mask or
-    # LoRA scaling moves it far more; this adapter moves it by 2e-2 absolute.
+    # LoRA scaling moves it far more; this adapter moves it by 1.5e-2 absolute.
     assert response_loss(plain, pairs) == pytest.approx(expected_off, rel=2e-3)
     assert response_loss(adapted, pairs) == pytest.approx(expected_on, rel=2e-3)
     assert abs(expected_on - expected_off) > 1e-2

@@ -6,6 +6,7 @@ from olivepress.config import FinetuneSettings
 from olivepress.tasks.finetune import (
     finetune_lora,
     olive_lora_config,
+    prepare_training_model,
     read_training_memory,
     write_training_text,
 )
@@ -47,6 +48,28 @@ def test_olive_config_carries_the_settings(tmp_path):
     assert gpu["systems"]["local_system"]["accelerators"][0]["execution_providers"] == [
         "CUDAExecutionProvider"
     ]
+
+
+def test_on_a_gpu_the_training_model_is_saved_as_olive_loads_it(tmp_path, tiny_int4_dir):
+    """bfloat16 on disk (half the bytes), and what the LoRA pass loads from it is what it loaded from the
+    float32 folder: the pass's own dtype, the same cast."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for device in ("cpu", "gpu"):
+        prepare_training_model(tiny_int4_dir, tmp_path / device, device=device)
+    config = olive_lora_config(tmp_path / "gpu", tmp_path, tmp_path, FinetuneSettings(), device="gpu", seed=0)
+    assert config["passes"]["lora"]["torch_dtype"] == "bfloat16"
+    saved = {
+        device: AutoModelForCausalLM.from_pretrained(tmp_path / device, dtype=torch.bfloat16).state_dict()
+        for device in ("cpu", "gpu")
+    }
+    assert saved["gpu"].keys() == saved["cpu"].keys()
+    for name, tensor in saved["gpu"].items():
+        assert torch.equal(tensor, saved["cpu"][name]), name
+    size = {device: (tmp_path / device / "model.safetensors").stat().st_size for device in ("cpu", "gpu")}
+    assert size["gpu"] < 0.6 * size["cpu"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "cpu").dtype == torch.float32
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from olivepress.tasks.quantize import (
     quantize_awq,
     take_int4_weights,
 )
-from tests.conftest import build_tiny_model
+from tests.conftest import ARCHITECTURES, build_tiny_model
 
 TINY_SETTINGS = QuantizeSettings(group_size=32, calibration_samples=8, calibration_max_tokens=64)
 SMOLLM2_SHAPES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, head_dim=64)
@@ -195,3 +195,61 @@ def test_fused_linears_are_stored_split_and_read_back_fused(tmp_path):
     dequantized = load_dequantized_model(tmp_path / "int4")
     fused = f"{layer}.self_attn.qkv_proj"
     assert torch.equal(dequantized.get_submodule(fused).weight, weights[fused].dequantize())
+
+
+def rtn_checkpoint(model_dir, target):
+    """``model_dir`` with every decoder linear rounded to 4 bits, written as an int4 checkpoint."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    weights = {
+        name: rtn_quantize(module.weight.data, 32)
+        for name, module in model.named_modules()
+        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear)
+    }
+    write_int4_checkpoint(model, weights, target, group_size=32)
+    return target
+
+
+def randomly_initialized_then_loaded(checkpoint_dir):
+    """The reference: transformers' random init, then every checkpoint tensor copied over it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    floats, weights = read_int4_checkpoint(checkpoint_dir)
+    model.load_state_dict(
+        {**floats, **{f"{n}.weight": w.dequantize() for n, w in weights.items()}}, strict=False
+    )
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_dequantized_model_skips_the_random_init_and_loads_the_same(tmp_path, architecture):
+    """Every parameter, and every non-persistent buffer (rotary inv_freq, Gemma's embed_scale: computed,
+    not left uninitialized), equals what random init plus load gives; tied embeddings stay tied."""
+    checkpoint = rtn_checkpoint(build_tiny_model(tmp_path / "hf", architecture=architecture), tmp_path / "q")
+    expected, loaded = randomly_initialized_then_loaded(checkpoint), load_dequantized_model(checkpoint)
+
+    for name, tensor in expected.state_dict().items():
+        assert tensor.dtype == loaded.state_dict()[name].dtype
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert expected.state_dict().keys() == loaded.state_dict().keys()
+    buffers = dict(loaded.named_buffers())
+    assert any("inv_freq" in name for name in buffers)
+    for name, buffer in expected.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+    tied = loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert tied == loaded.config.tie_word_embeddings
+    probe = torch.tensor([list(range(5, 40))])
+    with torch.no_grad():
+        assert torch.equal(expected(probe).logits, loaded(probe).logits)
+
+
+def test_dequantized_model_in_bfloat16_is_the_float32_one_cast(tmp_path):
+    checkpoint = rtn_checkpoint(build_tiny_model(tmp_path / "hf", architecture="qwen2"), tmp_path / "q")
+    float32 = load_dequantized_model(checkpoint).state_dict()
+    bfloat16 = load_dequantized_model(checkpoint, torch.bfloat16).state_dict()
+    assert bfloat16.keys() == float32.keys()
+    for name, tensor in bfloat16.items():
+        assert torch.equal(tensor, float32[name].to(torch.bfloat16)), name
