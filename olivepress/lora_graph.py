@@ -5,9 +5,8 @@ attention's output, gate/up the MLP norm's output, down_proj the MLP's product. 
 one ``MatMul`` by the group's A matrices side by side (``x @ [A_q | A_k | A_v]``), then per int4 node of
 the group one ``MatMul`` by that node's block of B (block-diagonal across the group's modules) and an
 ``Add`` onto the node's output. On a GPU, batch-1 decoding is bound by the number of kernels launched, not
-by these matrices' size: a branch per linear (3 kernels × 7 linears a layer, and q/k/v split out of the
-builder's fused QKV node to carry them) halved the decode speed of a 3.8 B model on an H100, while grouped
-branches keep the builder's fused QKV node and launch 14 kernels a layer (11 where gate/up is fused).
+by these matrices' size, so grouping matters: a branch per linear launches 21 kernels a layer and needs
+q/k/v split out of the builder's fused QKV node; grouped branches launch 14 and keep the fused node.
 
 The matrices are graph inputs with empty defaults ([in, 0] and [0, out]): with no adapter active the
 branches multiply by nothing and add zeros; with one active, ONNX Runtime feeds the adapter file's values.
@@ -262,9 +261,9 @@ def write_merged_model(model_path: Path, parameters: dict[str, np.ndarray], targ
     weight file (the references are copied as they are), so it costs the adapter's bytes on disk.
 
     Why: ONNX Runtime's run-time adapters (``og.Adapters``) feed every matrix to each decoding step; on an
-    H100 that halved decode speed against the same matrices held as initializers (8-layer SmolLM2-shaped
-    model, CUDA graphs: 980 against 1,910 tokens/s; rank 1: 1,340). The adapter file stays the switchable
-    form; this graph is the fast one for the adapter it was exported with.
+    H100 with CUDA graphs that decoded at a third of the speed of the same matrices held as initializers
+    (Phi-3.5-mini-shaped: 86 against 259 tokens/s; SmolLM2: 216 against 481; benchmarks/gpu_lab.py). The
+    adapter file stays the switchable form; this graph is the fast one for the adapter it was exported with.
     """
     import onnx
     from onnx import numpy_helper
