@@ -26,22 +26,6 @@ TARGETS = {
 PROMPT = "Plan three days in Lisbon for me: where to stay, what to see and what to eat."
 
 
-def rtn_checkpoint(model_dir: Path, target: Path, group_size: int = 32) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from olivepress.int4 import rtn_quantize, write_int4_checkpoint
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    weights = {
-        name: rtn_quantize(module.weight.data, group_size)
-        for name, module in model.named_modules()
-        if name.startswith("model.layers.") and module.__class__.__name__ == "Linear"
-    }
-    write_int4_checkpoint(model, weights, target, group_size)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
-    return target
-
-
 def random_adapter(checkpoint_dir: Path, target: Path, modules: list[str]) -> Path:
     """A rank-16 PEFT adapter whose B is random (PEFT starts it at zero, which would add nothing)."""
     import torch
@@ -120,10 +104,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from olivepress.default_model import default_model_dir
+    from olivepress.int4 import write_rtn_checkpoint
 
     results = {"model": "SmolLM2-135M-Instruct (int4 RTN, group 32)", "tokens": args.tokens, "targets": {}}
     with tempfile.TemporaryDirectory(prefix="adapter-cost-") as scratch:
-        checkpoint = rtn_checkpoint(default_model_dir(), Path(scratch) / "int4")
+        checkpoint = write_rtn_checkpoint(default_model_dir(), Path(scratch) / "int4")
         for label, modules in TARGETS.items():
             work = Path(scratch) / label.replace("/", "")
             results["targets"][label] = measure(work, checkpoint, modules, args.tokens, args.repeats)

@@ -161,6 +161,23 @@ def join_fused(weights: dict[str, Int4Weight], stored_split: dict[str, list[str]
     return joined
 
 
+def write_rtn_checkpoint(model_dir: Path, target: Path, group_size: int = 32) -> Path:
+    """``model_dir`` with every decoder linear rounded to nearest, as an int4 checkpoint with its tokenizer:
+    for tests and benchmarks that need the checkpoint layout, not the integers AWQ would choose."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    weights = {
+        name: rtn_quantize(module.weight.data, group_size)
+        for name, module in model.named_modules()
+        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear)
+    }
+    write_int4_checkpoint(model, weights, target, group_size)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
+    return target
+
+
 def write_int4_checkpoint(model, weights: dict[str, Int4Weight], out_dir: Path, group_size: int) -> None:
     """Save ``model`` with the linear layers named in ``weights`` stored as packed 4-bit integers.
 

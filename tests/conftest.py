@@ -130,20 +130,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_int4_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model with every decoder linear rounded to 4 bits (RTN), in the builder's checkpoint layout."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from olivepress.int4 import write_rtn_checkpoint
 
-    from olivepress.int4 import rtn_quantize, write_int4_checkpoint
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    weights = {
-        name: rtn_quantize(module.weight.data, 32)
-        for name, module in model.named_modules()
-        if name.startswith("model.layers.") and module.__class__.__name__ == "Linear"
-    }
-    target = tmp_path_factory.mktemp("tiny-int4")
-    write_int4_checkpoint(model, weights, target, group_size=32)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
-    return target
+    return write_rtn_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("tiny-int4"))
 
 
 def make_lora_adapter(checkpoint_dir, target, seed=0, **lora_options):

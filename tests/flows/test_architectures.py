@@ -64,10 +64,10 @@ def test_exported_models_compute_what_pytorch_computes(tmp_path, architecture):
     import numpy as np
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from olivepress.genai import open_model, sequence_logits
-    from olivepress.int4 import load_dequantized_model, rtn_quantize, write_int4_checkpoint
+    from olivepress.int4 import load_dequantized_model, write_rtn_checkpoint
     from olivepress.tasks.optimize import build_base_model, export_onnx
     from tests.conftest import make_lora_adapter
 
@@ -75,14 +75,8 @@ def test_exported_models_compute_what_pytorch_computes(tmp_path, architecture):
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("sliding_window"):  # a window shorter than the 64 tokens, so its masking is checked too
         (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    write_rtn_checkpoint(model_dir, tmp_path / "int4")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    weights = {
-        name: rtn_quantize(module.weight.data, 32)
-        for name, module in model.named_modules()
-        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear)
-    }
-    write_int4_checkpoint(model, weights, tmp_path / "int4", group_size=32)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path / "int4")
     adapter = make_lora_adapter(
         tmp_path / "int4", tmp_path / "lora", target_modules=decoder_linear_names(model_dir)
     )

@@ -27,21 +27,9 @@ def phi3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phi3_int4_dir(phi3_dir, tmp_path_factory):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from olivepress.int4 import write_rtn_checkpoint
 
-    from olivepress.int4 import rtn_quantize, write_int4_checkpoint
-
-    model = AutoModelForCausalLM.from_pretrained(phi3_dir)
-    weights = {
-        name: rtn_quantize(module.weight.data, 32)
-        for name, module in model.named_modules()
-        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear)
-    }
-    target = tmp_path_factory.mktemp("phi3-int4")
-    write_int4_checkpoint(model, weights, target, group_size=32)
-    AutoTokenizer.from_pretrained(phi3_dir).save_pretrained(target)
-    return target
+    return write_rtn_checkpoint(phi3_dir, tmp_path_factory.mktemp("phi3-int4"))
 
 
 def original_length(model_dir) -> int:

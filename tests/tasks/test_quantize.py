@@ -10,7 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from olivepress.config import SAMPLE_DATA, QuantizeSettings
 from olivepress.errors import UserError
-from olivepress.int4 import load_dequantized_model, read_int4_checkpoint, rtn_quantize, write_int4_checkpoint
+from olivepress.int4 import (
+    load_dequantized_model,
+    read_int4_checkpoint,
+    rtn_quantize,
+    write_int4_checkpoint,
+    write_rtn_checkpoint,
+)
 from olivepress.prompts import format_pair
 from olivepress.scoring import response_token_loss, split_by_prompt
 from olivepress.tasks.quantize import (
@@ -197,18 +203,6 @@ def test_fused_linears_are_stored_split_and_read_back_fused(tmp_path):
     assert torch.equal(dequantized.get_submodule(fused).weight, weights[fused].dequantize())
 
 
-def rtn_checkpoint(model_dir, target):
-    """``model_dir`` with every decoder linear rounded to 4 bits, written as an int4 checkpoint."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    weights = {
-        name: rtn_quantize(module.weight.data, 32)
-        for name, module in model.named_modules()
-        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear)
-    }
-    write_int4_checkpoint(model, weights, target, group_size=32)
-    return target
-
-
 def randomly_initialized_then_loaded(checkpoint_dir):
     """The reference: transformers' random init, then every checkpoint tensor copied over it."""
     from transformers import AutoConfig
@@ -228,7 +222,9 @@ def randomly_initialized_then_loaded(checkpoint_dir):
 def test_dequantized_model_skips_the_random_init_and_loads_the_same(tmp_path, architecture):
     """Every parameter, and every non-persistent buffer (rotary inv_freq, Gemma's embed_scale: computed,
     not left uninitialized), equals what random init plus load gives; tied embeddings stay tied."""
-    checkpoint = rtn_checkpoint(build_tiny_model(tmp_path / "hf", architecture=architecture), tmp_path / "q")
+    checkpoint = write_rtn_checkpoint(
+        build_tiny_model(tmp_path / "hf", architecture=architecture), tmp_path / "q"
+    )
     expected, loaded = randomly_initialized_then_loaded(checkpoint), load_dequantized_model(checkpoint)
 
     for name, tensor in expected.state_dict().items():
@@ -247,7 +243,7 @@ def test_dequantized_model_skips_the_random_init_and_loads_the_same(tmp_path, ar
 
 
 def test_dequantized_model_in_bfloat16_is_the_float32_one_cast(tmp_path):
-    checkpoint = rtn_checkpoint(build_tiny_model(tmp_path / "hf", architecture="qwen2"), tmp_path / "q")
+    checkpoint = write_rtn_checkpoint(build_tiny_model(tmp_path / "hf", architecture="qwen2"), tmp_path / "q")
     float32 = load_dequantized_model(checkpoint).state_dict()
     bfloat16 = load_dequantized_model(checkpoint, torch.bfloat16).state_dict()
     assert bfloat16.keys() == float32.keys()
