@@ -145,6 +145,8 @@ def group_branches(
             rank = matrices.a.shape[1]
             b[row : row + rank, start : start + width] = matrices.b
             row += rank
+        if (layer, group) not in node_modules:
+            raise RuntimeError(f"the exported graph has no int4 node for layer {layer}'s {group} linears")
         b_per_node = {}
         for node_module in node_modules[(layer, group)]:
             start = column_start[parts_of(node_module)[0]]

@@ -167,6 +167,12 @@ def test_split_peft_modules_map_onto_fused_node_and_unadapted_columns_stay_zero(
     assert set(split.b_per_node) == {"q_proj", "v_proj"}  # no B, hence no product, for k
 
 
+def test_a_group_the_graph_has_no_node_for_is_an_error():
+    down = LoraMatrices(a=np.ones((16, 2)), b=np.ones((2, 8)))
+    with pytest.raises(RuntimeError, match="no int4 node for layer 0's down"):
+        group_branches({"model.layers.0.mlp.down_proj": down}, {(0, "o"): ["o_proj"]}, SIZES)
+
+
 def test_matrices_of_another_model_are_refused():
     with pytest.raises(UserError, match="columns"):
         group_branches({"model.layers.0.self_attn.o_proj": lora(2, 5, 0)}, {(0, "o"): ["o_proj"]}, SIZES)
