@@ -175,18 +175,17 @@ def int4_node_modules(graph) -> dict[tuple[int, str], list[str]]:
     return {key: sorted(modules, key=lambda m: order.index(parts_of(m)[0])) for key, modules in found.items()}
 
 
-def graft_branches(model_path: Path, branches: list[Branch]) -> dict[str, np.ndarray]:
-    """Add the branches to the model file; returns the adapter's parameters, in the graph's float type.
+def graft_branches(graph, branches: list[Branch]) -> dict[str, np.ndarray]:
+    """Add the branches to ``graph`` (an onnx GraphProto, in place); returns the adapter's parameters, in
+    the graph's float type.
 
-    The external weight data is not touched. A group's A product goes right after its first int4 node (its
-    input exists there), each B product and sum right after the int4 node it adds to, so every consumer
-    of that node's output, which now reads the sum, still comes later.
+    A group's A product goes right after its first int4 node (its input exists there), each B product and
+    sum right after the int4 node it adds to, so every consumer of that node's output, which now reads the
+    sum, still comes later.
     """
     import onnx
     from onnx import helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    graph = model.graph
     nodes = {node.name: node for node in graph.node}
     initializers = {initializer.name: initializer for initializer in graph.initializer}
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
@@ -242,7 +241,6 @@ def graft_branches(model_path: Path, branches: list[Branch]) -> dict[str, np.nda
         ordered += [node, *inserted_after.get(node.name, [])]
     del graph.node[:]
     graph.node.extend(ordered)
-    onnx.save(model, str(model_path))
     return parameters
 
 
@@ -257,10 +255,11 @@ def add_lora_input(graph, name: str, dtype: int, shape: list, empty_shape: tuple
     )
 
 
-def write_merged_model(model_path: Path, parameters: dict[str, np.ndarray], target: Path) -> None:
-    """The grafted model with ``parameters`` as its LoRA matrices' initializers instead of inputs: the
-    adapter merged, its branches unchanged. It sits beside ``model_path`` and shares its external int4
-    weight file (the references are copied as they are), so it costs the adapter's bytes on disk.
+def write_merged_model(model, parameters: dict[str, np.ndarray], target: Path) -> None:
+    """A copy of the grafted ``model`` (an onnx ModelProto loaded without its external data) with
+    ``parameters`` as its LoRA matrices' initializers instead of inputs: the adapter merged, its branches
+    unchanged. Written beside the model, it shares the external int4 weight file (the references are copied
+    as they are), so it costs the adapter's bytes on disk.
 
     Why: ONNX Runtime's run-time adapters (``og.Adapters``) feed every matrix to each decoding step; on an
     H100 with CUDA graphs that decoded at a third of the speed of the same matrices held as initializers
@@ -270,8 +269,9 @@ def write_merged_model(model_path: Path, parameters: dict[str, np.ndarray], targ
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    graph = model.graph
+    merged = onnx.ModelProto()
+    merged.CopyFrom(model)
+    graph = merged.graph
     for index, initializer in enumerate(graph.initializer):
         if initializer.name in parameters:
             graph.initializer[index].CopyFrom(
@@ -280,7 +280,7 @@ def write_merged_model(model_path: Path, parameters: dict[str, np.ndarray], targ
     inputs = [value for value in graph.input if value.name not in parameters]
     del graph.input[:]
     graph.input.extend(inputs)
-    onnx.save(model, str(target))
+    onnx.save(merged, str(target))
 
 
 def write_adapter(parameters: dict[str, np.ndarray], path: Path) -> None:

@@ -83,11 +83,11 @@ def export_onnx(
     )
     adapter_file = None
     if lora:
-        graph = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False).graph
+        model = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False)  # the graph, not the weights
         sizes = part_sizes(json.loads((checkpoint_dir / "config.json").read_text()))
-        branches = group_branches(lora, int4_node_modules(graph), sizes)
+        branches = group_branches(lora, int4_node_modules(model.graph), sizes)
         adapter_file = out_dir / ADAPTER_FILE
-        add_lora_branches(out_dir / MODEL_FILE, branches, adapter_file)
+        add_lora_branches(model, branches, out_dir)
     model_files = [out_dir / MODEL_FILE, *out_dir.glob(f"{MODEL_FILE}.data")]
     return ExportResult(
         model_dir=out_dir,
@@ -445,14 +445,18 @@ def read_lora(adapter_dir: Path) -> dict[str, LoraMatrices]:
     return lora
 
 
-def add_lora_branches(model_path: Path, branches: list[Branch], adapter_file: Path) -> None:
-    """Graft the branches onto the model, write their matrices (in the graph's float type) as the adapter
-    file, and the graph with them merged beside it (:func:`olivepress.lora_graph.write_merged_model`)."""
+def add_lora_branches(model, branches: list[Branch], out_dir: Path) -> None:
+    """Graft the branches onto ``model`` and save it, write their matrices (in the graph's float type) as
+    the adapter file, and the graph with them merged beside it
+    (:func:`olivepress.lora_graph.write_merged_model`). The external weight data is not touched."""
+    import onnx
+
     from olivepress.lora_graph import graft_branches, write_adapter, write_merged_model
 
-    parameters = graft_branches(model_path, branches)
-    write_adapter(parameters, adapter_file)
-    write_merged_model(model_path, parameters, model_path.parent / MERGED_MODEL_FILE)
+    parameters = graft_branches(model.graph, branches)
+    onnx.save(model, str(out_dir / MODEL_FILE))
+    write_adapter(parameters, out_dir / ADAPTER_FILE)
+    write_merged_model(model, parameters, out_dir / MERGED_MODEL_FILE)
 
 
 @step_task("optimize", "onnx")
