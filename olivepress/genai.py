@@ -126,18 +126,30 @@ class TextStream:
 
 
 def stream_generate(
-    loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int, on_text: Callable[[str], None]
+    loaded: LoadedModel,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    on_text: Callable[[str], None],
+    max_length: int | None = None,
 ) -> GenerationStats:
-    """Generate with the search options of genai_config.json, passing each new piece of text to ``on_text``."""
+    """Generate with the search options of genai_config.json, passing each new piece of text to ``on_text``.
+
+    ``max_length`` (prompt plus new tokens; default: just enough) sizes the generator. With CUDA graphs,
+    ONNX Runtime GenAI reuses a captured graph only for generators of the same max_length
+    (``CapturedGraphPool``): a series of generations that shares one reuses the graph captured by the
+    first instead of capturing a new one each time.
+    """
     import numpy as np
 
-    generator = new_generator(loaded, max_length=len(prompt_ids) + max_new_tokens)
+    if max_length is not None and max_length < len(prompt_ids) + 1:
+        raise ValueError(f"max_length {max_length} leaves no room after a {len(prompt_ids)}-token prompt")
+    generator = new_generator(loaded, max_length=max_length or len(prompt_ids) + max_new_tokens)
     stream = TextStream(loaded.tokenizer)
     started = time.perf_counter()
     first_token_at = None
     new_tokens = 0
     generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
-    while not generator.is_done():
+    while new_tokens < max_new_tokens and not generator.is_done():
         generator.generate_next_token()
         token = int(generator.get_next_tokens()[0])
         new_tokens += 1

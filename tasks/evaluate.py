@@ -150,15 +150,23 @@ def evaluate_models(
             gpu_memory[variant] = variant_peak_mib(
                 model_dir, adapter, prompts[0]["prompt"], text_template, settings.max_new_tokens
             )
-    models, peak_memory = {}, {}
+    models, peak_memory, prompt_ids, max_length = {}, {}, {}, {}
     can_measure_memory = peak_rss_reset()
     for variant, (model_dir, adapter) in sources.items():
         gc.collect()
         before = rss_mib("VmRSS") if can_measure_memory else 0.0
         peak_rss_reset()
         models[variant] = open_model(model_dir, adapter)
-        warm_up = prompt_token_ids(models[variant], prompts[0]["prompt"], text_template)
-        stream_generate(models[variant], warm_up, settings.max_new_tokens, lambda _text: None)
+        prompt_ids[variant] = [
+            prompt_token_ids(models[variant], pair["prompt"], text_template) for pair in prompts
+        ]
+        # one generator length for every prompt of the variant: with CUDA graphs the warm-up's capture is
+        # then replayed by every later generation rather than each one capturing its own (see stream_generate)
+        max_length[variant] = max(map(len, prompt_ids[variant])) + settings.max_new_tokens
+        warm_up = prompt_ids[variant][0]
+        stream_generate(
+            models[variant], warm_up, settings.max_new_tokens, lambda _text: None, max_length[variant]
+        )
         peak_memory[variant] = rss_mib("VmHWM") - before if can_measure_memory else None
 
     losses = {variant: response_loss(models[variant], held_out, text_template) for variant in VARIANTS}
@@ -168,17 +176,19 @@ def evaluate_models(
     decode_seconds = dict.fromkeys(VARIANTS, 0.0)
     first_token = {variant: [] for variant in VARIANTS}
     generated = dict.fromkeys(VARIANTS, 0)
-    for index, pair in enumerate(prompts, start=1):
+    for index in range(len(prompts)):
         for variant in VARIANTS:
             pieces: list[str] = []
-            ids = prompt_token_ids(models[variant], pair["prompt"], text_template)
-            stats = stream_generate(models[variant], ids, settings.max_new_tokens, pieces.append)
+            ids = prompt_ids[variant][index]
+            stats = stream_generate(
+                models[variant], ids, settings.max_new_tokens, pieces.append, max_length[variant]
+            )
             outputs[variant].append("".join(pieces).strip())
             first_token[variant].append(stats.time_to_first_token_s)
             generated[variant] += stats.new_tokens
             decode_tokens[variant] += max(stats.new_tokens - 1, 0)
             decode_seconds[variant] += stats.seconds - stats.time_to_first_token_s
-        log.info("evaluate: generated for %d/%d held-out prompts", index, len(prompts))
+        log.info("evaluate: generated for %d/%d held-out prompts", index + 1, len(prompts))
 
     references = [pair["response"] for pair in prompts]
     return [

@@ -42,6 +42,19 @@ def test_generation_streams_text_with_and_without_adapter(model_dir, with_adapte
     assert all(isinstance(piece, str) and piece for piece in pieces)
 
 
+def test_a_longer_generator_generates_the_same_tokens(model_dir):
+    """Evaluate sizes every generator of a variant alike (graph reuse on CUDA); the text must not change."""
+    loaded = open_model(model_dir)
+    ids = prompt_token_ids(loaded, "Where should I go?")
+    short, long = [], []
+    short_stats = stream_generate(loaded, ids, 8, short.append)
+    long_stats = stream_generate(loaded, ids, 8, long.append, max_length=len(ids) + 40)
+    assert short_stats.new_tokens == long_stats.new_tokens
+    assert "".join(long) == "".join(short)
+    with pytest.raises(ValueError, match="no room"):
+        stream_generate(loaded, ids, 8, long.append, max_length=len(ids))
+
+
 def test_onnx_loss_matches_the_pytorch_loss(model_dir, tiny_int4_dir, adapter_dir):
     from peft import PeftModel
 
