@@ -1,0 +1,192 @@
+"""What a LoRA branch costs at batch-1 decoding on CUDA, form by form, with CUDA graphs (run on a GPU).
+
+A synthetic decoder stack isolates the branches from the rest of a model: ``--layers`` layers, each two
+int4 linears (``MatMulNBits``, hidden → intermediate → hidden, Phi-3.5-mini's sizes by default), replayed
+through one captured CUDA graph as ONNX Runtime GenAI replays a decode step. Every form puts one branch on
+each linear; the table gives tokens/s and the microseconds each form adds per branch over the stack
+without branches. The forms:
+
+* ``none``: no branches (the int4 stack alone).
+* ``empty``: the exported graph with no adapter active (A is [in, 0], B is [0, out]).
+* ``matmul``: the export's form: ``MatMul(x, A)``, ``MatMul(·, B)``, ``Add`` onto the int4 output.
+* ``fused_t``: A stored transposed and multiplied by ``com.microsoft.FusedMatMul`` (transB), a different
+  cuBLAS path for the skinny ``x @ A``.
+* ``gemm``: 2-D ``Gemm`` of ``x @ A`` by B with the int4 output as C (beta 1), the Add folded into cuBLAS.
+
+    python benchmarks/lora_branch_forms.py --out benchmarks/results/lora_branch_forms.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+FORMS = ("none", "empty", "matmul", "fused_t", "gemm")
+
+
+def int4_linear(nodes, inits, name: str, x: str, k: int, n: int, block: int, rng) -> str:
+    from onnx import helper, numpy_helper
+
+    blocks = k // block
+    packed = rng.integers(0, 256, size=(n, blocks, block // 2), dtype=np.uint8)
+    scales = (rng.random(n * blocks, dtype=np.float32) * 1e-3).astype(np.float16)
+    inits += [numpy_helper.from_array(packed, f"{name}.q"), numpy_helper.from_array(scales, f"{name}.s")]
+    nodes.append(
+        helper.make_node(
+            "MatMulNBits",
+            [x, f"{name}.q", f"{name}.s"],
+            [f"{name}.y"],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=4,
+            block_size=block,
+        )
+    )
+    return f"{name}.y"
+
+
+def branch(form: str, nodes, inits, name: str, x: str, y: str, k: int, n: int, rank: int, rng) -> str:
+    """The output of linear ``y`` (input ``x``, k → n) with a LoRA branch of ``form`` added."""
+    from onnx import helper, numpy_helper
+
+    if form == "none":
+        return y
+    r = 0 if form == "empty" else rank
+    a = (rng.standard_normal((k, r), dtype=np.float32) * 1e-2).astype(np.float16)
+    b = (rng.standard_normal((r, n), dtype=np.float32) * 1e-2).astype(np.float16)
+    inits.append(numpy_helper.from_array(b, f"{name}.B"))
+    if form in ("empty", "matmul"):
+        inits.append(numpy_helper.from_array(a, f"{name}.A"))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}.A"], [f"{name}.xa"]))
+    elif form == "fused_t":
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(a.T), f"{name}.At"))
+        nodes.append(
+            helper.make_node(
+                "FusedMatMul", [x, f"{name}.At"], [f"{name}.xa"], domain="com.microsoft", transB=1
+            )
+        )
+    if form == "gemm":
+        inits.append(numpy_helper.from_array(a, f"{name}.A"))
+        inits.append(numpy_helper.from_array(np.array([1, k], dtype=np.int64), f"{name}.in2d"))
+        inits.append(numpy_helper.from_array(np.array([1, n], dtype=np.int64), f"{name}.out2d"))
+        inits.append(numpy_helper.from_array(np.array([1, 1, n], dtype=np.int64), f"{name}.out3d"))
+        nodes.append(helper.make_node("Reshape", [x, f"{name}.in2d"], [f"{name}.x2"]))
+        nodes.append(helper.make_node("MatMul", [f"{name}.x2", f"{name}.A"], [f"{name}.xa"]))
+        nodes.append(helper.make_node("Reshape", [y, f"{name}.out2d"], [f"{name}.y2"]))
+        nodes.append(helper.make_node("Gemm", [f"{name}.xa", f"{name}.B", f"{name}.y2"], [f"{name}.s2"]))
+        nodes.append(helper.make_node("Reshape", [f"{name}.s2", f"{name}.out3d"], [f"{name}.sum"]))
+        return f"{name}.sum"
+    nodes.append(helper.make_node("MatMul", [f"{name}.xa", f"{name}.B"], [f"{name}.delta"]))
+    nodes.append(helper.make_node("Add", [y, f"{name}.delta"], [f"{name}.sum"]))
+    return f"{name}.sum"
+
+
+def build(form: str, layers: int, hidden: int, intermediate: int, rank: int, block: int, path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    x = "x"
+    for layer in range(layers):
+        up = int4_linear(nodes, inits, f"l{layer}.up", x, hidden, intermediate, block, rng)
+        up = branch(form, nodes, inits, f"l{layer}.up", x, up, hidden, intermediate, rank, rng)
+        down = int4_linear(nodes, inits, f"l{layer}.down", up, intermediate, hidden, block, rng)
+        x = branch(form, nodes, inits, f"l{layer}.down", up, down, intermediate, hidden, rank, rng)
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        form,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 1, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 1, hidden])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    onnx.save(model, path, save_as_external_data=True, location=f"{path.name}.data")
+
+
+def tokens_per_second(path: Path, hidden: int, steps: int, repeats: int) -> list[float]:
+    """Runs per second of one captured-graph replay (one decode step's worth), ``repeats`` times."""
+    import onnxruntime as ort
+
+    providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
+    session = ort.InferenceSession(str(path), providers=providers)
+    x = ort.OrtValue.ortvalue_from_numpy(np.full((1, 1, hidden), 0.01, dtype=np.float16), "cuda", 0)
+    y = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, hidden), np.float16, "cuda", 0)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x", x)
+    binding.bind_ortvalue_output("y", y)
+    for _ in range(3):  # a regular run, the capture, a replay
+        session.run_with_iobinding(binding)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(steps):
+            session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        rates.append(steps / (time.perf_counter() - started))
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=3072)
+    parser.add_argument("--intermediate", type=int, default=8192)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--forms", default=",".join(FORMS))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lora-branch-forms"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lora_branch_forms.json"))
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for form in args.forms.split(","):
+        path = args.work / f"{form}.onnx"
+        build(form, args.layers, args.hidden, args.intermediate, args.rank, args.block_size, path)
+        try:
+            rates = tokens_per_second(path, args.hidden, args.steps, args.repeats)
+            results[form] = {"runs_per_s": [round(r, 1) for r in rates], "median": float(np.median(rates))}
+        except Exception as error:  # a form this build of onnxruntime cannot capture is a finding too
+            results[form] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    branches = 2 * args.layers
+    base = results.get("none", {}).get("median")
+    print(f"{'form':<10} {'steps/s':>9} {'µs/step':>9} {'µs/branch':>10}")
+    for form, row in results.items():
+        if "median" not in row:
+            print(f"{form:<10} {row['error']}")
+            continue
+        per_step = 1e6 / row["median"]
+        row["us_per_branch"] = (per_step - 1e6 / base) / branches if base else None
+        extra = f"{row['us_per_branch']:10.2f}" if row["us_per_branch"] is not None else ""
+        print(f"{form:<10} {row['median']:9.1f} {per_step:9.1f} {extra}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "onnxruntime": ort.__version__,
+                "device": ort.get_device(),
+                "settings": {k: str(v) for k, v in vars(args).items()},
+                "forms": results,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
