@@ -21,11 +21,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.tasks import exponential_backoff
 
-from olivepress.atomic import atomic_write_text
-from olivepress.cache_keys import folder_sha256, records_sha256, step_key
+from olivepress.cache_keys import records_sha256, step_key
 from olivepress.config import RunConfig
 from olivepress.errors import UserError
-from olivepress.registry import file_sha256
+from olivepress.files import atomic_write_text, file_sha256, folder_bytes, folder_sha256
 from olivepress.retry import RetryPolicy
 from olivepress.scoring import split_by_prompt
 from olivepress.store import ArtifactStore, Manifest, fetch_file
@@ -69,12 +68,6 @@ class StepRecord:
     seconds: float
     output: str | None = None
     output_bytes: int | None = None
-
-
-def folder_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
 
 
 def new_run_dir(config: RunConfig) -> Path:

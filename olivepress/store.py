@@ -21,9 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -31,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from olivepress.registry import file_sha256
+from olivepress.files import (
+    atomic_file,
+    atomic_write_bytes,
+    file_sha256,
+    folder_listing,
+    move_into_place,
+    staging_dir,
+)
 from olivepress.retry import RetryPolicy, with_retries
 
 log = logging.getLogger(__name__)
@@ -63,14 +68,6 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
         return cls(data["step"], data["key"], data["publish_id"], data["files"])
-
-
-def describe_folder(folder: Path) -> dict[str, dict[str, Any]]:
-    return {
-        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
 
 
 class ArtifactStore:
@@ -151,8 +148,7 @@ class ArtifactStore:
                 return folder
             except CorruptArtifact:
                 shutil.rmtree(folder)
-        staging = folder.with_name(f".tmp-{uuid.uuid4().hex}")
-        try:
+        with staging_dir(folder.parent) as staging:
             for name in manifest.files:
                 remote = self._path(manifest.step, manifest.key, manifest.publish_id, name)
                 target = staging / name
@@ -163,16 +159,13 @@ class ArtifactStore:
                     self.retry,
                 )
             verify(staging, manifest)
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):  # another run placed the same verified copy first
-                os.rename(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            # False: another run placed the same verified copy first
+            move_into_place(staging, folder, replace=False)
         return folder
 
     def publish(self, step: str, key: str, folder: Path) -> Manifest:
         """Upload ``folder``'s files under a new publish-id, then the manifest; return the manifest."""
-        manifest = Manifest(step, key, uuid.uuid4().hex, describe_folder(folder))
+        manifest = Manifest(step, key, uuid.uuid4().hex, folder_listing(folder))
         for name in manifest.files:
             remote = self._path(step, key, manifest.publish_id, name)
             local = folder / name
@@ -219,20 +212,15 @@ class ArtifactStore:
         if manifest := self.complete(step, key):
             log.info("%s: reusing the output published for this input (key %s)", step, key[:12])
             return manifest
-        staging = Path(tempfile.mkdtemp(prefix=f"{step}-", dir=self.scratch_root()))
-        try:
+        with staging_dir(self.scratch_root(), prefix=f"{step}-") as staging:
             compute(staging)
             return self.publish(step, key, staging)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def _write_manifest(self, manifest: Manifest) -> None:
         target = self._path(manifest.step, manifest.key, MANIFEST)
         data = manifest.to_json().encode("utf-8")
         if self.is_local:  # a local rename is atomic; the temporary name never looks like a manifest
-            temporary = self._path(manifest.step, manifest.key, f".tmp-{manifest.publish_id}-{MANIFEST}")
-            Path(temporary).write_bytes(data)
-            os.replace(temporary, target)
+            atomic_write_bytes(Path(target), data)
             return
         # one S3 PUT is atomic: readers see the old object or the new one
         with_retries(lambda: self.fs.pipe_file(target, data), f"writing {target}", self.retry)
@@ -251,13 +239,8 @@ def fetch_file(uri: str, target_dir: Path, storage_options: dict[str, Any], retr
 
     fs, remote = fsspec.core.url_to_fs(uri, **storage_options)
     target = target_dir / hashlib.sha256(uri.encode()).hexdigest()[:16] / remote.rsplit("/", 1)[-1]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".tmp-{uuid.uuid4().hex}")
-    try:
+    with atomic_file(target) as partial:
         with_retries(lambda: fs.get_file(remote, str(partial)), f"downloading {uri}", retry)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
     return target
 
 

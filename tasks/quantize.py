@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from olivepress.config import QuantizeSettings, RunConfig
+from olivepress.config import QuantizeSettings, RunConfig, group_size_problem
 from olivepress.errors import UserError
 from olivepress.int4 import Int4Weight, write_int4_checkpoint
 from olivepress.prompts import format_pair
@@ -25,7 +25,6 @@ from olivepress.store import ArtifactStore, Manifest
 
 log = logging.getLogger(__name__)
 
-ALLOWED_GROUP_SIZES = (16, 32, 64, 128)  # block sizes ORT's MatMulNBits runs on CPU and GPU
 AWQ_GRID_POINTS = 20  # llm-compressor's default; 10 halves AWQ's time but cost ~0.04 held-out loss on SmolLM2
 IGNORED_LINEARS = ["lm_head"]  # tied to the embeddings in small models; 4 bits there cost the most accuracy
 
@@ -52,22 +51,14 @@ def quantized_input_sizes(config) -> dict[str, int]:
 
 
 def check_group_size(config, group_size: int) -> None:
-    """Raise a UserError unless ``group_size`` is allowed and divides every quantized input size."""
-    if group_size not in ALLOWED_GROUP_SIZES:
-        raise UserError(f"quantize.group_size must be one of {ALLOWED_GROUP_SIZES}, not {group_size}")
+    """Raise a UserError unless ``group_size`` is allowed and divides every quantized input size of the model
+    (HF ``config``): the rule of :func:`olivepress.config.group_size_problem`, on this model's sizes."""
     _check_divides(quantized_input_sizes(config), group_size)
 
 
 def _check_divides(sizes: dict[str, int], group_size: int) -> None:
-    for name, size in sizes.items():
-        if size % group_size:
-            usable = [g for g in ALLOWED_GROUP_SIZES if all(s % g == 0 for s in sizes.values())]
-            raise UserError(
-                f"quantize.group_size = {group_size} does not divide {name} = {size} of this model; "
-                f"use one of {usable}"
-                if usable
-                else f"quantize.group_size: no allowed group size {ALLOWED_GROUP_SIZES} divides {name} = {size}"
-            )
+    if problem := group_size_problem(group_size, sizes):
+        raise UserError(problem)
 
 
 def calibration_token_ids(

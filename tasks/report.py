@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from olivepress.atomic import atomic_dir
+from olivepress.files import atomic_dir
 
 if TYPE_CHECKING:
     from olivepress.config import RunConfig

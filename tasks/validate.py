@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from olivepress.atomic import atomic_write_text
 from olivepress.errors import UserError
+from olivepress.files import atomic_write_text
 from olivepress.steps import step_task
 from olivepress.store import ArtifactStore, Manifest
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from olivepress.config import load_config
+from olivepress.files import file_sha256
 from olivepress.flows.pipeline import (
     StepRecord,
     format_summary,
@@ -13,7 +14,7 @@ from olivepress.flows.pipeline import (
     new_run_dir,
     olivepress_flow,
 )
-from olivepress.registry import LocalRegistry, file_sha256
+from olivepress.registry import LocalRegistry
 from olivepress.tasks.evaluate import GateFailed
 from olivepress.tasks.register import register_model
 from olivepress.tasks.validate import InvalidData

@@ -1,10 +1,22 @@
 import json
 from pathlib import Path
+from typing import get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
 
 from olivepress.architectures import SUPPORTED_ARCHITECTURES
-from olivepress.config import SAMPLE_DATA, RunConfig, load_config
+from olivepress.config import (
+    GROUP_SIZES,
+    SAMPLE_DATA,
+    FinetuneSettings,
+    RunConfig,
+    ValidationSettings,
+    checked,
+    group_size_problem,
+    load_config,
+    setting_fields,
+)
 from olivepress.errors import UserError
 from tests.conftest import ARCHITECTURES
 
@@ -134,3 +146,128 @@ def test_a_model_the_builder_cannot_export_is_refused_before_any_step(tmp_path, 
 
 def test_every_supported_architecture_has_a_tiny_model_in_the_tests():
     assert set(SUPPORTED_ARCHITECTURES) == set(ARCHITECTURES)
+
+
+def _all_fields(model: type[BaseModel], prefix: str = "") -> dict[str, tuple[str | None, bool]]:
+    """Every field of ``model`` and of the models inside it: dotted name -> (description, is a section)."""
+    fields = {}
+    for name, info in model.model_fields.items():
+        sections = [
+            kind
+            for kind in (info.annotation, *get_args(info.annotation))
+            if isinstance(kind, type) and get_origin(kind) is None and issubclass(kind, BaseModel)
+        ]
+        fields[f"{prefix}{name}"] = (info.description, bool(sections))
+        for section in sections:
+            fields |= _all_fields(section, f"{prefix}{name}.")
+    return fields
+
+
+def test_every_setting_and_section_has_a_description():
+    """The Prefect run form and `olivepress run --help` are built from these descriptions."""
+    fields = _all_fields(RunConfig)
+    assert len(fields) > 50
+    assert [name for name, (description, _) in fields.items() if not (description or "").strip()] == []
+    leaves = [name for name, (_, is_section) in fields.items() if not is_section]
+    assert [dotted for dotted, _ in setting_fields()] == leaves, "--set and --help list every setting"
+
+
+def test_set_reaches_nested_fields_parsed_as_yaml(tmp_path):
+    path = write_yaml(tmp_path, "gate:\n  min_rouge_l: 0.3\nregistry:\n  name: from-file\n")
+    config = load_config(
+        path,
+        {"finetune.max_steps": 5},
+        [
+            "finetune.max_steps=7",
+            "finetune.learning_rate=1e-4",
+            "finetune.gradient_checkpointing=true",
+            "finetune.target_modules=[q_proj, v_proj]",
+            "gate.min_rouge_l=null",
+            "registry.name=1.0",
+            "text_template={prompt} -> {response}",
+            "evaluate.held_out_fraction=0.25",
+            "optimize.cuda_graph=false",
+        ],
+    )
+    assert config.finetune.max_steps == 7, "--set comes after the flags"
+    assert config.finetune.learning_rate == 1e-4
+    assert config.finetune.gradient_checkpointing is True
+    assert config.finetune.target_modules == ["q_proj", "v_proj"]
+    assert config.gate.min_rouge_l is None, "null unsets a value from the file"
+    assert config.registry.name == "1.0", "text settings keep the text"
+    assert config.text_template == "{prompt} -> {response}"
+    assert config.evaluate.held_out_fraction == 0.25
+    assert config.optimize.cuda_graph is False
+
+
+def test_set_may_fill_a_nested_section():
+    config = load_config(
+        assignments=[
+            "registry.backend=azureml",
+            "registry.azureml.subscription_id=sub",
+            "registry.azureml.resource_group=rg",
+            "registry.azureml.workspace_name=ws",
+        ]
+    )
+    assert config.registry.azureml.workspace_name == "ws"
+
+
+@pytest.mark.parametrize(
+    ("assignment", "expected"),
+    [
+        (
+            "finetune.lora_rank=8",
+            "unknown setting 'finetune.lora_rank': section 'finetune' has no 'lora_rank'",
+        ),
+        ("fintune.max_steps=8", "unknown setting 'fintune.max_steps': the config has no 'fintune'"),
+        ("seed.value=1", "unknown setting 'seed.value': seed is a single setting, not a section"),
+        ("finetune.max_steps", "expected SECTION.FIELD=VALUE"),
+        ("=3", "expected SECTION.FIELD=VALUE"),
+    ],
+)
+def test_set_of_an_unknown_setting_names_it(assignment, expected):
+    with pytest.raises(UserError) as caught:
+        load_config(assignments=[assignment])
+    assert expected in str(caught.value)
+
+
+def test_unknown_setting_lists_the_valid_names():
+    with pytest.raises(UserError) as caught:
+        load_config(assignments=["finetune.lora_rank=8"])
+    for name in FinetuneSettings.model_fields:
+        assert name in str(caught.value)
+    with pytest.raises(UserError) as caught:
+        load_config(assignments=["fintune.max_steps=8"])
+    for name in RunConfig.model_fields:
+        assert name in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("assignment", "expected"),
+    [
+        ("finetune.max_steps=zero", "finetune.max_steps: Input should be a valid integer"),
+        ("finetune.max_steps=0", "finetune.max_steps: Input should be greater than or equal to 1"),
+        ("quantize.group_size=48", "quantize.group_size: Input should be 16, 32, 64 or 128"),
+        ("device=tpu", "device: Input should be 'cpu' or 'gpu'"),
+        ("model=/nonexistent/model", "model: /nonexistent/model is not a folder"),
+    ],
+)
+def test_a_bad_value_given_with_set_names_the_field(assignment, expected):
+    with pytest.raises(UserError) as caught:
+        load_config(assignments=[assignment])
+    assert expected in str(caught.value)
+
+
+def test_group_size_rule_lives_in_the_config():
+    assert GROUP_SIZES == (16, 32, 64, 128)
+    assert group_size_problem(32, {"hidden_size": 576}) is None
+    assert "does not divide hidden_size = 576" in group_size_problem(128, {"hidden_size": 576})
+    assert "must be one of" in group_size_problem(48)
+
+
+def test_checked_applies_a_sections_rules_naming_the_section():
+    assert checked(ValidationSettings, "validation", min_chars=2, max_chars=9).max_chars == 9
+    with pytest.raises(UserError, match=r"validation: min_chars \(10\) is larger than max_chars \(5\)"):
+        checked(ValidationSettings, "validation", min_chars=10, max_chars=5)
+    with pytest.raises(UserError, match=r"validation\.min_chars: Input should be greater than or equal to 1"):
+        checked(ValidationSettings, "validation", min_chars=0, max_chars=5)
