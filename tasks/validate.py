@@ -10,11 +10,14 @@ Decisions worth knowing:
   one in the middle usually means a broken paste or merge. Blank lines after the last record are harmless
   editor leftovers, so they are only warned about.
 - Extra keys are allowed and ignored; each one is warned about once, on the first line that has it.
+- A key that appears twice in one object is an error naming it: JSON parsers keep one of the values
+  silently, so the line would not train on what it seems to say.
 - Duplicate prompts and duplicate prompt/response pairs are warnings, not errors: repeats are legitimate
   in small datasets, but they weigh those examples more in training.
 - Issues about the file as a whole (no records at all) carry line 0.
 - read_examples uses the same reader but not the GX rules: their bounds belong to the run's config, and the
   flow runs validate_jsonl first; loading data for later steps then costs no GX import.
+- The bounds themselves (min_chars, max_chars) are checked by the config's ValidationSettings only.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from olivepress.config import ValidationSettings, checked
 from olivepress.errors import UserError
 from olivepress.files import atomic_write_text
 from olivepress.steps import step_task
@@ -104,12 +108,15 @@ class ValidationReport:
         }
 
 
+DEFAULTS = ValidationSettings()
+
+
 def validate_jsonl(
-    path: str | os.PathLike[str], *, min_chars: int = 1, max_chars: int = 4000
+    path: str | os.PathLike[str], *, min_chars: int = DEFAULTS.min_chars, max_chars: int = DEFAULTS.max_chars
 ) -> ValidationReport:
-    """Check every line of a {"prompt", "response"} JSON Lines file; raise UserError only if unreadable."""
-    if not 0 <= min_chars <= max_chars:
-        raise UserError(f"need 0 <= min_chars <= max_chars, got min_chars={min_chars}, max_chars={max_chars}")
+    """Check every line of a {"prompt", "response"} JSON Lines file; raise UserError only if unreadable or
+    if the bounds break the config's rules (ValidationSettings)."""
+    checked(ValidationSettings, "validation", min_chars=min_chars, max_chars=max_chars)
     path = Path(path)
     n_lines, records, errors, warnings = _read_lines(path)
     if records:
@@ -193,8 +200,9 @@ def _parse_lines(lines: list[bytes]) -> tuple[list[dict[str, Any]], list[LineIss
             blank_lines.append(number)
             continue
         last_content_line = number
+        duplicated_keys: list[str] = []
         try:
-            value = json.loads(raw.decode("utf-8"))
+            value = json.loads(raw.decode("utf-8"), object_pairs_hook=_object_noting(duplicated_keys))
         except UnicodeDecodeError as exc:
             reason = f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)"
             errors.append(LineIssue(number, reason))
@@ -205,6 +213,12 @@ def _parse_lines(lines: list[bytes]) -> tuple[list[dict[str, Any]], list[LineIss
         if not isinstance(value, dict):
             reason = f'expected a JSON object with "prompt" and "response", got {_json_kind(value)}'
             errors.append(LineIssue(number, reason))
+            continue
+        if duplicated_keys:
+            errors += [
+                LineIssue(number, f'duplicate key "{key}": a JSON object may hold each key once', key)
+                for key in dict.fromkeys(duplicated_keys)
+            ]
             continue
         field_errors = [
             LineIssue(number, f'"{field}" must be a string, got {_json_kind(value[field])}', field)
@@ -235,6 +249,21 @@ def _parse_lines(lines: list[bytes]) -> tuple[list[dict[str, Any]], list[LineIss
         for key, key_lines in lines_by_extra_key.items()
     ]
     return records, errors, warnings
+
+
+def _object_noting(duplicated_keys: list[str]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A json.loads object_pairs_hook that builds each object as usual and notes every key it saw twice
+    (in any object of the line, nested ones included)."""
+
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value: dict[str, Any] = {}
+        for key, item in pairs:
+            if key in value:
+                duplicated_keys.append(key)
+            value[key] = item
+        return value
+
+    return build
 
 
 def _json_kind(value: Any) -> str:

@@ -245,6 +245,36 @@ def test_bounds_out_of_order_are_a_user_error(tmp_path):
         validate_jsonl(write_jsonl(tmp_path, [good_line(1)]), min_chars=10, max_chars=5)
 
 
+def test_a_duplicated_key_is_a_bad_line_naming_the_key(tmp_path):
+    path = write_jsonl(tmp_path, with_bad_line(b'{"prompt": "a", "prompt": "b", "response": "c"}'))
+
+    report = validate_jsonl(path)
+
+    assert error_lines(report) == [BAD_LINE]
+    assert report.errors[0].field == "prompt"
+    assert (
+        report.to_text() == f'line {BAD_LINE}: duplicate key "prompt": a JSON object may hold each key once'
+    )
+    assert report.n_records == 4, "the line is not a record: neither value is silently kept"
+    with pytest.raises(UserError, match=rf'line {BAD_LINE}: duplicate key "prompt"'):
+        read_examples(path)
+
+
+def test_each_duplicated_key_of_a_line_is_named_once(tmp_path):
+    line = b'{"prompt": "a", "response": "b", "response": "c", "tag": 1, "tag": 2, "tag": 3}'
+    report = validate_jsonl(write_jsonl(tmp_path, with_bad_line(line)))
+
+    assert [(issue.line, issue.field) for issue in report.errors] == [
+        (BAD_LINE, "response"),
+        (BAD_LINE, "tag"),
+    ]
+
+
+def test_bounds_follow_the_configs_rules(tmp_path):
+    with pytest.raises(UserError, match=r"validation\.min_chars: Input should be greater than or equal to 1"):
+        validate_jsonl(write_jsonl(tmp_path, [good_line(1)]), min_chars=0)
+
+
 def test_read_examples_refuses_a_file_with_unreadable_lines(tmp_path):
     path = write_jsonl(tmp_path, with_bad_line(b"[1, 2]"))
 
