@@ -155,16 +155,17 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
     ]
     model = str(config.model) if config.model else "SmolLM2-135M-Instruct (default)"
     gpu_peak = training_gpu_peak(inputs.training_memory)
-    training_notes = f"\n\n{gpu_peak}" if gpu_peak else ""
+    training_notes = f"\n\n{gpu_peak}." if gpu_peak else ""
     return "\n\n".join(
         [
             f"# olivepress run: gate {'passed' if gate.passed else 'FAILED'}",
             f"Model `{model}` on `{Path(str(config.data)).name}` ({config.device}); flow run `{inputs.flow_run_id or '-'}`.",
             "## Data\n\n"
-            f"- file `{config.data}`, SHA-256 `{inputs.data_sha256}`\n"
-            f"- validation: valid, {inputs.n_records} records, {inputs.n_warnings} warnings (see validation.txt)\n"
-            f"- split by prompt (seed {config.seed}): {inputs.train_pairs} training pairs, "
-            f"{inputs.held_out_pairs} held out; {evaluation.generation_prompts} held-out prompts generated from",
+            f"- File `{config.data}`, SHA-256 `{inputs.data_sha256}`.\n"
+            f"- Validation: valid, {inputs.n_records} records, {inputs.n_warnings} warnings (see validation.txt).\n"
+            f"- Split by prompt (seed {config.seed}): {inputs.train_pairs} training pairs, "
+            f"{inputs.held_out_pairs} held out. ROUGE-L and decode speed come from greedy generations for "
+            f"{evaluation.generation_prompts} of the held-out prompts.",
             "## Steps\n\n" + markdown_table(step_rows),
             "## Metrics on held-out data\n\n"
             + markdown_table(metrics_rows(evaluation))
@@ -175,9 +176,9 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
             "## Gate\n\n" + markdown_table(gate_rows),
             "## Training\n\n"
             f"{len(inputs.loss_history)} steps, loss {inputs.loss_history[0]['loss']:.3f} → "
-            f"{inputs.loss_history[-1]['loss']:.3f}{training_notes}\n\n![training loss]({image[LOSS_PLOT]})"
+            f"{inputs.loss_history[-1]['loss']:.3f}.{training_notes}\n\n![training loss]({image[LOSS_PLOT]})"
             if inputs.loss_history
-            else f"## Training\n\nno loss history{training_notes}",
+            else f"## Training\n\nNo loss history.{training_notes}",
         ]
     )
 

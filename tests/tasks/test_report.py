@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 from olivepress.config import load_config
@@ -60,6 +61,30 @@ def test_report_folder_holds_the_page_its_plots_and_the_records(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
     assert "gpu_mem_mib" not in page and "GPU memory" not in page, "a CPU run shows no GPU columns"
     assert not (report_dir / "training_memory.json").exists()
+
+
+def test_every_sentence_of_the_report_ends():
+    page = render_markdown(inputs(), {"comparison.png": "c.png", "training_loss.png": "t.png"})
+    assert (
+        "- Split by prompt (seed 0): 65 training pairs, 16 held out. ROUGE-L and decode speed come from "
+        "greedy generations for 16 of the held-out prompts.\n" in page
+    )
+    prose = [
+        line
+        for line in page.splitlines()
+        if line.strip() and not line.startswith(("#", "|", "!["))  # headings, tables, images
+    ]
+    assert prose and [line for line in prose if not line.endswith(".")] == []
+
+
+def test_the_training_notes_end_too():
+    memory = {"peak_allocated_mib": 9000.4, "peak_reserved_mib": 10240.0, "allocated_at_start_mib": 7.0}
+    images = {"comparison.png": "c.png", "training_loss.png": "t.png"}
+    page = render_markdown(inputs(training_memory=memory), images)
+    assert "2 steps, loss 3.500 → 3.100.\n\npeak GPU memory in training (torch): 9000 MiB allocated, " in page
+    assert "10240 MiB reserved.\n" in page
+    no_history = dataclasses.replace(inputs(), loss_history=[])
+    assert "## Training\n\nNo loss history." in render_markdown(no_history, images)
 
 
 def test_a_failed_gate_is_the_headline_and_marks_the_failing_check():
