@@ -28,7 +28,10 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from olivepress.config import RunConfig
+from olivepress.errors import InvalidArgument
 
 TARGETS = ("process", "docker-gpu", "kubernetes-gpu")
 POOL_TYPES = {"process": "process", "docker-gpu": "docker", "kubernetes-gpu": "kubernetes"}
@@ -223,11 +226,11 @@ def deploy(
     from olivepress.flows.pipeline import olivepress_flow
 
     if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise InvalidArgument(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
+        raise InvalidArgument("concurrency must be at least 1")
     if target == "docker-gpu" and concurrency != 1:
-        raise ValueError(
+        raise InvalidArgument(
             "a Docker GPU pool drives one GPU (gpu_device): create one pool per GPU, "
             "e.g. --pool olivepress-docker-gpu-1 --name docker-gpu-1 --gpu-device 1"
         )
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--gpu-device", default="0")
-    parser.add_argument("--device", choices=("cpu", "gpu"))
+    parser.add_argument("--device", choices=get_args(RunConfig.model_fields["device"].annotation))
     parser.add_argument(
         "--config", type=json.loads, help="JSON object of RunConfig defaults for the run form"
     )

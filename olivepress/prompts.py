@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from olivepress.errors import InvalidArgument
+
 PROMPT_FIELD = "{prompt}"
 RESPONSE_FIELD = "{response}"
 
@@ -33,7 +35,11 @@ def format_pair(tokenizer, prompt: str, response: str, text_template: str | None
         [*user, {"role": "assistant", "content": response}], tokenize=False
     )
     if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template renders the prompt differently with and without an answer")
+        raise InvalidArgument(
+            "the model's chat template renders the prompt differently with and without an answer, so the "
+            "response cannot be told apart from the prompt; set text_template (e.g. --set "
+            "'text_template=Question: {prompt} Answer: {response}') to format the examples yourself"
+        )
     return FormattedPair(prompt_text=prompt_text, full_text=full_text)
 
 

@@ -6,6 +6,7 @@ of the set and divided once by their count, so long answers weigh by their lengt
 
 from __future__ import annotations
 
+from olivepress.errors import InvalidArgument
 from olivepress.prompts import format_pair
 
 DEFAULT_MAX_TOKENS = 512
@@ -55,7 +56,10 @@ def response_token_loss(
     finally:
         model.train(was_training)
     if total_tokens == 0:
-        raise ValueError("no response tokens to score: every response is empty or cut off by max_tokens")
+        raise InvalidArgument(
+            "no response tokens to score: every response is empty or cut off by max_tokens "
+            f"({max_tokens}); raise the limit or shorten the prompts"
+        )
     return total_loss / total_tokens
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from olivepress.deployments import deploy as dp
+from olivepress.errors import UserError
 from tests.conftest import REPO_ROOT
 
 DOCKERFILES = [REPO_ROOT / "docker" / "Dockerfile.gpu", REPO_ROOT / "docker" / "Dockerfile.cpu"]
@@ -116,6 +117,19 @@ def test_run_form_shows_defaults_descriptions_and_bounds():
     assert gate["max_perplexity_ratio"]["description"] and "default" in gate["max_perplexity_ratio"]
 
 
+def test_every_field_of_the_run_form_has_a_description():
+    """The form is built from the flow's parameter schema, so from RunConfig's field descriptions."""
+    definitions = flow_parameter_schema()["definitions"]
+    undescribed = [
+        f"{model}.{name}"
+        for model, definition in definitions.items()
+        for name, field in definition.get("properties", {}).items()
+        if not field.get("description")
+    ]
+    assert undescribed == []
+    assert {"RunConfig", "FinetuneSettings", "AzureMLSettings"} <= set(definitions)
+
+
 def test_a_bad_value_is_refused_by_the_schema():
     from prefect.utilities.schema_tools import ValidationError, validate
 
@@ -128,6 +142,8 @@ def test_deploy_refuses_what_it_cannot_do():
         dp.deploy("slurm")
     with pytest.raises(ValueError, match="one pool per GPU"):
         dp.deploy("docker-gpu", concurrency=2)
+    with pytest.raises(UserError, match="concurrency must be at least 1"):  # exit 1 from the CLI
+        dp.deploy("process", concurrency=0)
 
 
 def test_config_overrides_merge_into_the_targets_defaults():

@@ -1,6 +1,7 @@
 import pytest
 
 from olivepress.errors import UserError
+from olivepress.prompts import format_pair
 from olivepress.scoring import split_by_prompt
 
 
@@ -32,3 +33,15 @@ def test_small_data_keeps_one_prompt_on_each_side():
 def test_one_distinct_prompt_cannot_be_split():
     with pytest.raises(UserError, match="1 distinct prompt"):
         split_by_prompt(pairs(["same", "same"]), 0.2, seed=0)
+
+
+def test_a_chat_template_that_moves_the_prompt_is_a_user_error():
+    """The CLI exits 1 with the message (a user error), not 2 as for an unforeseen failure."""
+
+    class Template:
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            return "<q>" + messages[0]["content"] + ("</q>" if add_generation_prompt else "|")
+
+    with pytest.raises(UserError, match="set text_template") as caught:
+        format_pair(Template(), "Where?", "Here.")
+    assert isinstance(caught.value, ValueError)
