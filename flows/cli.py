@@ -3,11 +3,86 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import textwrap
 from pathlib import Path
+from typing import get_args
 
+from olivepress.config import load_config, setting_field, setting_fields
 from olivepress.errors import UserError
+
+# The named flags of `run` are shortcuts for these settings; every other setting is reachable with --set.
+RUN_FLAGS = {
+    "--model": "model",
+    "--data": "data",
+    "--device": "device",
+    "--max-steps": "finetune.max_steps",
+    "--calibration-samples": "quantize.calibration_samples",
+    "--output": "output",
+    "--registry": "registry.path",
+}
+VALIDATE_FLAGS = {"--min-chars": "validation.min_chars", "--max-chars": "validation.max_chars"}
+
+
+def shown(value: object) -> str:
+    """A default as it would be written in the config file or after --set."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
+
+
+def describe(dotted: str) -> str:
+    """A setting's --help text: its description in the config, and its default."""
+    info = setting_field(dotted)
+    default = shown(info.get_default(call_default_factory=True))
+    return f"{info.description} [setting {dotted}, default {default}]".replace("%", "%%")
+
+
+def settings_epilog(prefix: str = "") -> str:
+    """Every setting (under ``prefix``) with its default and description, for --help: --set's reference."""
+    lines = [
+        "settings for --set SECTION.FIELD=VALUE (the config file's keys; VALUE is YAML: 3, 0.5, true, "
+        "null, [a, b]):"
+    ]
+    for dotted, info in setting_fields():
+        if not dotted.startswith(prefix):
+            continue
+        lines.append(f"  {dotted} = {shown(info.get_default(call_default_factory=True))}")
+        lines += textwrap.wrap(
+            info.description or "", width=100, initial_indent=" " * 6, subsequent_indent=" " * 6
+        )
+    return "\n".join(lines)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    """--config, --set and the named flags, each flag's help taken from its setting's description."""
+    parser.add_argument("--config", type=Path, help="YAML run config; the flags and --set override it")
+    parser.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="set any setting (repeatable; applied after --config and the flags, the last one winning), "
+        "e.g. --set finetune.learning_rate=1e-4 --set gate.min_rouge_l=0.2",
+    )
+    for flag, dotted in flags.items():
+        info = setting_field(dotted)
+        kinds = get_args(info.annotation)
+        options: dict = {"dest": dotted.replace(".", "__"), "help": describe(dotted), "metavar": "PATH"}
+        if info.annotation is int:
+            options.update(type=int, metavar="N")
+        elif kinds and all(isinstance(kind, str) for kind in kinds):  # a Literal of names: argparse choices
+            options.update(choices=kinds, metavar=None)
+        parser.add_argument(flag, **options)
+
+
+def config_from(args: argparse.Namespace, flags: dict[str, str], **fixed):
+    """The RunConfig that --config, the named flags, --set and ``fixed`` settings describe."""
+    overrides = {dotted: getattr(args, dotted.replace(".", "__")) for dotted in flags.values()}
+    return load_config(args.config, {**overrides, **fixed}, args.assignments)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,23 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser(
-        "run", help="validate, quantize (AWQ), fine-tune (LoRA), export to ONNX, evaluate the gate, register"
+        "run",
+        help="validate, quantize (AWQ), fine-tune (LoRA), export to ONNX, evaluate the gate, register",
+        epilog=settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--config", type=Path, help="YAML run config; flags below override it")
-    run.add_argument("--model", type=Path, help="Hugging Face model folder (default: SmolLM2-135M-Instruct)")
-    run.add_argument(
-        "--data", help="JSONL of {prompt, response}: a path or s3:// URI (default: the shipped sample)"
-    )
-    run.add_argument("--device", choices=["cpu", "gpu"], help="where to train and which ONNX target to build")
-    run.add_argument("--max-steps", type=int, help="LoRA training steps")
-    run.add_argument("--calibration-samples", type=int, help="examples AWQ calibrates on")
-    run.add_argument("--output", type=Path, help="folder that receives the run folder (default: ./runs)")
-    run.add_argument("--registry", type=Path, help="local registry folder (default: ./registry)")
+    add_config_arguments(run, RUN_FLAGS)
 
-    validate = commands.add_parser("validate", help="check a JSONL file; exit 1 with one line per bad line")
-    validate.add_argument("file", type=Path)
-    validate.add_argument("--min-chars", type=int, default=1)
-    validate.add_argument("--max-chars", type=int, default=4000)
+    validate = commands.add_parser(
+        "validate",
+        help="check a JSONL file; exit 1 with one line per bad line",
+        description=textwrap.fill(
+            "Check a JSONL file with the validation settings a run would use: --config's validation section, "
+            "then the flags, then --set validation.FIELD=VALUE. The whole config is checked as run checks it, "
+            "FILE standing in for its data.",
+            width=100,
+        ),
+        epilog=settings_epilog("validation."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    validate.add_argument("file", type=Path, help="JSON Lines file of {prompt, response} pairs")
+    add_config_arguments(validate, VALIDATE_FLAGS)
 
     chat = commands.add_parser("chat", help="generate from an exported model, streaming, with tokens/s")
     chat.add_argument("model_dir", type=Path, help="the run's onnx folder")
@@ -60,20 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from olivepress.config import load_config
-
-    config = load_config(
-        args.config,
-        {
-            "model": args.model,
-            "data": args.data,
-            "device": args.device,
-            "output": args.output,
-            "finetune.max_steps": args.max_steps,
-            "quantize.calibration_samples": args.calibration_samples,
-            "registry.path": args.registry,
-        },
-    )
+    config = config_from(args, RUN_FLAGS)
     from olivepress.flows.pipeline import new_run_dir, olivepress_flow
 
     run_dir = new_run_dir(config)
@@ -90,7 +156,11 @@ def command_run(args: argparse.Namespace) -> int:
 def command_validate(args: argparse.Namespace) -> int:
     from olivepress.tasks.validate import validate_jsonl
 
-    report = validate_jsonl(args.file, min_chars=args.min_chars, max_chars=args.max_chars)
+    # The whole config is checked as `run` would check it; FILE stands in for its data (a missing FILE is
+    # left to validate_jsonl, which says so in its own words).
+    config = config_from(args, VALIDATE_FLAGS, data=args.file if args.file.is_file() else None)
+    settings = config.validation
+    report = validate_jsonl(args.file, min_chars=settings.min_chars, max_chars=settings.max_chars)
     for issue in report.warnings:
         print(f"warning: line {issue.line}: {issue.reason}", file=sys.stderr)
     if not report.ok:
@@ -109,8 +179,6 @@ def command_chat(args: argparse.Namespace) -> int:
 
 
 def command_models(args: argparse.Namespace) -> int:
-    from olivepress.config import load_config
-
     config = load_config(args.config, {"registry.path": args.registry})
     if config.registry.backend == "azureml":
         from olivepress.azure_registry import list_azureml

@@ -1,4 +1,4 @@
-"""One typed config per run: a YAML file, then CLI flags on top, validated before any compute."""
+"""One typed config per run: a YAML file, then CLI flags and --set on top, validated before any compute."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from olivepress.config import SAMPLE_DATA
+from olivepress.config import SAMPLE_DATA, setting_fields
+from olivepress.flows.cli import RUN_FLAGS, VALIDATE_FLAGS, build_parser, config_from, main
 
 
 def olivepress(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -107,3 +108,112 @@ def test_models_on_an_empty_registry_says_so(tmp_path):
     result = olivepress("models", "--registry", str(tmp_path / "none"))
     assert result.returncode == 0
     assert "no registered models" in result.stdout
+
+
+def parsed_config(*argv: str):
+    args = build_parser().parse_args(list(argv))
+    return config_from(args, RUN_FLAGS if args.command == "run" else VALIDATE_FLAGS)
+
+
+def test_set_reaches_nested_settings_of_the_run_config(tmp_path):
+    config = parsed_config(
+        "run",
+        "--set",
+        "finetune.lora_dropout=0.1",
+        "--set",
+        "registry.azureml={subscription_id: s, resource_group: g, workspace_name: w}",
+        "--set",
+        "registry.backend=azureml",
+        "--set",
+        "evaluate.generation_samples=4",
+        "--set",
+        "store.uri=s3://bucket/prefix",
+    )
+    assert config.finetune.lora_dropout == 0.1
+    assert config.registry.backend == "azureml" and config.registry.azureml.workspace_name == "w"
+    assert config.evaluate.generation_samples == 4
+    assert config.store.uri == "s3://bucket/prefix"
+
+
+def test_the_named_flags_are_the_same_settings_as_set(tmp_path):
+    flags = parsed_config(
+        "run",
+        *("--device", "gpu", "--max-steps", "7", "--calibration-samples", "3"),
+        *("--output", str(tmp_path / "out"), "--registry", str(tmp_path / "reg"), "--data", str(SAMPLE_DATA)),
+    )
+    sets = parsed_config(
+        "run",
+        *("--set", "device=gpu", "--set", "finetune.max_steps=7", "--set", "quantize.calibration_samples=3"),
+        *("--set", f"output={tmp_path / 'out'}", "--set", f"registry.path={tmp_path / 'reg'}"),
+        *("--set", f"data={SAMPLE_DATA}"),
+    )
+    assert flags == sets
+    assert flags.finetune.max_steps == 7 and flags.registry.path == tmp_path / "reg"
+    assert parsed_config("run", "--max-steps", "7", "--set", "finetune.max_steps=9").finetune.max_steps == 9
+
+
+def test_help_describes_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    run_help = capsys.readouterr().out
+    for dotted, info in setting_fields():
+        assert f"  {dotted} = " in run_help
+        assert info.description.split()[0] in run_help
+    assert "Optimizer steps of LoRA training. [setting finetune.max_steps, default 60]" in " ".join(
+        run_help.split()
+    )
+
+
+def test_run_refuses_an_unknown_setting_naming_it_and_the_valid_ones(tmp_path):
+    result = olivepress("run", "--set", "finetune.lora_rank=8", "--output", str(tmp_path))
+    assert result.returncode == 1
+    assert "unknown setting 'finetune.lora_rank': section 'finetune' has no 'lora_rank'" in result.stderr
+    assert "lora_r, lora_alpha" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_names_the_field_of_a_bad_set_value(tmp_path):
+    result = olivepress("run", "--set", "gate.min_rouge_l=2", "--output", str(tmp_path))
+    assert result.returncode == 1
+    assert "gate.min_rouge_l: Input should be less than or equal to 1" in result.stderr
+
+
+def short_answers(tmp_path: Path) -> Path:
+    data = tmp_path / "short.jsonl"
+    data.write_text(
+        '{"prompt": "Where to eat?", "response": "Go"}\n{"prompt": "What to see?", "response": "The old town."}\n',
+        encoding="utf-8",
+    )
+    return data
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["--set", "validation.min_chars=3"],
+        ["--min-chars", "3"],
+        ["--config", "run.yaml"],
+    ],
+)
+def test_validate_takes_the_runs_validation_settings(tmp_path, settings):
+    (tmp_path / "run.yaml").write_text("validation:\n  min_chars: 3\n", encoding="utf-8")
+    data = short_answers(tmp_path)
+    assert olivepress("validate", str(data), cwd=tmp_path).returncode == 0, "min_chars is 1 by default"
+
+    result = olivepress("validate", str(data), *settings, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "line 1: response is 2 characters, fewer than min_chars=3" in result.stderr
+
+
+def test_validate_refuses_bad_validation_settings_by_field_name(tmp_path):
+    result = olivepress("validate", str(short_answers(tmp_path)), "--set", "validation.max_chars=0")
+    assert result.returncode == 1
+    assert "validation.max_chars: Input should be greater than or equal to 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_deploy_argument_the_target_cannot_take_is_a_user_error():
+    result = olivepress("deploy", "process", "--concurrency", "0")
+    assert result.returncode == 1, result.stderr
+    assert "olivepress: concurrency must be at least 1" in result.stderr
