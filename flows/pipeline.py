@@ -72,13 +72,15 @@ class StepRecord:
 
 def new_run_dir(config: RunConfig) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    run_dir = config.output / f"run-{stamp}"
+    config.output.mkdir(parents=True, exist_ok=True)
     suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = config.output / f"run-{stamp}-{suffix}"
-    run_dir.mkdir(parents=True)
-    return run_dir
+    while True:  # claimed by mkdir itself: two runs starting in the same second get two folders
+        run_dir = config.output / (f"run-{stamp}" if suffix == 1 else f"run-{stamp}-{suffix}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            suffix += 1
 
 
 def resolve_model_dir(config: RunConfig) -> Path:
@@ -200,7 +202,8 @@ def run_step(
 ):
     """One cached step: Prefect's cache is used only while the store holds a verified output for ``key``.
 
-    Returns the step's manifest and a local folder with its verified files.
+    Returns the step's manifest and a local folder with its verified files. A step that another run
+    computed while this one waited for the key's lock (see ``ArtifactStore.produce``) counts as reused.
     """
     reusable = store.complete(name, key) is not None
     retries = config.retries.step_attempts - 1
@@ -213,6 +216,8 @@ def run_step(
         retry_jitter_factor=config.retries.jitter,
     )
     manifest = timed(records, name, configured, store, key, config, *args, reused=reusable)
+    if (name, key) not in store.computed:
+        records[-1].status = "reused"
     return manifest, store.local_copy(manifest)
 
 

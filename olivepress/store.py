@@ -11,6 +11,13 @@ publish-id holds them) last, in one atomic write. So:
   sets are whole, so either is a correct answer;
 * a corrupted file (one byte changed) fails verification, and the step is recomputed rather than used.
 
+Two runs that need the same missing output at once compute it once: :meth:`ArtifactStore.produce` holds a
+lock per step key while it computes and publishes (a ``filelock`` on ``<root>/<step>/<key>.lock`` for a
+local store; on S3 a lease object ``<root>/<step>/<key>.lease`` taken with a conditional put, see
+:mod:`olivepress.s3_lease`). The other run waits, then finds the manifest and reuses the output. A step's
+scratch that must survive a crash (training checkpoints) lives in :meth:`ArtifactStore.work_dir`, named by
+store and key and used only under that lock.
+
 Files stream in chunks (upload, download, hashing); nothing is held in memory whole. Store operations
 retry transient failures (connection errors, S3 5xx and throttling) with exponential backoff and jitter.
 """
@@ -24,7 +31,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,7 @@ from typing import Any
 from olivepress.files import (
     atomic_file,
     atomic_write_bytes,
+    file_lock,
     file_sha256,
     folder_listing,
     move_into_place,
@@ -92,6 +100,8 @@ class ArtifactStore:
         # folders this store object already hashed against a manifest: the flow and the step's task both
         # ask for the same output, and hashing a 500 MB model once per run is enough
         self._verified: dict[tuple[str, str, str], Path] = {}
+        # (step, key) of the outputs this store object computed, not reused (the run's summary tells them)
+        self.computed: set[tuple[str, str]] = set()
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -204,17 +214,50 @@ class ArtifactStore:
         self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
         self.fs.put_file(str(local), remote)
 
+    def work_dir(self, step: str, key: str) -> Path:
+        """A step's scratch folder that outlives a crash, so that a re-run resumes from it (training
+        checkpoints): named by this store and ``key``, used only by the holder of the key's lock
+        (:meth:`produce`), and removed once the output is published."""
+        store_id = hashlib.sha256(self.fs.unstrip_protocol(self.root).encode()).hexdigest()[:8]
+        return self.cache_dir / "work" / f"{step}-{key[:16]}-{store_id}"
+
+    @contextlib.contextmanager
+    def key_lock(self, step: str, key: str) -> Iterator[None]:
+        """Hold the lock of ``step``/``key`` in this store, waiting while another run holds it."""
+        waiting = f"{step}: another run is computing this output (key {key[:12]}); waiting for it"
+        if self.is_local:
+            with file_lock(Path(self._path(step, f"{key}.lock")), waiting):
+                yield
+            return
+        from olivepress.s3_lease import S3Lease
+
+        lease = S3Lease(self.fs, self._path(step, f"{key}.lease"), retry=self.retry)
+        lease.acquire(waiting)
+        try:
+            yield
+        finally:
+            lease.release()
+
     def produce(self, step: str, key: str, compute: Callable[[Path], object]) -> Manifest:
         """The step's output for ``key``: reused if published and intact, else computed and published.
 
-        ``compute`` fills an empty local folder; a crash inside it leaves nothing in the store.
+        ``compute`` fills an empty local folder; a crash inside it leaves nothing in the store. It runs
+        under the key's lock: a concurrent run of the same key waits, then reuses what this one published.
         """
         if manifest := self.complete(step, key):
             log.info("%s: reusing the output published for this input (key %s)", step, key[:12])
             return manifest
-        with staging_dir(self.scratch_root(), prefix=f"{step}-") as staging:
-            compute(staging)
-            return self.publish(step, key, staging)
+        with self.key_lock(step, key):
+            self.fs.invalidate_cache(self._path(step, key))  # s3fs may remember the listing from before
+            if manifest := self.complete(step, key):
+                log.info("%s: reusing the output another run published meanwhile (key %s)", step, key[:12])
+            else:
+                with staging_dir(self.scratch_root(), prefix=f"{step}-") as staging:
+                    compute(staging)
+                    manifest = self.publish(step, key, staging)
+                self.computed.add((step, key))
+            shutil.rmtree(self.work_dir(step, key), ignore_errors=True)
+        return manifest
 
     def _write_manifest(self, manifest: Manifest) -> None:
         target = self._path(manifest.step, manifest.key, MANIFEST)

@@ -274,10 +274,12 @@ def finetune_lora(
 def finetune_task(
     store: ArtifactStore, key: str, config: RunConfig, checkpoint_dir: Path, examples: list[dict]
 ) -> Manifest:
-    """The adapter for ``key``. Training checkpoints live in a scratch folder named by the key, so a run
-    that crashed mid-training resumes from its last checkpoint; the folder goes once the adapter is stored."""
-    work_dir = config.store.cache_dir / "work" / f"finetune-{key[:16]}"
-    manifest = store.produce(
+    """The adapter for ``key``. Training checkpoints and Olive's cache live in the store's work folder for
+    the key (:meth:`ArtifactStore.work_dir`), so a run that crashed mid-training resumes from its last
+    checkpoint; only the run holding the key's lock trains there, and the folder goes once the adapter is
+    stored."""
+    work_dir = store.work_dir("finetune", key)
+    return store.produce(
         "finetune",
         key,
         lambda out: finetune_lora(
@@ -291,5 +293,3 @@ def finetune_task(
             seed=config.seed,
         ),
     )
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return manifest

@@ -189,3 +189,44 @@ def test_a_run_on_s3_survives_the_server_going_away(tmp_path, tiny_model_dir, s3
         assert len(manifests) == 1, step
         key = manifests[0].split("/")[-2]
         assert fresh.complete(step, key) is not None, f"{step}'s stored files verify after the outage"
+
+
+@pytest.mark.slow
+def test_two_runs_of_the_same_inputs_at_once_both_succeed_and_register_one_version(tmp_path, tiny_model_dir):
+    from prefect.settings import PREFECT_API_URL
+
+    from olivepress.registry import LocalRegistry
+
+    config = tiny_config(tmp_path, tiny_model_dir)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    # two workers, one --output (store) and one --registry, on the test's Prefect API
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "olivepress.flows.cli", "run", "--config", str(config_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=1200)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n\n".join(output[-3000:] for output in outputs)
+
+    entries = LocalRegistry(config.registry.path).entries()
+    assert [entry.version for entry in entries] == ["1"], "the same model is registered once"
+    run_dirs = sorted(config.output.glob("run-*"))
+    assert len(run_dirs) == 2
+    for step in COMPUTED_STEPS:
+        assert sorted(statuses(run_dir)[step] for run_dir in run_dirs) == ["completed", "reused"], (
+            f"{step} is computed by one run; the other waits for it and reuses it"
+        )
+    for run_dir in run_dirs:
+        assert (run_dir / "onnx").resolve() == (run_dirs[0] / "onnx").resolve(), "both link the one export"
+    assert not list((config.store.cache_dir / "work").iterdir()), "no training folder is left behind"

@@ -165,3 +165,197 @@ def test_scratch_a_killed_run_left_is_removed_and_a_live_one_kept(tmp_path):
     os.utime(staging / "quantize-killed", (two_days_ago, two_days_ago))
     assert store.scratch_root() == staging
     assert sorted(p.name for p in staging.iterdir()) == ["finetune-live"]
+
+
+# --- concurrent runs of one step key: computed once, the other run waits and reuses it ----------------
+
+
+def open_same_store(request, tmp_path, index: int) -> ArtifactStore:
+    """A fresh store object (as a second run would open) on the test's store, with its own cache folder."""
+    if request.node.callspec.params["store"] == "local":
+        return ArtifactStore(str(tmp_path / "store"), tmp_path / f"cache{index}", retry=FAST_RETRY)
+    return s3_store(request.getfixturevalue("s3_server"), tmp_path / f"cache{index}")
+
+
+def test_concurrent_producers_of_one_key_compute_it_once(store, request, tmp_path, monkeypatch):
+    from olivepress import s3_lease
+
+    monkeypatch.setattr(s3_lease, "POLL_SECONDS", 0.1)
+    calls, results, errors = [], {}, []
+    start = threading.Barrier(3)
+
+    def compute(out: Path) -> None:
+        calls.append(out)
+        time.sleep(1.0)  # long enough that every other run arrives while this one computes
+        make_output(out, text="once")
+
+    def run(index: int) -> None:
+        own = open_same_store(request, tmp_path, index)
+        start.wait()
+        try:
+            results[index] = (own.produce("quantize", "k9", compute), own.computed)
+        except Exception as error:  # surfaced below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(calls) == 1, "one run computed; the others waited for its output"
+    assert len({manifest.publish_id for manifest, _ in results.values()}) == 1, (
+        "every run got the same output"
+    )
+    assert sorted(len(computed) for _, computed in results.values()) == [0, 0, 1]
+    assert (store.local_copy(store.complete("quantize", "k9")) / "model.bin").read_bytes() == b"once" * 1000
+
+
+def test_a_failed_computation_lets_the_waiting_run_compute(store, request, tmp_path, monkeypatch):
+    from olivepress import s3_lease
+
+    monkeypatch.setattr(s3_lease, "POLL_SECONDS", 0.1)
+    first_started, outcomes = threading.Event(), {}
+
+    def crash(out: Path) -> None:
+        first_started.set()
+        time.sleep(0.5)
+        raise RuntimeError("out of memory")
+
+    def crashing_run() -> None:
+        try:
+            open_same_store(request, tmp_path, 0).produce("finetune", "k10", crash)
+        except RuntimeError as error:
+            outcomes["first"] = error
+
+    thread = threading.Thread(target=crashing_run)
+    thread.start()
+    assert first_started.wait(10)
+    second = open_same_store(request, tmp_path, 1)
+    manifest = second.produce("finetune", "k10", make_output)  # waits for the lock, then computes
+    thread.join()
+    assert isinstance(outcomes["first"], RuntimeError)
+    assert second.computed == {("finetune", "k10")}
+    assert store.complete("finetune", "k10") == manifest
+
+
+def _produce_in_process(root: str, cache: str, log: str, queue) -> None:
+    def compute(out: Path) -> None:
+        with open(log, "a") as handle:
+            handle.write("computed\n")
+        time.sleep(1.0)
+        make_output(out, text="process")
+
+    store = ArtifactStore(root, Path(cache), retry=FAST_RETRY)
+    queue.put(store.produce("optimize", "k11", compute).publish_id)
+
+
+def test_concurrent_processes_on_a_local_store_compute_once(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    log = tmp_path / "computations.log"
+    processes = [
+        context.Process(
+            target=_produce_in_process,
+            args=(str(tmp_path / "store"), str(tmp_path / f"cache{i}"), str(log), queue),
+        )
+        for i in range(3)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    assert len({queue.get(timeout=5) for _ in processes}) == 1, "all three got the one published output"
+    assert log.read_text() == "computed\n"
+
+
+def test_the_work_folder_is_the_keys_and_the_stores_and_goes_once_published(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache", retry=FAST_RETRY)
+    other = ArtifactStore(str(tmp_path / "other-store"), tmp_path / "cache", retry=FAST_RETRY)
+    work = store.work_dir("finetune", "k12")
+    assert work == store.work_dir("finetune", "k12"), "a re-run finds a crashed run's checkpoints"
+    assert work != other.work_dir("finetune", "k12"), "two stores sharing a cache folder never share it"
+    assert work.parent == tmp_path / "cache" / "work" and work.name.startswith("finetune-k12")
+
+    def compute(out: Path) -> None:
+        (work / "checkpoints").mkdir(parents=True)
+        make_output(out)
+
+    store.produce("finetune", "k12", compute)
+    assert not work.exists()
+
+
+def test_an_s3_lease_waits_for_a_live_holder_and_takes_over_a_dead_ones(s3_server, tmp_path):
+    import json
+
+    from olivepress.s3_lease import S3Lease
+
+    store = s3_store(s3_server, tmp_path / "cache", bucket="leases")
+    path = store._path("quantize", "k13.lease")
+    holder = S3Lease(store.fs, path, retry=FAST_RETRY, seconds=1.0, poll_seconds=0.1)
+    assert holder.acquire()
+    waiter = S3Lease(store.fs, path, retry=FAST_RETRY, seconds=1.0, poll_seconds=0.1)
+    got_it = threading.Event()
+    thread = threading.Thread(target=lambda: waiter.acquire() and got_it.set())
+    thread.start()
+    time.sleep(2.5)  # past the lease's 1 s: the holder renews it, so the waiter must not take it
+    assert not got_it.is_set()
+    holder.release()
+    thread.join(10)
+    assert got_it.is_set(), "released, the lease goes to the waiter"
+    waiter.release()
+    assert not store.fs.exists(path), "a released lease is gone"
+
+    dead = {"owner": "a-run-that-was-killed", "expires": time.time() - 1, "seconds": 1.0}
+    store.fs.pipe_file(path, json.dumps(dead).encode())
+    started = time.monotonic()
+    with S3Lease(store.fs, path, retry=FAST_RETRY, poll_seconds=0.1) as taker:
+        assert taker.held and time.monotonic() - started < 5
+        assert json.loads(store.fs.cat_file(path))["owner"] == taker.owner
+
+
+def test_an_s3_lease_whose_write_answer_was_lost_is_read_back_as_held(s3_server, tmp_path):
+    from olivepress.s3_lease import S3Lease
+
+    store = s3_store(s3_server, tmp_path / "cache", bucket="lost-answer")
+    lease = S3Lease(store.fs, store._path("evaluate", "k14.lease"), retry=FAST_RETRY, poll_seconds=0.1)
+    real_put = lease._put
+    calls = []
+
+    def put_then_lose_the_answer(**condition):
+        calls.append(condition)
+        etag = real_put(**condition)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset after the write")
+        return etag
+
+    lease._put = put_then_lose_the_answer
+    assert lease.acquire()
+    assert len(calls) == 2, "the retry met its own lease (412) and read it back"
+    lease.release()
+
+
+def test_an_s3_server_without_conditional_writes_gets_a_warning_and_no_lease(s3_server, tmp_path, caplog):
+    from botocore.exceptions import ClientError
+
+    from olivepress.s3_lease import S3Lease
+
+    store = s3_store(s3_server, tmp_path / "cache", bucket="no-conditions")
+    lease = S3Lease(store.fs, store._path("quantize", "k15.lease"), retry=FAST_RETRY)
+    calls = []
+
+    def refuse(**condition):
+        calls.append(condition)
+        answer = {"Error": {"Code": "NotImplemented"}, "ResponseMetadata": {"HTTPStatusCode": 501}}
+        raise OSError("A header you provided implies functionality that is not implemented") from ClientError(
+            answer, "PutObject"
+        )
+
+    lease._put = refuse
+    assert lease.acquire() is False
+    assert len(calls) == 1, "a 501 is not retried"
+    assert "does not support conditional writes" in caplog.text
+    lease.release()  # nothing held: nothing to do
