@@ -335,7 +335,10 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
             raise GateFailed(f"the model is not registered: {evaluation.gate.to_text()}")
         sources = {"model": onnx_dir, "report": report_dir}
         lineage = build_lineage(config, model_dir, data_hash, evaluation, sources, flow_run_id)
-        registration = timed(records, "register", register_task, config, model_dir, sources, lineage)
+        # runs sharing a store register one model one at a time: a backend's check-then-create (Azure ML's
+        # tag lookup) then sees the other's version and returns it instead of adding one
+        with store.key_lock("register", lineage["content_sha256"]):
+            registration = timed(records, "register", register_task, config, model_dir, sources, lineage)
     finally:
         logger.info("\n%s", write_summary(run_dir, records))
     verb = "already registered as" if registration.reused else "registered"

@@ -45,15 +45,15 @@ class S3Lease:
         path: str,
         *,
         retry: RetryPolicy,
-        seconds: float = LEASE_SECONDS,
-        poll_seconds: float = POLL_SECONDS,
+        seconds: float | None = None,
+        poll_seconds: float | None = None,
     ) -> None:
         self.fs = fs  # an s3fs.S3FileSystem
         self.path = path
         self.bucket, self.key, _ = fs.split_path(path)
         self.retry = retry
-        self.seconds = seconds
-        self.poll_seconds = poll_seconds
+        self.seconds = seconds or LEASE_SECONDS
+        self.poll_seconds = poll_seconds or POLL_SECONDS
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.etag: str | None = None
         self.held = False
@@ -78,7 +78,7 @@ class S3Lease:
                     return False
                 if not _precondition_failed(error):
                     raise
-            current = self._read()
+            current = with_retries(self._read, f"reading the lease {self.path}", self.retry)
             if current is None:  # released between our write and our read: try again at once
                 continue
             body, etag = current
@@ -87,8 +87,10 @@ class S3Lease:
                 break
             if float(body.get("expires", 0)) < time.time():
                 log.warning("%s: lease of %s expired; taking it over", self.path, body.get("owner"))
-                try:
-                    self.etag = self._put(IfMatch=etag)
+                try:  # a lost answer's retry gets 412 and is read back as ours above
+                    self.etag = with_retries(
+                        lambda etag=etag: self._put(IfMatch=etag), f"taking over {self.path}", self.retry
+                    )
                     break
                 except Exception as error:
                     if not (_precondition_failed(error) or isinstance(error, FileNotFoundError)):
