@@ -88,11 +88,12 @@ def open_model(
     return LoadedModel(model=model, tokenizer=tokenizer, adapters=adapters)
 
 
-def new_generator(loaded: LoadedModel, max_length: int) -> og.Generator:
+def new_generator(loaded: LoadedModel, max_length: int, min_length: int = 0) -> og.Generator:
+    """A generator with ``loaded``'s adapter active; end-of-text is suppressed before ``min_length``."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(loaded.model)
-    params.set_search_options(max_length=max_length)
+    params.set_search_options(max_length=max_length, min_length=min_length)
     generator = og.Generator(loaded.model, params)
     if loaded.adapters is not None:
         generator.set_active_adapter(loaded.adapters, ADAPTER_NAME)
@@ -131,19 +132,28 @@ def stream_generate(
     max_new_tokens: int,
     on_text: Callable[[str], None],
     max_length: int | None = None,
+    exact: bool = False,
 ) -> GenerationStats:
     """Generate with the search options of genai_config.json, passing each new piece of text to ``on_text``.
 
     ``max_length`` (prompt plus new tokens; default: just enough) sizes the generator. With CUDA graphs,
     ONNX Runtime GenAI reuses a captured graph only for generators of the same max_length
     (``CapturedGraphPool``): a series of generations that shares one reuses the graph captured by the
-    first instead of capturing a new one each time.
+    first instead of capturing a new one each time. ``exact`` suppresses end-of-text so that exactly
+    ``max_new_tokens`` come out (a speed measurement of equal work; the text then runs past its end).
     """
     import numpy as np
 
-    if max_length is not None and max_length < len(prompt_ids) + 1:
-        raise ValueError(f"max_length {max_length} leaves no room after a {len(prompt_ids)}-token prompt")
-    generator = new_generator(loaded, max_length=max_length or len(prompt_ids) + max_new_tokens)
+    if max_length is not None and max_length < len(prompt_ids) + max_new_tokens:
+        raise ValueError(
+            f"max_length {max_length} leaves no room for {max_new_tokens} tokens after a "
+            f"{len(prompt_ids)}-token prompt"
+        )
+    generator = new_generator(
+        loaded,
+        max_length=max_length or len(prompt_ids) + max_new_tokens,
+        min_length=len(prompt_ids) + max_new_tokens if exact else 0,
+    )
     stream = TextStream(loaded.tokenizer)
     started = time.perf_counter()
     first_token_at = None

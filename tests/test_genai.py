@@ -6,6 +6,7 @@ from olivepress.chat import chat
 from olivepress.errors import UserError
 from olivepress.genai import (
     ADAPTER_FILE,
+    GENAI_CONFIG,
     TextStream,
     open_model,
     prompt_token_ids,
@@ -52,7 +53,25 @@ def test_a_longer_generator_generates_the_same_tokens(model_dir):
     assert short_stats.new_tokens == long_stats.new_tokens
     assert "".join(long) == "".join(short)
     with pytest.raises(ValueError, match="no room"):
-        stream_generate(loaded, ids, 8, long.append, max_length=len(ids))
+        stream_generate(loaded, ids, 8, long.append, max_length=len(ids) + 7)
+
+
+def test_an_exact_generation_runs_past_end_of_text(model_dir, tmp_path):
+    """Made to end at once: the folder's end-of-text id set to the first token the model picks."""
+    import json
+    import shutil
+
+    ids = prompt_token_ids(open_model(model_dir), "Where should I go?")
+    first = []
+    stream_generate(open_model(model_dir), ids, 1, first.append)
+    ending = shutil.copytree(model_dir, tmp_path / "ending")
+    config = json.loads((ending / GENAI_CONFIG).read_text())
+    loaded = open_model(ending)
+    config["model"]["eos_token_id"] = loaded.tokenizer(first[0], add_special_tokens=False)["input_ids"][0]
+    (ending / GENAI_CONFIG).write_text(json.dumps(config))
+    loaded = open_model(ending)
+    assert stream_generate(loaded, ids, 40, lambda _text: None).new_tokens == 1
+    assert stream_generate(loaded, ids, 40, lambda _text: None, exact=True).new_tokens == 40
 
 
 def test_onnx_loss_matches_the_pytorch_loss(model_dir, tiny_int4_dir, adapter_dir):

@@ -114,3 +114,36 @@ def test_a_record_stored_before_gpu_memory_was_measured_still_loads(tmp_path):
     evaluation = read_evaluation(tmp_path, GateSettings())
     assert [m.gpu_memory_mib for m in evaluation.metrics] == [None, None, None]
     assert evaluation.gate.passed
+
+
+def test_decode_speed_comes_from_generations_of_equal_length(monkeypatch, tmp_path):
+    """The fine-tuned variant stops early in its free generations; its speed must come from exact ones."""
+    from olivepress import genai
+    from olivepress.config import EvaluateSettings
+    from olivepress.genai import GenerationStats
+    from olivepress.tasks.evaluate import evaluate_models
+
+    calls = []
+
+    def generate(loaded, ids, max_new_tokens, on_text, max_length=None, exact=False):
+        calls.append((loaded, max_length, exact))
+        # free generations: the fine-tuned model ends after 4 tokens; a fixed 0.1 s before each decode
+        new = max_new_tokens if exact or loaded != FINE_TUNED else 4
+        on_text("word ")
+        return GenerationStats(len(ids), new, 0.01, 0.01 + 0.1 + (new - 1) * 0.01)
+
+    monkeypatch.setattr(genai, "open_model", lambda model_dir, adapter=None: FINE_TUNED if adapter else "x")
+    monkeypatch.setattr(genai, "prompt_token_ids", lambda loaded, prompt, template=None: [1] * len(prompt))
+    monkeypatch.setattr(genai, "response_loss", lambda loaded, pairs, template=None: 1.0)
+    monkeypatch.setattr(genai, "stream_generate", generate)
+    held_out = [{"prompt": "p" * n, "response": "word"} for n in (3, 5, 4)]
+    settings = EvaluateSettings(generation_samples=3, speed_samples=2, max_new_tokens=21)
+    (tmp_path / "a").write_bytes(b"adapter")
+    rows = evaluate_models(tmp_path, tmp_path, tmp_path / "a", held_out, settings)
+
+    exact = [call for call in calls if call[2]]
+    assert len(exact) == 2 * len(rows)  # speed_samples prompts for each variant
+    assert {max_length for _, max_length, _ in calls} == {5 + 21}  # one generator length: graphs reused
+    speeds = {row.variant: row.decode_tokens_per_s for row in rows}
+    assert speeds["fine-tuned"] == pytest.approx(speeds["base"]) == pytest.approx(20 / 0.3)
+    assert {row.variant: row.generated_tokens for row in rows}["fine-tuned"] == 3 * 4
