@@ -11,6 +11,10 @@ without branches. The forms:
 * ``matmul``: the export's form: ``MatMul(x, A)``, ``MatMul(·, B)``, ``Add`` onto the int4 output.
 * ``fused_t``: A stored transposed and multiplied by ``com.microsoft.FusedMatMul`` (transB), a different
   cuBLAS path for the skinny ``x @ A``.
+* ``add_only`` and ``b_only``: parts of ``matmul`` (a constant added; a constant ``x @ A`` times B, added),
+  to tell which of its three kernels costs what.
+* ``split_k``: ``x @ A`` as a batched product over ``--split`` slices of the input (free reshapes) and a
+  ``ReduceSum``: more thread blocks for the long, skinny product.
 * ``gemm``: 2-D ``Gemm`` of ``x @ A`` by B with the int4 output as C (beta 1), the Add folded into cuBLAS.
 
     python benchmarks/lora_branch_forms.py --out benchmarks/results/lora_branch_forms.json
@@ -26,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMS = ("none", "empty", "matmul", "fused_t", "gemm")
+SPLIT = 16  # slices of the input for split_k
+FORMS = ("none", "empty", "add_only", "b_only", "matmul", "split_k", "fused_t", "gemm")
 
 
 def int4_linear(nodes, inits, name: str, x: str, k: int, n: int, block: int, rng) -> str:
@@ -61,6 +66,24 @@ def branch(form: str, nodes, inits, name: str, x: str, y: str, k: int, n: int, r
     a = (rng.standard_normal((k, r), dtype=np.float32) * 1e-2).astype(np.float16)
     b = (rng.standard_normal((r, n), dtype=np.float32) * 1e-2).astype(np.float16)
     inits.append(numpy_helper.from_array(b, f"{name}.B"))
+    if form == "add_only":
+        inits.append(numpy_helper.from_array(b[:1][None], f"{name}.delta"))
+        nodes.append(helper.make_node("Add", [y, f"{name}.delta"], [f"{name}.sum"]))
+        return f"{name}.sum"
+    if form == "b_only":
+        inits.append(numpy_helper.from_array(a[:1][None], f"{name}.xa"))
+    if form == "split_k":
+        parts = SPLIT
+        inits.append(numpy_helper.from_array(a.reshape(parts, k // parts, r), f"{name}.Ak"))
+        inits.append(
+            numpy_helper.from_array(np.array([parts, 1, k // parts], dtype=np.int64), f"{name}.kshape")
+        )
+        inits.append(numpy_helper.from_array(np.array([0], dtype=np.int64), f"{name}.axis"))
+        nodes.append(helper.make_node("Reshape", [x, f"{name}.kshape"], [f"{name}.xk"]))
+        nodes.append(helper.make_node("MatMul", [f"{name}.xk", f"{name}.Ak"], [f"{name}.pk"]))
+        nodes.append(
+            helper.make_node("ReduceSum", [f"{name}.pk", f"{name}.axis"], [f"{name}.xa"], keepdims=1)
+        )
     if form in ("empty", "matmul"):
         inits.append(numpy_helper.from_array(a, f"{name}.A"))
         nodes.append(helper.make_node("MatMul", [x, f"{name}.A"], [f"{name}.xa"]))
@@ -110,6 +133,7 @@ def build(form: str, layers: int, hidden: int, intermediate: int, rank: int, blo
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     )
+    model.ir_version = 10  # what onnxruntime 1.2x-1.31 loads; newer onnx writes a newer one
     onnx.save(model, path, save_as_external_data=True, location=f"{path.name}.data")
 
 
@@ -134,6 +158,13 @@ def tokens_per_second(path: Path, hidden: int, steps: int, repeats: int) -> list
         binding.synchronize_outputs()
         rates.append(steps / (time.perf_counter() - started))
     return rates
+
+
+def gpu_name() -> str:
+    import subprocess
+
+    query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "--id=0"]
+    return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def main() -> None:
@@ -179,7 +210,7 @@ def main() -> None:
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "onnxruntime": ort.__version__,
-                "device": ort.get_device(),
+                "device": gpu_name(),
                 "settings": {k: str(v) for k, v in vars(args).items()},
                 "forms": results,
             },
