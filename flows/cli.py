@@ -200,8 +200,11 @@ def command_models(args: argparse.Namespace) -> int:
 
 
 def entry_row(entry) -> dict[str, str]:
-    """A local entry as a listing row: the fine-tuned variant's metrics against the base's."""
-    metrics = {row["variant"]: row for row in entry.lineage.get("metrics", [])}
+    """A local entry as a listing row: the fine-tuned variant's metrics against the base's, formatted from the
+    lineage's raw metrics (an entry registered before lineage kept raw metrics holds display rows: read as is)."""
+    from olivepress.metrics_display import readable
+
+    metrics = {row["variant"]: readable(row) for row in entry.lineage.get("metrics", [])}
     tuned, base = metrics.get("fine-tuned", {}), metrics.get("base", {})
     return {
         "name": entry.name,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from olivepress.errors import UserError
+from olivepress.metrics_display import readable
 from olivepress.registry import LINEAGE_FILE, Registration, assemble_entry
 
 if TYPE_CHECKING:
@@ -30,7 +31,10 @@ if TYPE_CHECKING:
 
 TAG_PREFIX = "olivepress."
 CONTENT_TAG = f"{TAG_PREFIX}content_sha256"
-# Metrics of each variant copied to tags, so the studio's model list shows them without opening lineage.json.
+# Metrics of each variant as tags, so the studio's model list shows them without opening lineage.json: tag
+# olivepress.<variant>.<column>, the column of the report's display row (metrics_display.display_row) that is
+# formatted from the lineage's raw field: perplexity (perplexity, 2 decimals), rouge_l (rouge_l, 4 decimals),
+# decode_tok_s (decode_tokens_per_s, 1 decimal), size_mb (bytes_on_disk / 1e6, 1 decimal).
 TAG_METRICS = ("perplexity", "rouge_l", "decode_tok_s", "size_mb")
 # Azure ML documents 1,000 characters per property or tag value (its run limits; assets publish none). A longer
 # value would be refused, and a truncated JSON value would be misleading: it points to lineage.json instead.
@@ -109,7 +113,8 @@ def list_azureml(settings: AzureMLSettings, *, credential: Any = None, **client_
 
 
 def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
-    """A short, searchable summary: content and data hashes, flow run, gate verdict, key metrics per variant."""
+    """A short, searchable summary: content and data hashes, flow run, gate verdict, key metrics per variant
+    (tags are strings: the metrics are formatted here from the lineage's raw values, see ``TAG_METRICS``)."""
     gate = lineage.get("gate") or {}
     tags = {
         CONTENT_TAG: lineage["content_sha256"],
@@ -117,20 +122,26 @@ def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
         f"{TAG_PREFIX}flow_run_id": lineage.get("flow_run_id"),
         f"{TAG_PREFIX}gate": "passed" if gate.get("passed") else "failed",
     }
-    for row in lineage.get("metrics") or []:
+    for raw in lineage.get("metrics") or []:
+        row = readable(raw)
         for metric in TAG_METRICS:
             tags[f"{TAG_PREFIX}{row['variant']}.{metric}"] = row.get(metric)
     return {key: _fit(_text(value)) for key, value in tags.items() if value is not None}
 
 
 def lineage_properties(lineage: dict[str, Any]) -> dict[str, str]:
-    """The lineage as strings (JSON for structures), one property per top-level config key.
+    """The lineage as strings (JSON for structures), one property per top-level config key and one per variant's
+    raw metrics (``olivepress.metrics.<variant>``: the three unrounded together come close to the 1,000-character
+    limit, about 950 at full precision).
 
     The tags' summary is repeated here on purpose: tags can be edited later, properties cannot, so these
     record what the model was built from. ``lineage.json`` in the model's files stays the complete record.
     """
     flat = {f"{TAG_PREFIX}config.{key}": value for key, value in (lineage.get("config") or {}).items()}
-    flat |= {f"{TAG_PREFIX}{key}": value for key, value in lineage.items() if key != "config"}
+    flat |= {f"{TAG_PREFIX}metrics.{raw['variant']}": raw for raw in lineage.get("metrics") or []}
+    flat |= {
+        f"{TAG_PREFIX}{key}": value for key, value in lineage.items() if key not in ("config", "metrics")
+    }
     return {key: _fit(_text(value)) for key, value in sorted(flat.items())}
 
 

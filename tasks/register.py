@@ -34,15 +34,16 @@ def build_lineage(
     sources: dict[str, Path],
     flow_run_id: str | None,
 ) -> dict[str, Any]:
-    from olivepress.tasks.report import metrics_rows
-
+    """The registry's record of a model. Metrics are the evaluation's raw numbers per variant (``VariantMetrics``
+    as a dict, unrounded, units in the field names, as in evaluation.json); the gate record is every check's
+    name, description, measured value, limit and verdict. Readers format them (``metrics_display``)."""
     return {
         # the model alone: a re-run's report differs in its timings, yet it registers the same model
         "content_sha256": content_sha256({"model": sources["model"]}),
         "base_model": str(base_model),
         "data": {"path": str(config.data), "sha256": data_hash},
         "config": config.model_dump(mode="json"),
-        "metrics": metrics_rows(evaluation),
+        "metrics": [asdict(m) for m in evaluation.metrics],
         "gate": asdict(evaluation.gate),
         "library_versions": library_versions(),
         "flow_run_id": flow_run_id,

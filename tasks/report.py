@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from olivepress.files import atomic_dir
+from olivepress.metrics_display import display_rows
 
 if TYPE_CHECKING:
     from olivepress.config import RunConfig
@@ -50,27 +51,10 @@ class ReportInputs:
 
 
 def metrics_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
-    """One row per variant, rounded for reading; the exact values stay in evaluation.json. GPU memory is a
-    column only when it was measured (a GPU run)."""
-    with_gpu = any(m.gpu_memory_mib is not None for m in evaluation.metrics)
-    return [
-        {
-            "variant": m.variant,
-            "loss": round(m.loss, 4),
-            "perplexity": round(m.perplexity, 2),
-            "rouge_l": round(m.rouge_l, 4),
-            "decode_tok_s": round(m.decode_tokens_per_s, 1),
-            "first_token_s": round(m.time_to_first_token_s, 3),
-            "size_mb": round(m.bytes_on_disk / 1e6, 1),
-            "peak_mem_mib": None if m.peak_memory_mib is None else round(m.peak_memory_mib),
-            **(
-                {"gpu_mem_mib": None if m.gpu_memory_mib is None else round(m.gpu_memory_mib)}
-                if with_gpu
-                else {}
-            ),
-        }
-        for m in evaluation.metrics
-    ]
+    """One row per variant, rounded for reading (only the report's page, tables and ``metrics.json`` are
+    rounded; evaluation.json and the registry's lineage keep the raw values). GPU memory is a column only
+    when it was measured (a GPU run)."""
+    return display_rows([asdict(m) for m in evaluation.metrics])
 
 
 def training_gpu_peak(training_memory: dict[str, Any] | None) -> str | None:

@@ -79,8 +79,9 @@ def test_run_rejects_a_bad_config_file(tmp_path):
 
 
 def test_models_lists_each_registered_version_with_its_metrics(tmp_path):
+    from dataclasses import asdict
+
     from olivepress.registry import LocalRegistry, content_sha256
-    from olivepress.tasks.report import metrics_rows
     from tests.tasks.test_report import evaluation
 
     registry = LocalRegistry(tmp_path / "registry")
@@ -90,7 +91,8 @@ def test_models_lists_each_registered_version_with_its_metrics(tmp_path):
         (model / "model.onnx").write_text(text)
         lineage = {
             "content_sha256": content_sha256({"model": model}),
-            "metrics": metrics_rows(evaluation(True)),
+            # the raw metrics build_lineage stores: unrounded, e.g. perplexity 2.718**2.88 = 17.8108...
+            "metrics": [asdict(m) for m in evaluation(True).metrics],
             "data": {"sha256": "0123456789abcdef"},
             "registered_at": "2026-11-25T12:00:00+00:00",
         }
@@ -102,6 +104,29 @@ def test_models_lists_each_registered_version_with_its_metrics(tmp_path):
     assert lines[0].split()[:3] == ["name", "version", "registered"]
     assert [line.split()[:2] for line in lines[1:]] == [["travel-model", "1"], ["travel-model", "2"]]
     assert "17.81 (base 21.75)" in lines[1] and "0123456789ab" in lines[1]
+    assert "69.0 (base 50.0)" in lines[1] and "191.0 (base 540.0)" in lines[1], "tok/s and MB from raw fields"
+
+
+def test_models_still_lists_an_entry_registered_with_display_rows(tmp_path):
+    """Entries registered before lineage kept raw metrics hold the report's rounded rows: shown as they are."""
+    from olivepress.registry import LocalRegistry, content_sha256
+    from olivepress.tasks.report import metrics_rows
+    from tests.tasks.test_report import evaluation
+
+    model = tmp_path / "old"
+    model.mkdir()
+    (model / "model.onnx").write_text("old")
+    lineage = {
+        "content_sha256": content_sha256({"model": model}),
+        "metrics": metrics_rows(evaluation(True)),
+        "data": {"sha256": "0123456789abcdef"},
+    }
+    LocalRegistry(tmp_path / "registry").register("travel-model", {"model": model}, lineage)
+
+    result = olivepress("models", "--registry", str(tmp_path / "registry"))
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.splitlines()[1]
+    assert "17.81 (base 21.75)" in line and "69.0 (base 50.0)" in line and "191.0 (base 540.0)" in line
 
 
 def test_models_on_an_empty_registry_says_so(tmp_path):

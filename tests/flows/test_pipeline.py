@@ -111,6 +111,8 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir):
     lineage = json.loads((entry / "lineage.json").read_text())
     assert lineage["data"]["sha256"] == file_sha256(config.data)
     assert lineage["gate"]["passed"] is True
+    assert lineage["metrics"] == evaluation["metrics"], "the raw measurements, unrounded"
+    assert lineage["gate"] == evaluation["gate"]
     assert lineage["flow_run_id"]
     assert (entry / "model" / "adapter_weights.onnx_adapter").is_file()
     assert (entry / "report" / "report.md").is_file()

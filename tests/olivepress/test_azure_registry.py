@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -29,7 +30,14 @@ import requests
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
-from olivepress.azure_registry import CONTENT_TAG, MAX_VALUE_CHARS, list_azureml, register_azureml
+from olivepress.azure_registry import (
+    CONTENT_TAG,
+    MAX_VALUE_CHARS,
+    lineage_properties,
+    lineage_tags,
+    list_azureml,
+    register_azureml,
+)
 from olivepress.config import AzureMLSettings
 from olivepress.errors import UserError
 from olivepress.registry import LINEAGE_FILE, Registration, content_sha256
@@ -347,23 +355,44 @@ def sources(tmp_path: Path) -> dict[str, Path]:
     return {"model": model, "report": report}
 
 
+def raw_metrics(variant: str, perplexity: float, rouge_l: float, speed: float, size: int) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "loss": math.log(perplexity),
+        "perplexity": perplexity,
+        "rouge_l": rouge_l,
+        "decode_tokens_per_s": speed,
+        "time_to_first_token_s": 0.01234567,
+        "bytes_on_disk": size,
+        "peak_memory_mib": 41.2345678,
+        "generated_tokens": 1024,
+        "gpu_memory_mib": None,
+    }
+
+
 def make_lineage(sources: dict[str, Path]) -> dict[str, Any]:
     return {
         "content_sha256": content_sha256(sources),
         "base_model": "/models/SmolLM2-135M-Instruct",
         "data": {"path": "/data/travel.jsonl", "sha256": "d" * 64},
         "config": {"seed": 0, "finetune": {"max_steps": 60, "lora_r": 16}, "text_template": "x" * 2000},
+        # raw, as build_lineage stores them (VariantMetrics as a dict): the tags round them
         "metrics": [
-            {"variant": "base", "perplexity": 12.5, "rouge_l": 0.21, "decode_tok_s": 80.0, "size_mb": 540.1},
-            {
-                "variant": "finetuned",
-                "perplexity": 9.75,
-                "rouge_l": 0.42,
-                "decode_tok_s": 95.5,
-                "size_mb": 120.4,
-            },
+            raw_metrics("base", 12.5012345, 0.2100004, 80.0412345, 540_123_456),
+            raw_metrics("finetuned", 9.7512345, 0.4199996, 95.5487654, 120_412_345),
         ],
-        "gate": {"passed": True, "checks": []},
+        "gate": {
+            "passed": True,
+            "checks": [
+                {
+                    "name": "size_ratio",
+                    "description": "fine-tuned model + adapter bytes / base; at most the limit",
+                    "measured": 0.22294374318137,
+                    "limit": 0.5,
+                    "passed": True,
+                }
+            ],
+        },
         "library_versions": {"olivepress": "0.1.0"},
         "flow_run_id": "run-123",
         "registered_at": "2025-06-01T00:00:00+00:00",
@@ -458,10 +487,36 @@ def test_registration_uploads_every_file_and_creates_a_custom_model_version(azur
     }
     properties = sent["properties"]
     assert properties["olivepress.config.finetune"] == '{"lora_r":16,"max_steps":60}'
+    # properties keep the raw record: each variant's metrics unrounded, the gate's checks
+    assert [json.loads(properties[f"olivepress.metrics.{variant}"]) for variant in ("base", "finetuned")] == (
+        lineage["metrics"]
+    )
+    assert json.loads(properties["olivepress.gate"]) == lineage["gate"]
     assert properties["olivepress.flow_run_id"] == "run-123"
     assert "see lineage.json" in properties["olivepress.config.text_template"]  # 2,000 characters: too long
     for values in (sent["tags"], properties):
         assert all(isinstance(v, str) and len(v) <= MAX_VALUE_CHARS for v in values.values())
+
+
+def test_properties_keep_each_variants_raw_metrics_whole(sources):
+    """Three variants' unrounded metrics together come close to the 1,000-character limit (a 7B model on a
+    GPU: 10 digits of bytes, 17 of every float); one property each leaves room."""
+    lineage = make_lineage(sources)
+    lineage["metrics"] = [
+        raw_metrics(variant, 12.345678901234567, 0.2345678901234567, 1234.5678901234567, 14_212_345_678)
+        | {
+            "gpu_memory_mib": 15123.456789012345,
+            "peak_memory_mib": 1412.3456789012345,
+            "time_to_first_token_s": 0.012345678901234567,
+            "generated_tokens": 10240,
+        }
+        for variant in ("base", "quantized", "fine-tuned")
+    ]
+    assert len(json.dumps(lineage["metrics"], separators=(",", ":"))) > 0.9 * MAX_VALUE_CHARS
+    properties = lineage_properties(lineage)
+    for row in lineage["metrics"]:
+        assert json.loads(properties[f"olivepress.metrics.{row['variant']}"]) == row
+    assert lineage_tags(lineage)["olivepress.fine-tuned.perplexity"] == "12.35"
 
 
 def test_same_content_again_returns_the_existing_version_without_uploading(azure, sources):

@@ -1,4 +1,6 @@
 import json
+import math
+from pathlib import Path
 
 from prefect.states import Completed, Failed
 
@@ -6,7 +8,7 @@ from olivepress.config import load_config
 from olivepress.errors import UserError
 from olivepress.registry import content_sha256
 from olivepress.retry import retry_if_transient
-from olivepress.tasks.evaluate import GateFailed
+from olivepress.tasks.evaluate import METRICS_FILE, GateFailed, read_evaluation
 from olivepress.tasks.register import build_lineage, register_model
 from tests.tasks.test_report import evaluation
 
@@ -31,6 +33,62 @@ def test_lineage_records_hashes_config_metrics_gate_and_versions(tmp_path, monke
     registration = register_model(config, tmp_path / "SmolLM2", sources, lineage)
     assert registration.name == "smollm2-olivepress"
     assert (tmp_path / "registry" / "smollm2-olivepress" / "1" / "lineage.json").is_file()
+
+
+def test_lineage_keeps_the_raw_metrics_of_metrics_json_and_the_gate_record(tmp_path):
+    """Unrounded numbers, exactly as evaluate stored them, survive into the registry entry's lineage.json."""
+    raw = [
+        {
+            "variant": variant,
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "rouge_l": 0.123456789 + loss / 100,
+            "decode_tokens_per_s": speed,
+            "time_to_first_token_s": 0.0123456789,
+            "bytes_on_disk": size,
+            "peak_memory_mib": 40.123456789,
+            "generated_tokens": 64,
+            "gpu_memory_mib": None,
+        }
+        for variant, loss, speed, size in [
+            ("base", 3.0812345678, 50.0487654321, 540_123_456),
+            ("quantized", 3.2412345678, 70.0412345678, 184_123_456),
+            ("fine-tuned", 2.8812345678, 69.0498765432, 191_123_456),
+        ]
+    ]
+    evaluated = tmp_path / "evaluate"
+    evaluated.mkdir()
+    record = {"metrics": raw, "held_out_pairs": 16, "generation_prompts": 16, "seconds": 1.0}
+    (evaluated / METRICS_FILE).write_text(json.dumps(record, indent=1))
+    config = load_config(overrides={"registry.path": tmp_path / "registry"})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.onnx").write_bytes(b"onnx")
+    sources = {"model": tmp_path / "model"}
+    evaluation = read_evaluation(evaluated, config.gate)
+    lineage = build_lineage(config, tmp_path, "d" * 64, evaluation, sources, "flow-run-1")
+    registration = register_model(config, tmp_path / "SmolLM2", sources, lineage)
+
+    stored = json.loads((Path(registration.uri) / "lineage.json").read_text())
+    stored_metrics = json.loads((evaluated / METRICS_FILE).read_text())["metrics"]
+    assert stored["metrics"] == stored_metrics == raw, "every field, unrounded"
+    assert stored["metrics"][2]["perplexity"] == math.exp(2.8812345678)
+    assert stored["gate"]["passed"] is evaluation.gate.passed is True
+    assert [
+        {key: check[key] for key in ("name", "measured", "limit", "passed")}
+        for check in stored["gate"]["checks"]
+    ] == [
+        {
+            "name": "perplexity_ratio",
+            "measured": math.exp(2.8812345678) / math.exp(3.0812345678),
+            "limit": 1.1,
+            "passed": True,
+        },
+        {"name": "speedup", "measured": 69.0498765432 / 50.0487654321, "limit": 1.0, "passed": True},
+        {"name": "size_ratio", "measured": 191_123_456 / 540_123_456, "limit": 0.5, "passed": True},
+    ]
+    assert stored["data"] == {"path": str(config.data), "sha256": "d" * 64}
+    assert stored["flow_run_id"] == "flow-run-1"
+    assert stored["config"] == json.loads(json.dumps(config.model_dump(mode="json")))
 
 
 def test_only_transient_failures_are_retried():
