@@ -18,6 +18,10 @@ local store; on S3 a lease object ``<root>/<step>/<key>.lease`` taken with a con
 scratch that must survive a crash (training checkpoints) lives in :meth:`ArtifactStore.work_dir`, named by
 store and key and used only under that lock.
 
+The computed output is kept there too until it is published: when the publish fails (S3 down longer than
+the store's retries), the step's next attempt, or the next run of the same key, publishes the kept output
+if it is complete instead of computing it again. A computation that fails leaves no output behind.
+
 Files stream in chunks (upload, download, hashing); nothing is held in memory whole. Store operations
 retry transient failures (connection errors, S3 5xx and throttling) with exponential backoff and jitter.
 """
@@ -39,6 +43,7 @@ from typing import Any
 from olivepress.files import (
     atomic_file,
     atomic_write_bytes,
+    atomic_write_text,
     file_lock,
     file_sha256,
     folder_listing,
@@ -50,6 +55,9 @@ from olivepress.retry import RetryPolicy, with_retries
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# in a key's work folder: the computed output until it is published, and its listing once it is complete
+KEPT_OUTPUT = "output"
+KEPT_LISTING = "output.json"
 STALE_PUBLISH_SECONDS = 6 * 3600  # longer than any upload; younger leftovers may be a live publisher's
 STALE_SCRATCH_SECONDS = 24 * 3600  # longer than any step's computation
 
@@ -173,9 +181,10 @@ class ArtifactStore:
             move_into_place(staging, folder, replace=False)
         return folder
 
-    def publish(self, step: str, key: str, folder: Path) -> Manifest:
-        """Upload ``folder``'s files under a new publish-id, then the manifest; return the manifest."""
-        manifest = Manifest(step, key, uuid.uuid4().hex, folder_listing(folder))
+    def publish(self, step: str, key: str, folder: Path, files: dict[str, Any] | None = None) -> Manifest:
+        """Upload ``folder``'s files under a new publish-id, then the manifest; return the manifest.
+        ``files``: the folder's listing (:func:`folder_listing`), if it was just made."""
+        manifest = Manifest(step, key, uuid.uuid4().hex, files or folder_listing(folder))
         for name in manifest.files:
             remote = self._path(step, key, manifest.publish_id, name)
             local = folder / name
@@ -216,8 +225,8 @@ class ArtifactStore:
 
     def work_dir(self, step: str, key: str) -> Path:
         """A step's scratch folder that outlives a crash, so that a re-run resumes from it (training
-        checkpoints): named by this store and ``key``, used only by the holder of the key's lock
-        (:meth:`produce`), and removed once the output is published."""
+        checkpoints, and the computed output until it is published): named by this store and ``key``, used
+        only by the holder of the key's lock (:meth:`produce`), and removed once the output is published."""
         store_id = hashlib.sha256(self.fs.unstrip_protocol(self.root).encode()).hexdigest()[:8]
         return self.cache_dir / "work" / f"{step}-{key[:16]}-{store_id}"
 
@@ -243,6 +252,8 @@ class ArtifactStore:
 
         ``compute`` fills an empty local folder; a crash inside it leaves nothing in the store. It runs
         under the key's lock: a concurrent run of the same key waits, then reuses what this one published.
+        A computed output whose publish failed is kept (:meth:`kept_output`) and published by the next call
+        for the key without computing it again.
         """
         if manifest := self.complete(step, key):
             log.info("%s: reusing the output published for this input (key %s)", step, key[:12])
@@ -252,12 +263,47 @@ class ArtifactStore:
             if manifest := self.complete(step, key):
                 log.info("%s: reusing the output another run published meanwhile (key %s)", step, key[:12])
             else:
-                with staging_dir(self.scratch_root(), prefix=f"{step}-") as staging:
-                    compute(staging)
-                    manifest = self.publish(step, key, staging)
+                output, files = self.kept_output(step, key) or self._compute(step, key, compute)
+                manifest = self.publish(step, key, output, files)  # fails: the output stays kept
                 self.computed.add((step, key))
             shutil.rmtree(self.work_dir(step, key), ignore_errors=True)
         return manifest
+
+    def kept_output(self, step: str, key: str) -> tuple[Path, dict[str, Any]] | None:
+        """The output an earlier attempt computed for ``key`` and failed to publish, with its listing, if it
+        is complete and unchanged; None otherwise (a partial or altered one is removed)."""
+        work = self.work_dir(step, key)
+        output, listing = work / KEPT_OUTPUT, work / KEPT_LISTING
+        if not listing.is_file():
+            shutil.rmtree(output, ignore_errors=True)  # what a computation killed mid-way wrote
+            return None
+        try:
+            files = json.loads(listing.read_text(encoding="utf-8"))
+            if output.is_dir() and folder_listing(output) == files:
+                log.info(
+                    "%s: publishing the output computed before its publish failed (key %s)", step, key[:12]
+                )
+                return output, files
+        except (OSError, ValueError):
+            pass
+        log.warning("%s: the output kept for key %s is incomplete; computing it again", step, key[:12])
+        listing.unlink(missing_ok=True)
+        shutil.rmtree(output, ignore_errors=True)
+        return None
+
+    def _compute(self, step: str, key: str, compute: Callable[[Path], object]) -> tuple[Path, dict[str, Any]]:
+        """Run ``compute`` into the key's kept-output folder; its listing, written last, marks it complete."""
+        work = self.work_dir(step, key)
+        output = work / KEPT_OUTPUT
+        output.mkdir(parents=True)
+        try:
+            compute(output)
+        except BaseException:
+            shutil.rmtree(output, ignore_errors=True)
+            raise
+        files = folder_listing(output)
+        atomic_write_text(work / KEPT_LISTING, json.dumps(files))
+        return output, files
 
     def _write_manifest(self, manifest: Manifest) -> None:
         target = self._path(manifest.step, manifest.key, MANIFEST)

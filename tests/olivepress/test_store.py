@@ -359,3 +359,74 @@ def test_an_s3_server_without_conditional_writes_gets_a_warning_and_no_lease(s3_
     assert len(calls) == 1, "a 501 is not retried"
     assert "does not support conditional writes" in caplog.text
     lease.release()  # nothing held: nothing to do
+
+
+# --- a failed publish: the kept output is published by the next attempt, never computed again ----------
+
+
+def failing_uploads(store: ArtifactStore, monkeypatch, failures: int) -> dict[str, int]:
+    """Make the store's next ``failures`` uploads fail as an unreachable S3 does; counts what is left."""
+    upload, left = store._upload, {"failures": failures}
+
+    def flaky(local: Path, remote: str) -> None:
+        if left["failures"]:
+            left["failures"] -= 1
+            raise ConnectionError("S3 is down")
+        upload(local, remote)
+
+    monkeypatch.setattr(store, "_upload", flaky)
+    return left
+
+
+def test_a_failed_publish_keeps_the_output_and_the_next_attempt_publishes_it(store, monkeypatch):
+    store.retry = RetryPolicy(attempts=2, base_delay_s=0.01, jitter=0.0)
+    calls = []
+
+    def compute(out: Path) -> None:
+        calls.append(out)
+        make_output(out)
+
+    failing_uploads(store, monkeypatch, failures=2)  # both of the store's tries of the first upload
+    with pytest.raises(ConnectionError):
+        store.produce("quantize", "k20", compute)
+    assert store.complete("quantize", "k20") is None
+    assert (store.work_dir("quantize", "k20") / "output" / "model.bin").is_file(), "the output is kept"
+
+    manifest = store.produce("quantize", "k20", compute)
+    assert len(calls) == 1, "the second attempt published the kept output; it did not compute"
+    assert store.complete("quantize", "k20") == manifest
+    assert (store.local_copy(manifest) / "model.bin").read_bytes() == b"weights" * 1000
+    assert store.computed == {("quantize", "k20")}
+    assert not store.work_dir("quantize", "k20").exists(), "the kept output goes once published"
+
+
+def test_a_kept_output_that_changed_since_is_computed_again(tmp_path, monkeypatch):
+    store = ArtifactStore(
+        str(tmp_path / "store"), tmp_path / "cache", retry=RetryPolicy(attempts=1, base_delay_s=0.01)
+    )
+    calls = []
+
+    def compute(out: Path) -> None:
+        calls.append(out)
+        make_output(out, text=f"run{len(calls)}")
+
+    failing_uploads(store, monkeypatch, failures=1)
+    with pytest.raises(ConnectionError):
+        store.produce("finetune", "k21", compute)
+    (store.work_dir("finetune", "k21") / "output" / "model.bin").write_bytes(b"truncated")
+    manifest = store.produce("finetune", "k21", compute)
+    assert len(calls) == 2
+    assert (store.local_copy(manifest) / "model.bin").read_bytes() == b"run2" * 1000
+
+
+def test_a_failed_computation_keeps_nothing_to_publish(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"), tmp_path / "cache", retry=FAST_RETRY)
+
+    def crash(out: Path) -> None:
+        make_output(out)
+        raise RuntimeError("killed mid-step")
+
+    with pytest.raises(RuntimeError):
+        store.produce("optimize", "k22", crash)
+    assert store.kept_output("optimize", "k22") is None
+    assert not (store.work_dir("optimize", "k22") / "output").exists()
