@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from olivepress.errors import UserError
-from olivepress.steps import step_task
+from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
 
 if TYPE_CHECKING:
-    from olivepress.config import EvaluateSettings, GateSettings, RunConfig
+    from olivepress.config import EvaluateSettings, GateSettings
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def decide_gate(metrics: list[VariantMetrics], gate: GateSettings) -> GateDecisi
 
 
 def measure(
-    config: RunConfig, model_dir: Path, onnx_dir: Path, held_out: list[dict], out: Path, scratch_root: Path
+    config: StepSettings, model_dir: Path, onnx_dir: Path, held_out: list[dict], out: Path, scratch_root: Path
 ) -> None:
     """Build the base model in scratch space (it is ~3× the int4 model: measured, not kept), measure the
     three variants, and write ``metrics.json`` into ``out``."""
@@ -307,11 +307,26 @@ def read_evaluation(folder: Path, gate: GateSettings) -> Evaluation:
     )
 
 
-@step_task("evaluate")
+STEP = Step(
+    "evaluate",
+    __name__,
+    inputs=("model_dir", "onnx_dir", "held_out"),
+    settings=("evaluate", "optimize", "device", "text_template"),  # optimize: the base model is built alike
+)
+
+
+@STEP.task
 def evaluate_task(
-    store: ArtifactStore, key: str, config: RunConfig, model_dir: Path, onnx_dir: Path, held_out: list[dict]
+    store: ArtifactStore,
+    key: str,
+    settings: StepSettings,
+    model_dir: Path,
+    onnx_dir: Path,
+    held_out: list[dict],
 ) -> Manifest:
     """The held-out measurements for ``key``; the gate thresholds are not part of it (see read_evaluation)."""
     return store.produce(
-        "evaluate", key, lambda out: measure(config, model_dir, onnx_dir, held_out, out, store.scratch_root())
+        "evaluate",
+        key,
+        lambda out: measure(settings, model_dir, onnx_dir, held_out, out, store.scratch_root()),
     )

@@ -15,9 +15,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from olivepress.config import FinetuneSettings, RunConfig
+from olivepress.config import FinetuneSettings
 from olivepress.prompts import format_pair
-from olivepress.steps import step_task
+from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
 
 log = logging.getLogger(__name__)
@@ -270,9 +270,18 @@ def finetune_lora(
     return FinetuneResult(adapter_dir=out_dir, losses=losses)
 
 
-@step_task("finetune", "lora")
+STEP = Step(
+    "finetune",
+    __name__,
+    inputs=("checkpoint_dir", "examples"),
+    settings=("finetune", "device", "seed", "text_template"),
+    tags=("lora",),
+)
+
+
+@STEP.task
 def finetune_task(
-    store: ArtifactStore, key: str, config: RunConfig, checkpoint_dir: Path, examples: list[dict]
+    store: ArtifactStore, key: str, settings: StepSettings, checkpoint_dir: Path, examples: list[dict]
 ) -> Manifest:
     """The adapter for ``key``. Training checkpoints and Olive's cache live in the store's work folder for
     the key (:meth:`ArtifactStore.work_dir`), so a run that crashed mid-training resumes from its last
@@ -286,10 +295,10 @@ def finetune_task(
             checkpoint_dir,
             examples,
             out,
-            config.finetune,
+            settings.finetune,
             work_dir=work_dir,
-            text_template=config.text_template,
-            device=config.device,
-            seed=config.seed,
+            text_template=settings.text_template,
+            device=settings.device,
+            seed=settings.seed,
         ),
     )

@@ -21,17 +21,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE, GENAI_CONFIG, MERGED_MODEL_FILE
 from olivepress.lora_graph import Branch, LoraMatrices
 from olivepress.prompts import save_prompt_format
-from olivepress.steps import step_task
+from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
-
-if TYPE_CHECKING:
-    from olivepress.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -459,16 +456,25 @@ def add_lora_branches(model, branches: list[Branch], out_dir: Path) -> None:
     write_merged_model(model, parameters, out_dir / MERGED_MODEL_FILE)
 
 
-@step_task("optimize", "onnx")
+STEP = Step(
+    "optimize",
+    __name__,
+    inputs=("checkpoint_dir", "adapter_dir"),
+    settings=("optimize", "device", "text_template"),
+    tags=("onnx",),
+)
+
+
+@STEP.task
 def optimize_task(
-    store: ArtifactStore, key: str, config: RunConfig, checkpoint_dir: Path, adapter_dir: Path
+    store: ArtifactStore, key: str, settings: StepSettings, checkpoint_dir: Path, adapter_dir: Path
 ) -> Manifest:
     """The ONNX folder for ``key``, with the prompt format chat needs to match training."""
 
     def compute(out: Path) -> None:
         export_onnx(
-            checkpoint_dir, adapter_dir, out, device=config.device, cuda_graph=config.optimize.cuda_graph
+            checkpoint_dir, adapter_dir, out, device=settings.device, cuda_graph=settings.optimize.cuda_graph
         )
-        save_prompt_format(out, config.text_template)
+        save_prompt_format(out, settings.text_template)
 
     return store.produce("optimize", key, compute)

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from olivepress.config import QuantizeSettings, RunConfig, group_size_problem
+from olivepress.config import QuantizeSettings, group_size_problem
 from olivepress.errors import UserError
 from olivepress.int4 import Int4Weight, write_int4_checkpoint
 from olivepress.prompts import format_pair
-from olivepress.steps import step_task
+from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
 
 log = logging.getLogger(__name__)
@@ -244,15 +244,29 @@ def _quiet_unless(progress: bool):
         logger.enable("llmcompressor")
 
 
-@step_task("quantize", "awq")
+STEP = Step(
+    "quantize",
+    __name__,
+    inputs=("model_dir", "examples"),
+    settings=("quantize", "seed", "text_template"),
+    tags=("awq",),
+)
+
+
+@STEP.task
 def quantize_task(
-    store: ArtifactStore, key: str, config: RunConfig, model_dir: Path, examples: list[dict]
+    store: ArtifactStore, key: str, settings: StepSettings, model_dir: Path, examples: list[dict]
 ) -> Manifest:
     """The int4 checkpoint for ``key``: reused from the store, or computed and published whole."""
     return store.produce(
         "quantize",
         key,
         lambda out: quantize_awq(
-            model_dir, examples, out, config.quantize, seed=config.seed, text_template=config.text_template
+            model_dir,
+            examples,
+            out,
+            settings.quantize,
+            seed=settings.seed,
+            text_template=settings.text_template,
         ),
     )

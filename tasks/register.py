@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from olivepress.cache_keys import library_versions
 from olivepress.registry import LocalRegistry, Registration, content_sha256, default_model_name
@@ -65,9 +64,6 @@ def register_model(
 
 @task(
     name="register",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
     retry_condition_fn=retry_if_transient,
     cache_policy=NO_CACHE,
     tags=["olivepress"],
@@ -75,5 +71,6 @@ def register_model(
 def register_task(
     config: RunConfig, base_model: Path, sources: dict[str, Path], lineage: dict
 ) -> Registration:
-    """Retried with backoff and jitter: a registry over the network (Azure 429/5xx) fails transiently."""
+    """A registry over the network (Azure 429/5xx) fails transiently: the flow retries this task as the
+    config's ``retries.*`` say (:func:`olivepress.steps.prefect_retries`), a transient failure only."""
     return register_model(config, base_model, sources, lineage)

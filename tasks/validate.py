@@ -35,13 +35,11 @@ from typing import TYPE_CHECKING, Any
 from olivepress.config import ValidationSettings, checked
 from olivepress.errors import UserError
 from olivepress.files import atomic_write_text
-from olivepress.steps import step_task
+from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
-
-    from olivepress.config import RunConfig
 
 REQUIRED_FIELDS = ("prompt", "response")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -455,9 +453,19 @@ class InvalidData(UserError):
     """The data failed validation; the message is the report."""
 
 
-@step_task("validate", "validate")
+STEP = Step(
+    "validate",
+    __name__,
+    inputs=("data_file",),
+    settings=("validation",),
+    context=("run_dir", "data_name"),  # where a failure's report goes, what its message calls the file
+    tags=("validate",),
+)
+
+
+@STEP.task
 def validate_task(
-    store: ArtifactStore, key: str, config: RunConfig, run_dir: Path, data_file: Path
+    store: ArtifactStore, key: str, settings: StepSettings, data_file: Path, run_dir: Path, data_name: str
 ) -> Manifest:
     """Bad data stops the run here, before any model is loaded, with the report in ``run_dir`` and on the
     flow run's Artifacts tab; it is never retried (it would fail the same way). A valid file's report is
@@ -465,7 +473,7 @@ def validate_task(
 
     def compute(out: Path) -> None:
         report = validate_jsonl(
-            data_file, min_chars=config.validation.min_chars, max_chars=config.validation.max_chars
+            data_file, min_chars=settings.validation.min_chars, max_chars=settings.validation.max_chars
         )
         write_report(report, out)
         if not report.ok:
@@ -474,7 +482,7 @@ def validate_task(
             report_path = write_report(report, run_dir)
             publish_validation_failure(report)
             raise InvalidData(
-                f"{config.data} has {len(report.errors)} bad line(s); nothing was trained "
+                f"{data_name} has {len(report.errors)} bad line(s); nothing was trained "
                 f"(report: {report_path}):\n{report.to_text()}"
             )
 

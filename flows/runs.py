@@ -1,0 +1,323 @@
+"""What the flow needs around its steps: the run folder, the artifact store, each step's key and Prefect
+options, and the summary.
+
+:class:`Run` opens the store (a folder or ``s3://``, with the config's retry budget), claims a run folder
+and writes ``config.json`` into it, makes the run's data a local file, and runs each cached step: the key
+from the step's declaration (:class:`olivepress.steps.Step`), Prefect's cache refreshed unless the store
+holds a verified output, the output linked (or, for validation, copied) into the run folder, and a record
+for the summary (``summary.txt``/``summary.json``, written when the run ends, failed or not).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from olivepress.config import RunConfig
+from olivepress.errors import UserError
+from olivepress.files import atomic_write_text, file_sha256, folder_bytes
+from olivepress.retry import RetryPolicy
+from olivepress.steps import StepOutput, input_digest, prefect_retries
+from olivepress.store import ArtifactStore, Manifest, fetch_file
+
+# run-folder names of the stored outputs linked there (validate's report files are copied instead)
+LINKS = {"quantize": "quantized", "finetune": "adapter", "optimize": "onnx"}
+REPORT = "report"
+HELD_OUT_FILE = "held_out.jsonl"
+FULLER_EPOCHS = 3
+
+
+class PlainUserErrors(logging.Filter):
+    """Prefect logs every failed run with a traceback; for a user error the message is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_user_error_tracebacks() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, PlainUserErrors) for existing in logger.filters):
+            logger.addFilter(PlainUserErrors())
+
+
+@dataclass
+class StepRecord:
+    step: str
+    status: str
+    seconds: float
+    output: str | None = None
+    output_bytes: int | None = None
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    config.output.mkdir(parents=True, exist_ok=True)
+    suffix = 1
+    while True:  # claimed by mkdir itself: two runs starting in the same second get two folders
+        run_dir = config.output / (f"run-{stamp}" if suffix == 1 else f"run-{stamp}-{suffix}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            suffix += 1
+
+
+def resolve_model_dir(config: RunConfig) -> Path:
+    if config.model is not None:
+        return config.model
+    from olivepress.default_model import default_model_dir
+
+    return default_model_dir()
+
+
+def timed(records: list[StepRecord], name: str, function, *args, reused: bool = False, **kwargs):
+    """Run one step, recording its status, wall time and output size for the summary table."""
+    started = time.perf_counter()
+    try:
+        result = function(*args, **kwargs)
+    except BaseException:
+        records.append(StepRecord(name, "failed", time.perf_counter() - started))
+        raise
+    if isinstance(result, Manifest):
+        output, size = f"{name}/{result.key[:12]}", sum(meta["size"] for meta in result.files.values())
+    elif isinstance(result, Path):
+        output, size = str(result), folder_bytes(result)
+    else:
+        output, size = None, None
+    status = "reused" if reused else "completed"
+    records.append(StepRecord(name, status, time.perf_counter() - started, output=output, output_bytes=size))
+    return result
+
+
+def format_summary(records: list[StepRecord]) -> str:
+    rows = [("step", "status", "time", "output size")]
+    for record in records:
+        size = f"{record.output_bytes / 1e6:.1f} MB" if record.output_bytes is not None else "-"
+        rows.append((record.step, record.status, f"{record.seconds:.1f} s", size))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def write_summary(run_dir: Path, records: list[StepRecord]) -> str:
+    table = format_summary(records)
+    atomic_write_text(run_dir / "summary.txt", table + "\n")
+    atomic_write_text(run_dir / "summary.json", json.dumps([asdict(r) for r in records], indent=1))
+    return table
+
+
+def fuller_run_estimate(config: RunConfig, records: list[StepRecord], n_examples: int) -> str:
+    """What a longer fine-tune would cost, scaled linearly from this run's own fine-tuning time."""
+    finetune_seconds = next(record.seconds for record in records if record.step == "finetune")
+    steps = -(-FULLER_EPOCHS * n_examples // config.finetune.batch_size)
+    epochs = config.finetune.max_steps * config.finetune.batch_size / n_examples
+    minutes = finetune_seconds / config.finetune.max_steps * steps / 60
+    return (
+        f"This run trained {config.finetune.max_steps} steps ({epochs:.1f} epochs of {n_examples} examples). "
+        f"{FULLER_EPOCHS} epochs would be --max-steps {steps}: about {minutes:.0f} min of fine-tuning on "
+        "this machine."
+    )
+
+
+def write_split(run_dir: Path, config: RunConfig, train: list[dict], held_out: list[dict]) -> None:
+    """The held-out pairs and how they were chosen, kept with the run so the gate can be re-checked."""
+    lines = [
+        json.dumps({"prompt": p["prompt"], "response": p["response"]}, ensure_ascii=False) for p in held_out
+    ]
+    atomic_write_text(run_dir / HELD_OUT_FILE, "\n".join(lines) + "\n")
+    split = {
+        "by": "prompt",
+        "seed": config.seed,
+        "held_out_fraction": config.evaluate.held_out_fraction,
+        "train_pairs": len(train),
+        "held_out_pairs": len(held_out),
+        "held_out_lines": [p.get("line") for p in held_out],
+    }
+    atomic_write_text(run_dir / "split.json", json.dumps(split, indent=1))
+
+
+def current_flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.id
+
+
+def s3_options(config: RunConfig) -> dict:
+    """fsspec options for s3:// (store and data). botocore's own retries are off: s3fs retries a failed call
+    for about two seconds, then olivepress's retry (config.retries: logged, exponential, with jitter)."""
+    return {
+        "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 1}, "connect_timeout": 10},
+        "client_kwargs": {"endpoint_url": config.store.endpoint_url} if config.store.endpoint_url else {},
+    }
+
+
+def retry_policy(config: RunConfig) -> RetryPolicy:
+    return RetryPolicy(
+        attempts=config.retries.store_attempts,
+        base_delay_s=config.retries.backoff_seconds,
+        jitter=config.retries.jitter,
+    )
+
+
+def open_store(config: RunConfig) -> ArtifactStore:
+    uri = config.store.uri or str(config.output.resolve() / "store")
+    options = s3_options(config) if uri.startswith("s3://") else {}
+    return ArtifactStore(uri, config.store.cache_dir, retry=retry_policy(config), storage_options=options)
+
+
+def local_data_file(config: RunConfig) -> Path:
+    """The run's data as a local file: itself, or a fresh download of its s3:// URI."""
+    if isinstance(config.data, Path):
+        return config.data
+    return fetch_file(config.data, config.store.cache_dir / "data", s3_options(config), retry_policy(config))
+
+
+def link_output(run_dir: Path, name: str, folder: Path) -> Path:
+    """``run_dir/name`` → the step's output folder in the store (or its local copy), for people and chat."""
+    link = run_dir / name
+    link.symlink_to(folder.resolve(), target_is_directory=True)
+    return link
+
+
+class Run:
+    """One flow run's folder, store and summary. Use as a context manager: the summary is written when the
+    block ends, whether the run failed or not."""
+
+    def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
+        from prefect import get_run_logger
+
+        quiet_user_error_tracebacks()
+        self.log = get_run_logger()
+        self.config = config
+        self.dir = run_dir or new_run_dir(config)
+        self.log.info("run folder %s", self.dir)
+        self.records: list[StepRecord] = []
+        atomic_write_text(self.dir / "config.json", config.model_dump_json(indent=1))
+        self.store = open_store(config)
+        self.data_file: Path | None = None
+        self.data_hash: str | None = None
+        self._digests: dict[Path, str] = {}
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.log.info("\n%s", write_summary(self.dir, self.records))
+
+    def fetch_data(self) -> Path:
+        """The run's data as a local file; its hash is part of every step's key, so one edited line of the
+        JSONL invalidates every step, even one whose other inputs happen to come out the same."""
+        self.data_file = local_data_file(self.config)
+        self.data_hash = file_sha256(self.data_file)
+        return self.data_file
+
+    def split(self, examples: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Training and held-out pairs, split by prompt; the held-out ones are kept in the run folder."""
+        from olivepress.scoring import split_by_prompt
+
+        train, held_out = split_by_prompt(examples, self.config.evaluate.held_out_fraction, self.config.seed)
+        write_split(self.dir, self.config, train, held_out)
+        self.log.info("split by prompt: %d training pairs, %d held out", len(train), len(held_out))
+        return train, held_out
+
+    def digest(self, value: Any) -> str:
+        if not isinstance(value, Path):
+            return input_digest(value)
+        path = value.resolve()  # a run hashes a model folder once, however many steps read it
+        if path not in self._digests:
+            self._digests[path] = input_digest(path)
+        return self._digests[path]
+
+    def step(self, task, **arguments: Any) -> StepOutput:
+        """Run one cached step (a task made by :meth:`olivepress.steps.Step.task`) on ``arguments``, its
+        declared inputs and context. Prefect's cache is used only while the store holds a verified output
+        for the key; a step that another run computed while this one waited for the key's lock (see
+        ``ArtifactStore.produce``) counts as reused."""
+        step = task.step
+        assert self.data_hash is not None, "fetch_data() comes first"
+        settings = step.settings_of(self.config)
+        inputs = {"data": self.data_hash} | {name: self.digest(arguments[name]) for name in step.inputs}
+        key = step.key(inputs, settings)
+        reusable = self.store.complete(step.name, key) is not None
+        configured = task.with_options(refresh_cache=not reusable, **prefect_retries(self.config.retries))
+        values = {name: v.folder if isinstance(v, StepOutput) else v for name, v in arguments.items()}
+        manifest = timed(
+            self.records, step.name, configured, self.store, key, settings, reused=reusable, **values
+        )
+        if (step.name, key) not in self.store.computed:
+            self.records[-1].status = "reused"
+        output = StepOutput(manifest, self.store.local_copy(manifest))
+        if step.name in LINKS:
+            link_output(self.dir, LINKS[step.name], output.folder)
+        else:
+            for stored in output.folder.iterdir():
+                atomic_write_text(self.dir / stored.name, stored.read_text(encoding="utf-8"))
+        return output
+
+    def link(self, step: str) -> Path:
+        """The run folder's link to ``step``'s output."""
+        return self.dir / LINKS[step]
+
+    def evaluation(self, measured: StepOutput):
+        """The stored measurements with the gate decided now, kept in the run folder as evaluation.json."""
+        from olivepress.tasks.evaluate import read_evaluation
+
+        evaluation = read_evaluation(measured.folder, self.config.gate)
+        atomic_write_text(self.dir / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1))
+        self.log.info("\n%s", evaluation.gate.to_text())
+        return evaluation
+
+    def report(
+        self, evaluation, examples: list[dict], train: list[dict], held_out: list[dict], adapter
+    ) -> Path:
+        """The report (run folder ``report/`` and the flow run's Artifacts tab)."""
+        from olivepress.tasks.finetune import LOSS_FILE, read_training_memory
+        from olivepress.tasks.report import ReportInputs, report_task
+
+        inputs = ReportInputs(
+            config=self.config,
+            data_sha256=self.data_hash,
+            n_records=len(examples),
+            n_warnings=len(json.loads((self.dir / "validation.json").read_text())["warnings"]),
+            train_pairs=len(train),
+            held_out_pairs=len(held_out),
+            steps=[asdict(record) for record in self.records],
+            loss_history=json.loads((adapter.folder / LOSS_FILE).read_text()),
+            evaluation=evaluation,
+            flow_run_id=current_flow_run_id(),
+            training_memory=read_training_memory(adapter.folder),
+        )
+        return timed(self.records, "report", report_task, inputs, self.dir / REPORT)
+
+    def register(self, model_dir: Path, report_dir: Path, evaluation):
+        """Register the run's export and report with their lineage, retried as ``retries.*`` says. Runs
+        sharing a store register one model content one at a time: a backend's check-then-create (Azure ML's
+        tag lookup) then sees the other's version and returns it instead of adding one."""
+        from olivepress.tasks.register import build_lineage, register_task
+
+        sources = {"model": self.link("optimize"), "report": report_dir}
+        lineage = build_lineage(
+            self.config, model_dir, self.data_hash, evaluation, sources, current_flow_run_id()
+        )
+        task = register_task.with_options(**prefect_retries(self.config.retries))
+        with self.store.key_lock("register", lineage["content_sha256"]):
+            return timed(self.records, "register", task, self.config, model_dir, sources, lineage)
+
+    def announce(self, registration, trained_pairs: int) -> None:
+        """After the summary: where the model went, and what a longer fine-tune would cost."""
+        verb = "already registered as" if registration.reused else "registered"
+        self.log.info(
+            "%s %s version %s (%s)", verb, registration.name, registration.version, registration.uri
+        )
+        if any(record.step == "finetune" and record.status == "completed" for record in self.records):
+            self.log.info(fuller_run_estimate(self.config, self.records, trained_pairs))

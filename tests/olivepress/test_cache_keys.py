@@ -1,0 +1,161 @@
+"""Which edit invalidates which step: code versions from each step's imports, keys from its declared settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from olivepress import cache_keys
+from olivepress.config import RunConfig, load_config
+from olivepress.tasks import evaluate, finetune, optimize, quantize, validate
+
+STEPS = [validate.STEP, quantize.STEP, finetune.STEP, optimize.STEP, evaluate.STEP]
+NAMES = [step.name for step in STEPS]
+
+
+@pytest.fixture(autouse=True)
+def fresh_code_versions():
+    cache_keys.code_modules.cache_clear()
+    cache_keys.code_version.cache_clear()
+    yield
+    cache_keys.code_modules.cache_clear()
+    cache_keys.code_version.cache_clear()
+
+
+def code_versions() -> dict[str, str]:
+    cache_keys.code_modules.cache_clear()
+    cache_keys.code_version.cache_clear()
+    return {step.name: cache_keys.code_version(step.module) for step in STEPS}
+
+
+def edit(monkeypatch, module: str, old: str | None = None, new: str = "") -> None:
+    """Make the code versions read ``module``'s source with ``old`` replaced by ``new`` (or a line added)."""
+    path = cache_keys.module_file(module)
+    original = cache_keys.source_bytes
+
+    def edited(target):
+        source = original(target)
+        if target != path:
+            return source
+        if old is None:
+            return source + b"\n# edited\n"
+        assert source.count(old.encode()) == 1, old
+        return source.replace(old.encode(), new.encode())
+
+    monkeypatch.setattr(cache_keys, "source_bytes", edited)
+
+
+def invalidated(monkeypatch, module: str, old: str | None = None, new: str = "") -> list[str]:
+    before = code_versions()
+    edit(monkeypatch, module, old, new)
+    after = code_versions()
+    return [name for name in NAMES if before[name] != after[name]]
+
+
+def test_a_step_covers_the_modules_it_imports_lazy_ones_included():
+    modules = {step.name: set(step.code_modules()) for step in STEPS}
+    # evaluate imports optimize's build_base_model inside a function
+    assert "olivepress.tasks.optimize" in modules["evaluate"]
+    assert "olivepress.genai" in modules["evaluate"] and "olivepress.genai" in modules["optimize"]
+    assert {"olivepress.int4", "olivepress.prompts"} <= modules["quantize"] & modules["finetune"]
+    for name, covered in modules.items():
+        assert f"olivepress.tasks.{name}" in covered
+        assert "olivepress.chat" not in covered, name
+        assert not covered & cache_keys.NOT_OUTPUT_CODE, name
+
+
+# module edited → the steps whose code version changes (the table in the README's "Caching")
+INVALIDATION = {
+    "olivepress.tasks.validate": ["validate"],
+    "olivepress.tasks.quantize": ["quantize"],
+    "olivepress.tasks.finetune": ["finetune"],
+    "olivepress.tasks.optimize": ["optimize", "evaluate"],
+    "olivepress.tasks.evaluate": ["evaluate"],
+    "olivepress.tasks.report": ["validate"],  # validate publishes a failure's report with it
+    "olivepress.int4": ["quantize", "finetune"],
+    "olivepress.prompts": ["quantize", "finetune", "optimize", "evaluate"],
+    "olivepress.genai": ["optimize", "evaluate"],
+    "olivepress.lora_graph": ["optimize", "evaluate"],
+    "olivepress.gpu_memory": ["evaluate"],
+    "olivepress.files": ["validate"],
+    "olivepress.chat": [],
+    "olivepress.registry": [],
+    "olivepress.store": [],
+    "olivepress.retry": [],
+    "olivepress.config": [],
+    "olivepress.flows.pipeline": [],
+}
+
+
+@pytest.mark.parametrize("module", INVALIDATION)
+def test_an_edited_module_invalidates_the_steps_that_import_it(monkeypatch, module):
+    assert invalidated(monkeypatch, module) == INVALIDATION[module]
+
+
+def test_editing_build_base_model_invalidates_evaluate_which_calls_it(monkeypatch):
+    changed = invalidated(
+        monkeypatch,
+        "olivepress.tasks.optimize",
+        old='"""The unquantized model through the same builder',
+        new='"""The unquantized model (edited) through the same builder',
+    )
+    assert changed == ["optimize", "evaluate"]
+
+
+def test_a_new_import_brings_its_module_into_the_code_version(monkeypatch):
+    edit(
+        monkeypatch,
+        "olivepress.tasks.quantize",
+        old="import contextlib\n",
+        new="import contextlib\n\n\ndef f():\n    import olivepress.chat\n",
+    )
+    cache_keys.code_modules.cache_clear()
+    assert "olivepress.chat" in quantize.STEP.code_modules()
+
+
+def test_type_checking_imports_are_not_code_the_step_runs():
+    assert "olivepress.tasks.evaluate" not in optimize.STEP.code_modules()
+    assert cache_keys.imported_modules("olivepress.tasks.report") >= {"olivepress.files"}
+    assert "olivepress.tasks.validate" not in cache_keys.imported_modules("olivepress.tasks.report")
+
+
+def keys(config: RunConfig) -> dict[str, str]:
+    inputs = {"data": "d", "data_file": "d", "model_dir": "m", "examples": "e", "checkpoint_dir": "c"}
+    inputs |= {"adapter_dir": "a", "onnx_dir": "o", "held_out": "h"}
+    return {
+        step.name: step.key({name: inputs[name] for name in ("data", *step.inputs)}, step.settings_of(config))
+        for step in STEPS
+    }
+
+
+# setting changed → the steps whose key changes
+SETTINGS = {
+    "validation.max_chars": (100, ["validate"]),
+    "quantize.calibration_samples": (8, ["quantize"]),
+    "finetune.max_steps": (7, ["finetune"]),
+    "optimize.cuda_graph": (False, ["optimize", "evaluate"]),
+    "evaluate.max_new_tokens": (9, ["evaluate"]),
+    "seed": (5, ["quantize", "finetune"]),
+    "device": ("gpu", ["finetune", "optimize", "evaluate"]),
+    "text_template": ("U:{prompt} A:{response}", ["quantize", "finetune", "optimize", "evaluate"]),
+    "gate.min_speedup": (0.5, []),
+    "retries.step_attempts": (1, []),
+    "registry.name": ("travel", []),
+    "output": ("elsewhere", []),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_a_setting_invalidates_only_the_steps_that_declare_it(setting):
+    value, expected = SETTINGS[setting]
+    before, after = keys(load_config()), keys(load_config(overrides={setting: value}))
+    assert [name for name in NAMES if before[name] != after[name]] == expected
+
+
+def test_an_input_invalidates_only_its_step():
+    config = load_config()
+    base = {"data": "d", "checkpoint_dir": "c", "adapter_dir": "a"}
+    assert optimize.STEP.key(base, optimize.STEP.settings_of(config)) != optimize.STEP.key(
+        {**base, "adapter_dir": "other"}, optimize.STEP.settings_of(config)
+    )
+    with pytest.raises(ValueError, match="adapter_dir"):
+        optimize.STEP.key({"data": "d", "checkpoint_dir": "c"}, optimize.STEP.settings_of(config))
