@@ -48,6 +48,7 @@ NOT_OUTPUT_CODE = frozenset(
         "olivepress.cache_keys",
         "olivepress.config",
         "olivepress.errors",
+        "olivepress.progress",  # reports where a step stands, on the terminal
         "olivepress.retry",
         "olivepress.s3_lease",
         "olivepress.steps",

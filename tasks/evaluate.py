@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from olivepress import progress
 from olivepress.errors import UserError
 from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
@@ -160,6 +161,7 @@ def evaluate_models(
         gc.collect()
         before = rss_mib("VmRSS") if can_measure_memory else 0.0
         peak_rss_reset()
+        progress.update("evaluate", f"loading {variant}")
         models[variant] = open_model(model_dir, adapter)
         prompt_ids[variant] = [
             prompt_token_ids(models[variant], pair["prompt"], text_template) for pair in prompts
@@ -178,6 +180,7 @@ def evaluate_models(
     outputs: dict[str, list[str]] = {variant: [] for variant in VARIANTS}
     first_token = {variant: [] for variant in VARIANTS}
     generated = dict.fromkeys(VARIANTS, 0)
+    progress.update("evaluate", "generating, prompt", 0, len(prompts))
     for index in range(len(prompts)):
         for variant in VARIANTS:
             pieces: list[str] = []
@@ -189,10 +192,14 @@ def evaluate_models(
             first_token[variant].append(stats.time_to_first_token_s)
             generated[variant] += stats.new_tokens
         log.info("evaluate: generated for %d/%d held-out prompts", index + 1, len(prompts))
+        progress.update("evaluate", "generating, prompt", index + 1, len(prompts))
 
     decode_tokens = dict.fromkeys(VARIANTS, 0)
     decode_seconds = dict.fromkeys(VARIANTS, 0.0)
     for index in range(min(settings.speed_samples, len(prompts))):
+        progress.update(
+            "evaluate", "decode speed, prompt", index + 1, min(settings.speed_samples, len(prompts))
+        )
         for variant in VARIANTS:
             ids = prompt_ids[variant][index]
             stats = stream_generate(
@@ -275,6 +282,7 @@ def measure(
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="base-model-", dir=scratch_root) as scratch:
+        progress.update("evaluate", "building the base model")
         build_base_model(model_dir, Path(scratch), config.device, config.optimize.cuda_graph)
         metrics = evaluate_models(
             Path(scratch),

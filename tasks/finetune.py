@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from olivepress.config import FinetuneSettings
+from olivepress.progress import trainer_progress
 from olivepress.prompts import format_pair
 from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
@@ -258,7 +259,8 @@ def finetune_lora(
     train_file = write_training_text(tokenizer, examples, work_dir / "train.jsonl", text_template)
     config = olive_lora_config(model_dir, train_file, work_dir, settings, device=device, seed=seed)
     allocated_at_start = reset_training_memory(device)
-    output = olive_run(config)
+    with trainer_progress():
+        output = olive_run(config)
     memory = training_memory(device, allocated_at_start)
     adapter_dir = Path(output.get_best_candidate().olive_model_config["config"]["adapter_path"])
     out_dir.mkdir(parents=True, exist_ok=True)

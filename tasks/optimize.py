@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from olivepress import progress
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE, GENAI_CONFIG, MERGED_MODEL_FILE
 from olivepress.lora_graph import Branch, LoraMatrices
@@ -71,6 +72,7 @@ def export_onnx(
         raise UserError(f"device must be one of {sorted(EXECUTION_PROVIDERS)}, not {device!r}")
     started = time.perf_counter()
     lora = read_lora(adapter_dir) if adapter_dir is not None else {}
+    progress.update("optimize", "exporting the int4 model")
     build_int4_model(
         checkpoint_dir,
         out_dir,
@@ -84,6 +86,7 @@ def export_onnx(
         sizes = part_sizes(json.loads((checkpoint_dir / "config.json").read_text()))
         branches = group_branches(lora, int4_node_modules(model.graph), sizes)
         adapter_file = out_dir / ADAPTER_FILE
+        progress.update("optimize", "adding the LoRA adapter")
         add_lora_branches(model, branches, out_dir)
     model_files = [out_dir / MODEL_FILE, *out_dir.glob(f"{MODEL_FILE}.data")]
     return ExportResult(

@@ -19,6 +19,7 @@ from pathlib import Path
 from olivepress.config import QuantizeSettings, group_size_problem
 from olivepress.errors import UserError
 from olivepress.int4 import Int4Weight, write_int4_checkpoint
+from olivepress.progress import awq_layer_progress
 from olivepress.prompts import format_pair
 from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
@@ -130,7 +131,8 @@ def apply_awq(
     calibration = Dataset.from_dict(
         {"input_ids": token_ids, "attention_mask": [[1] * len(i) for i in token_ids]}
     )
-    with create_session(), pinned_memory_only_with_accelerator(), _quiet_unless(progress):
+    layers = awq_layer_progress(model.config.num_hidden_layers)
+    with create_session(), pinned_memory_only_with_accelerator(), _quiet_unless(progress), layers:
         oneshot(
             model=model,
             tokenizer=tokenizer,

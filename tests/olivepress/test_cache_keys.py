@@ -81,6 +81,7 @@ INVALIDATION = {
     "olivepress.registry": [],
     "olivepress.store": [],
     "olivepress.retry": [],
+    "olivepress.progress": [],
     "olivepress.config": [],
     "olivepress.flows.pipeline": [],
 }
