@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from olivepress import progress
 from olivepress.config import RunConfig
 from olivepress.errors import UserError
 from olivepress.files import atomic_write_text, file_sha256, folder_bytes
@@ -81,11 +82,13 @@ def resolve_model_dir(config: RunConfig) -> Path:
 
 def timed(records: list[StepRecord], name: str, function, *args, reused: bool = False, **kwargs):
     """Run one step, recording its status, wall time and output size for the summary table."""
+    progress.begin(name)
     started = time.perf_counter()
     try:
         result = function(*args, **kwargs)
     except BaseException:
         records.append(StepRecord(name, "failed", time.perf_counter() - started))
+        progress.end(name, "failed", records[-1].seconds)
         raise
     if isinstance(result, Manifest):
         output, size = f"{name}/{result.key[:12]}", sum(meta["size"] for meta in result.files.values())
@@ -95,6 +98,7 @@ def timed(records: list[StepRecord], name: str, function, *args, reused: bool = 
         output, size = None, None
     status = "reused" if reused else "completed"
     records.append(StepRecord(name, status, time.perf_counter() - started, output=output, output_bytes=size))
+    progress.end(name, status, records[-1].seconds)
     return result
 
 
@@ -248,7 +252,8 @@ class Run:
         settings = step.settings_of(self.config)
         inputs = {"data": self.data_hash} | {name: self.digest(arguments[name]) for name in step.inputs}
         key = step.key(inputs, settings)
-        reusable = self.store.complete(step.name, key) is not None
+        stored = self.store.complete(step.name, key)
+        reusable = stored is not None
         configured = task.with_options(refresh_cache=not reusable, **prefect_retries(self.config.retries))
         values = {name: v.folder if isinstance(v, StepOutput) else v for name, v in arguments.items()}
         manifest = timed(
@@ -256,6 +261,9 @@ class Run:
         )
         if (step.name, key) not in self.store.computed:
             self.records[-1].status = "reused"
+            progress.end(step.name, "reused", self.records[-1].seconds)
+        # the store is the truth: Prefect's cache record only shows the reuse (it may name an older publish)
+        manifest = stored or manifest
         output = StepOutput(manifest, self.store.local_copy(manifest))
         if step.name in LINKS:
             link_output(self.dir, LINKS[step.name], output.folder)

@@ -114,8 +114,10 @@ class Step:
 
 
 def by_cache_key(context, parameters: dict) -> str:
-    """A ``cache_key_fn``: the content key the flow computed for this step (see :meth:`Step.key`)."""
-    return parameters["key"]
+    """A ``cache_key_fn``: the content key the flow computed for this step (see :meth:`Step.key`), in this
+    store. Prefect keeps its cache records in its own result storage, shared by every store on the machine:
+    a record of the same key in another store names a publish this store does not have."""
+    return f"{parameters['key']}-{parameters['store'].id}"
 
 
 def prefect_retries(retries: RetrySettings) -> dict[str, Any]:

@@ -227,8 +227,13 @@ class ArtifactStore:
         """A step's scratch folder that outlives a crash, so that a re-run resumes from it (training
         checkpoints, and the computed output until it is published): named by this store and ``key``, used
         only by the holder of the key's lock (:meth:`produce`), and removed once the output is published."""
-        store_id = hashlib.sha256(self.fs.unstrip_protocol(self.root).encode()).hexdigest()[:8]
-        return self.cache_dir / "work" / f"{step}-{key[:16]}-{store_id}"
+        return self.cache_dir / "work" / f"{step}-{key[:16]}-{self.id}"
+
+    @property
+    def id(self) -> str:
+        """A short name of this store (its full URI hashed): a key's work folder, and Prefect's cache record
+        of a step, belong to one store."""
+        return hashlib.sha256(self.fs.unstrip_protocol(self.root).encode()).hexdigest()[:8]
 
     @contextlib.contextmanager
     def key_lock(self, step: str, key: str) -> Iterator[None]:

@@ -88,3 +88,12 @@ def test_a_publish_that_fails_past_the_stores_retries_is_retried_by_prefect_with
     assert len(COMPUTED) == 1, "the retry published the kept output; it did not compute it again"
     assert store.complete("demo", "k1") == manifest
     assert (store.local_copy(manifest) / "model.bin").read_bytes() == b"weights" * 1000
+
+
+def test_prefects_cache_record_of_a_key_belongs_to_one_store(tmp_path):
+    from olivepress.steps import by_cache_key
+
+    one = ArtifactStore(str(tmp_path / "one"), tmp_path / "cache")
+    other = ArtifactStore(str(tmp_path / "other"), tmp_path / "cache")
+    assert by_cache_key(None, {"key": "k", "store": one}) == by_cache_key(None, {"key": "k", "store": one})
+    assert by_cache_key(None, {"key": "k", "store": one}) != by_cache_key(None, {"key": "k", "store": other})
