@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(run, RUN_FLAGS)
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show the libraries' output (progress bars, training logs, Prefect's lines) live; it always goes "
+        "to run.log in the run folder",
+    )
 
     validate = commands.add_parser(
         "validate",
@@ -140,11 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_run(args: argparse.Namespace) -> int:
     config = config_from(args, RUN_FLAGS)
+    os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")  # Prefect's lines go to run.log: no color codes
     from olivepress.flows.pipeline import new_run_dir, olivepress_flow
+    from olivepress.run_log import LOG_FILE, run_output
 
     run_dir = new_run_dir(config)
-    print(f"olivepress: run folder {run_dir}", flush=True)
-    result = olivepress_flow(config, run_dir)
+    print(f"olivepress: run folder {run_dir} (library output: {LOG_FILE} there)", flush=True)
+    with run_output(run_dir, verbose=args.verbose):
+        result = olivepress_flow(config, run_dir)
     print(f"\nONNX Runtime GenAI model: {result['onnx']}")
     print(f"Report: {result['report']}")
     registration = result["registration"]

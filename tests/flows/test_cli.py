@@ -1,10 +1,12 @@
 """The command line as a user meets it: exit codes and messages, in a real subprocess."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from olivepress.config import SAMPLE_DATA, setting_fields
 from olivepress.flows.cli import RUN_FLAGS, VALIDATE_FLAGS, build_parser, config_from, main
@@ -242,3 +244,46 @@ def test_a_deploy_argument_the_target_cannot_take_is_a_user_error():
     result = olivepress("deploy", "process", "--concurrency", "0")
     assert result.returncode == 1, result.stderr
     assert "olivepress: concurrency must be at least 1" in result.stderr
+
+
+STEPS = ["validate", "quantize", "finetune", "optimize", "evaluate", "report", "register"]
+STEP_END = re.compile(r"^(\w+) +(completed|reused|failed)  [\d.]+ s$")
+
+
+@pytest.mark.slow
+def test_a_run_shows_one_line_per_step_and_keeps_library_output_in_its_log(tmp_path, tiny_model_dir):
+    from tests.flows.test_pipeline import tiny_config
+
+    config_file = tmp_path / "run.yaml"
+    config = tiny_config(tmp_path, tiny_model_dir)
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+
+    result = olivepress("run", "--config", str(config_file))
+    assert result.returncode == 0, result.stderr[-3000:]
+    terminal = result.stdout + result.stderr
+    assert len(terminal.splitlines()) <= 40, terminal
+    ends = [match for line in result.stderr.splitlines() if (match := STEP_END.match(line))]
+    assert [(match[1], match[2]) for match in ends] == [(step, "completed") for step in STEPS], terminal
+    assert "gate PASSED" in result.stderr and "Registered: " in result.stdout
+    for chatter in [
+        "Grid search for model.layers.",
+        "Finished in state",
+        "Please install tabulate",
+        "'loss'",
+    ]:
+        assert chatter not in terminal
+    (run_dir,) = config.output.glob("run-*")
+    log = (run_dir / "run.log").read_text()
+    for chatter in [
+        "Grid search for model.layers.0",
+        "Finished in state Completed()",
+        "Please install tabulate",
+    ]:
+        assert chatter in log, f"{chatter!r} is in run.log"
+    assert not re.search(r"\x1b\[[\d;]*m", log), "no color codes in the log (Prefect's lines)"
+
+    again = olivepress("run", "--config", str(config_file), "--verbose")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Beginning flow run" in again.stderr, "--verbose shows Prefect's lines (and every library's) live"
+    ends = [match for line in again.stderr.splitlines() if (match := STEP_END.match(line))]
+    assert [match[2] for match in ends][:5] == ["reused"] * 5
