@@ -244,6 +244,44 @@ def graft_branches(graph, branches: list[Branch]) -> dict[str, np.ndarray]:
     return parameters
 
 
+def adapter_parameters(graph, branches: list[Branch]) -> dict[str, np.ndarray]:
+    """The matrices of ``branches`` for a graph that another adapter's export already grafted, so one int4
+    model serves several adapters: the graph's own input names, in its float type.
+
+    A group's A spans the ranks of the modules it adapts, and every B of the group multiplies it; so within
+    a group the graph branches from, an int4 node this adapter leaves alone gets a zero B of that rank (the
+    graph's empty default would not fit). A group the graph has no branch for is an error: its linears were
+    not adapted when the base was exported (the default adapts every decoder linear).
+    """
+    import numpy as np
+    from onnx import helper
+
+    inputs = {value.name: value.type.tensor_type for value in graph.input}
+    node_modules = int4_node_modules(graph)
+    parameters: dict[str, np.ndarray] = {}
+    for branch in branches:
+        a_name = lora_a_name(branch.layer, branch.group)
+        if a_name not in inputs:
+            raise UserError(
+                f"the exported model has no LoRA branch for layer {branch.layer}'s {branch.group} linears, "
+                "which this adapter adapts: export the base with an adapter on those linears"
+            )
+        numpy_dtype = helper.tensor_dtype_to_np_dtype(inputs[a_name].elem_type)
+        parameters[a_name] = branch.a.astype(numpy_dtype)
+        for module in node_modules[(branch.layer, branch.group)]:
+            b_name = lora_b_name(branch.layer, module)
+            if b_name not in inputs:
+                if module in branch.b_per_node:
+                    raise UserError(
+                        f"the exported model has no LoRA input {b_name}, which this adapter adapts"
+                    )
+                continue
+            columns = inputs[b_name].shape.dim[1].dim_value
+            b = branch.b_per_node.get(module, np.zeros((branch.a.shape[1], columns)))
+            parameters[b_name] = np.ascontiguousarray(b, dtype=numpy_dtype)
+    return parameters
+
+
 def add_lora_input(graph, name: str, dtype: int, shape: list, empty_shape: tuple[int, int]) -> None:
     """A graph input whose default (an initializer of the same name) is an empty matrix."""
     import numpy as np

@@ -445,6 +445,27 @@ def read_lora(adapter_dir: Path) -> dict[str, LoraMatrices]:
     return lora
 
 
+def export_adapter(checkpoint_dir: Path, adapter_dir: Path, model_dir: Path, target: Path) -> Path:
+    """Another adapter trained on ``checkpoint_dir``, written as an .onnx_adapter for the model exported
+    in ``model_dir``: the int4 model is exported once and each further adapter costs only its own file,
+    switched at run time (``og.Adapters``)."""
+    import onnx
+
+    from olivepress.lora_graph import (
+        adapter_parameters,
+        group_branches,
+        int4_node_modules,
+        part_sizes,
+        write_adapter,
+    )
+
+    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
+    sizes = part_sizes(json.loads((checkpoint_dir / "config.json").read_text()))
+    branches = group_branches(read_lora(adapter_dir), int4_node_modules(model.graph), sizes)
+    write_adapter(adapter_parameters(model.graph, branches), target)
+    return target
+
+
 def add_lora_branches(model, branches: list[Branch], out_dir: Path) -> None:
     """Graft the branches onto ``model`` and save it, write their matrices (in the graph's float type) as
     the adapter file, and the graph with them merged beside it

@@ -6,7 +6,7 @@ import pytest
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE, open_model, sequence_logits
 from olivepress.lora_graph import LoraMatrices, group_branches, lora_a_name, lora_b_name
-from olivepress.tasks.optimize import export_onnx
+from olivepress.tasks.optimize import export_adapter, export_onnx
 from tests.conftest import LINEARS, make_lora_adapter
 
 IDS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 2]
@@ -202,6 +202,30 @@ def test_logits_match_pytorch_with_and_without_adapter(exported, tiny_int4_dir, 
     assert np.abs(off - expected_off).max() < 1e-4
     assert np.abs(on - expected_on).max() < 1e-4
     assert np.abs(on - off).max() > 0.2
+
+
+def test_another_adapter_for_the_same_export_gives_its_own_logits(exported, tiny_int4_dir, tmp_path):
+    """One int4 model, several adapters: a second adapter (other rank, fewer linears) exported against the
+    first one's graph computes what its own export computes."""
+    second = make_lora_adapter(
+        tiny_int4_dir, tmp_path / "second", seed=7, r=2, target_modules=["q_proj", "down_proj"]
+    )
+    adapter_file = export_adapter(tiny_int4_dir, second, exported.model_dir, tmp_path / "second.onnx_adapter")
+    alone = export_onnx(tiny_int4_dir, second, tmp_path / "alone", accuracy_level=1)
+
+    shared = sequence_logits(open_model(exported.model_dir, adapter_file), IDS)
+    own = sequence_logits(open_model(alone.model_dir, alone.adapter_file, run_time_adapter=True), IDS)
+    first = sequence_logits(open_model(exported.model_dir, exported.adapter_file, run_time_adapter=True), IDS)
+    np.testing.assert_allclose(shared, own, atol=1e-5)
+    assert not np.allclose(shared, first, atol=1e-3)
+
+
+def test_an_adapter_on_linears_the_export_has_no_branch_for_is_refused(tiny_int4_dir, tmp_path):
+    narrow = make_lora_adapter(tiny_int4_dir, tmp_path / "narrow", target_modules=["q_proj"])
+    exported = export_onnx(tiny_int4_dir, narrow, tmp_path / "onnx")
+    wider = make_lora_adapter(tiny_int4_dir, tmp_path / "wider", target_modules=["q_proj", "down_proj"])
+    with pytest.raises(UserError, match="no LoRA branch for layer 0's down linears"):
+        export_adapter(tiny_int4_dir, wider, exported.model_dir, tmp_path / "wider.onnx_adapter")
 
 
 def test_gpu_flag_builds_for_cuda_in_float16(tiny_int4_dir, adapter_dir, tmp_path):
