@@ -182,6 +182,11 @@ class StoreSettings(Section):
 
 class RunConfig(Section):
     model: Path | None = Field(None, description="Hugging Face model folder; default: SmolLM2-135M-Instruct.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Let transformers run Python code shipped with the model (a model whose architecture is "
+        "not in transformers needs it); only for models from a source you trust.",
+    )
     data: Path | str = Field(
         SAMPLE_DATA,
         description="JSON Lines file of {prompt, response} pairs: a local path or s3://bucket/key.jsonl.",
