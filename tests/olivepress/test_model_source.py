@@ -1,21 +1,26 @@
 """Model references resolved into local folders, offline, with the real clients: huggingface_hub on a hub
 cache laid out in a temporary HF_HOME (a fresh process, so the hub library reads HF_HOME and HF_HUB_OFFLINE
-as it does in a run), s3fs on moto's S3 server, and the parsing of Azure ML asset ids.
+as it does in a run), s3fs on moto's S3 server, and azure-ai-ml's ``MLClient.models.download`` of a
+workspace model through test_azure_registry's recording transport (FakeAzure, extended here with the
+version, blob-listing and blob-download answers a download needs).
 
-Not covered here: the Azure ML download itself (``MLClient.models.download``) is not driven through the
-recording transport of test_azure_registry.py, and nothing is verified against a live workspace or
-registry; nor are a gated or missing repository answered by the real hub (no network here).
+Not covered: a registry asset's download (``azureml://registries/...``: the SDK's registry discovery and
+temporary-SAS calls are not faked; only its parsing is tested), anything against a live workspace or
+registry, and a gated or missing repository as the real hub answers it (no network here).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import pytest
 
@@ -23,6 +28,22 @@ from olivepress.errors import UserError
 from olivepress.files import folder_sha256
 from olivepress.model_source import AzureMLAsset, parse_azureml, reference_kind, resolve_model
 from olivepress.retry import RetryPolicy
+from tests.olivepress.test_azure_registry import (
+    ARM_HOST,
+    BLOB_HOST,
+    CONTAINER,
+    GROUP,
+    NAME,
+    SUBSCRIPTION,
+    TOKEN,
+    WORKSPACE,
+    WS_PATH,
+    FakeAzure,
+    FakeCredential,
+    _arm_error,
+    _json,
+    version_json,
+)
 
 FAST_RETRY = RetryPolicy(attempts=8, base_delay_s=0.2, max_delay_s=2.0, jitter=0.5)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -246,3 +267,150 @@ def test_a_bad_azureml_reference_is_a_user_error_before_any_request(reference, t
     assert repr(reference) in str(caught.value)
     assert "not an Azure ML model asset id" in str(caught.value)
     assert "azureml://registries/<registry>/models/<name>/versions/<version>" in str(caught.value)
+
+
+class FakeAzureDownloads(FakeAzure):
+    """test_azure_registry's fake ARM and Blob storage, plus what a model download asks for: the model
+    version, the container's blob listing (flat, or one level with a delimiter) and each blob's bytes."""
+
+    def _answer(self, request):
+        if request.host == BLOB_HOST and request.path == f"/{CONTAINER}":
+            return self._listing(request)
+        if request.host == ARM_HOST and request.method == "GET":
+            match = re.fullmatch(rf"{re.escape(WS_PATH)}/models/([^/]+)/versions/([^/]+)", request.path)
+            if match:
+                found = self.versions.get(match[1], {}).get(match[2])
+                return _json(200, found) if found else _arm_error(404, "ResourceNotFound")
+        if request.host == BLOB_HOST and request.method == "GET" and not request.query.get("comp"):
+            blob = request.path.removeprefix(f"/{CONTAINER}/")
+            if blob not in self.blobs:
+                return 404, {"x-ms-error-code": "BlobNotFound"}, b""
+            return self._blob_bytes(request, self.blobs[blob])
+        return super()._answer(request)
+
+    def _listing(self, request):
+        query = {key: values[0] for key, values in request.query.items()}
+        if query.get("restype") != "container" or query.get("comp") != "list":
+            return self._unexpected(request)
+        prefix, delimiter = query.get("prefix", ""), query.get("delimiter")
+        blobs, prefixes = [], set()
+        for name in sorted(self.blobs):
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            if delimiter and delimiter in rest:
+                prefixes.add(prefix + rest.split(delimiter)[0] + delimiter)
+            else:
+                blobs.append(
+                    f"<Blob><Name>{escape(name)}</Name><Properties>"
+                    "<Last-Modified>Wed, 01 Jan 2025 00:00:00 GMT</Last-Modified><Etag>0x8DD0000000000001</Etag>"
+                    f"<Content-Length>{len(self.blobs[name])}</Content-Length><BlobType>BlockBlob</BlobType>"
+                    "</Properties><Metadata /></Blob>"
+                )
+        listed = "".join(blobs) + "".join(
+            f"<BlobPrefix><Name>{escape(p)}</Name></BlobPrefix>" for p in sorted(prefixes)
+        )
+        body = (
+            '<?xml version="1.0" encoding="utf-8"?>'
+            f'<EnumerationResults ServiceEndpoint="https://{BLOB_HOST}/" ContainerName="{CONTAINER}">'
+            f"<Prefix>{escape(prefix)}</Prefix><Blobs>{listed}</Blobs><NextMarker /></EnumerationResults>"
+        )
+        return 200, {"Content-Type": "application/xml"}, body.encode()
+
+    @staticmethod
+    def _blob_bytes(request, data: bytes):
+        headers = {
+            "ETag": '"0x8DD0000000000001"',
+            "Last-Modified": "Wed, 01 Jan 2025 00:00:00 GMT",
+            "x-ms-blob-type": "BlockBlob",
+            "Content-Type": "application/octet-stream",
+        }
+        wanted = {k.lower(): v for k, v in request.headers.items()}.get("x-ms-range")
+        if wanted is None:
+            return 200, {**headers, "Content-Length": str(len(data))}, data
+        start, end = (int(part) for part in wanted.removeprefix("bytes=").split("-"))
+        part = data[start : min(end, len(data) - 1) + 1]
+        content_range = f"bytes {start}-{start + len(part) - 1}/{len(data)}"
+        return 206, {**headers, "Content-Length": str(len(part)), "Content-Range": content_range}, part
+
+
+@pytest.fixture
+def azure_downloads(monkeypatch):
+    """client_kwargs routing azure-ai-ml (ARM and its blob client) to a fresh FakeAzureDownloads."""
+    import azure.ai.ml._artifacts._blob_storage_helper as blob_helper
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+    from azure.storage.blob import BlobServiceClient
+
+    fake = FakeAzureDownloads()
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("https://", fake)
+    session.mount("http://", fake)
+    transport = RequestsTransport(session=session)
+    # as in test_azure_registry: the SDK's blob helper builds BlobServiceClient with no way to pass a transport
+    monkeypatch.setattr(
+        blob_helper,
+        "BlobServiceClient",
+        functools.partial(BlobServiceClient, transport=transport, retry_total=0),
+    )
+    monkeypatch.delenv("AZUREML_CURRENT_CLOUD", raising=False)
+    yield fake, {"transport": transport, "retry_total": 0}
+    assert not fake.unexpected, [(r.method, r.host, r.path) for r in fake.unexpected]
+
+
+WORKSPACE_REFERENCE = (
+    f"azureml://subscriptions/{SUBSCRIPTION}/resourceGroups/{GROUP}/workspaces/{WORKSPACE}"
+    f"/models/{NAME}/versions/3"
+)
+
+
+@pytest.mark.filterwarnings("ignore::marshmallow.warnings.Marshmallow4Warning")
+def test_a_workspace_model_downloads_through_the_sdk(azure_downloads, tiny_model_dir, tmp_path):
+    fake, client_kwargs = azure_downloads
+    fake.versions[NAME] = {"3": version_json(NAME, "3", {})}  # its files under LocalUpload/0123/<name>/
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model / "extra").mkdir()
+    (model / "extra" / "notes.txt").write_text("nested")
+    for path in model.rglob("*"):
+        if path.is_file():
+            fake.blobs[f"LocalUpload/0123/{NAME}/{path.relative_to(model).as_posix()}"] = path.read_bytes()
+    credential = FakeCredential()
+    resolved = resolve_model(
+        WORKSPACE_REFERENCE, cache_dir=tmp_path / "cache", credential=credential, **client_kwargs
+    )
+    assert (resolved.kind, resolved.revision, resolved.reference) == ("azureml", "3", WORKSPACE_REFERENCE)
+    assert resolved.content_sha256 == folder_sha256(model)
+    assert (resolved.path / "extra" / "notes.txt").read_text() == "nested"
+    cached = tmp_path / "cache" / "models" / "azureml" / SUBSCRIPTION / GROUP / WORKSPACE / NAME / "3"
+    assert resolved.path.is_relative_to(cached)
+    arm = [(r.method, r.path) for r in fake.requests if r.host == ARM_HOST]
+    assert arm == [
+        ("GET", f"{WS_PATH}/models/{NAME}/versions/3"),  # the asked-for version: where its files are
+        ("GET", f"{WS_PATH}/datastores/workspaceblobstore"),
+        ("POST", f"{WS_PATH}/datastores/workspaceblobstore/listSecrets"),  # a SAS for the container
+    ]
+    blob_requests = [r for r in fake.requests if r.host == BLOB_HOST]
+    assert blob_requests and all(r.query.get("sig") for r in blob_requests), "blobs are read with the SAS"
+    downloaded = {r.path.removeprefix(f"/{CONTAINER}/") for r in fake.requests if r.method == "GET"}
+    assert {f"LocalUpload/0123/{NAME}/extra/notes.txt", f"LocalUpload/0123/{NAME}/config.json"} <= downloaded
+    assert all(
+        r.headers.get("Authorization") == f"Bearer {TOKEN}" for r in fake.requests if r.host == ARM_HOST
+    )
+
+    count = len(fake.requests)
+    again = resolve_model(
+        WORKSPACE_REFERENCE, cache_dir=tmp_path / "cache", credential=credential, **client_kwargs
+    )
+    assert again == resolved and len(fake.requests) == count, "a version's files never change: one download"
+
+
+@pytest.mark.filterwarnings("ignore::marshmallow.warnings.Marshmallow4Warning")
+def test_a_missing_azureml_version_is_a_user_error(azure_downloads, tmp_path):
+    _, client_kwargs = azure_downloads
+    with pytest.raises(UserError) as caught:
+        resolve_model(
+            WORKSPACE_REFERENCE, cache_dir=tmp_path / "cache", credential=FakeCredential(), **client_kwargs
+        )
+    assert repr(WORKSPACE_REFERENCE) in str(caught.value) and "no model" in str(caught.value)
+    assert not list((tmp_path / "cache").rglob("config.json")), "nothing half-downloaded is kept"
