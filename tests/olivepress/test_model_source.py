@@ -2,11 +2,12 @@
 cache laid out in a temporary HF_HOME (a fresh process, so the hub library reads HF_HOME and HF_HUB_OFFLINE
 as it does in a run), s3fs on moto's S3 server, and azure-ai-ml's ``MLClient.models.download`` of a
 workspace model through test_azure_registry's recording transport (FakeAzure, extended here with the
-version, blob-listing and blob-download answers a download needs).
+version, blob-listing and blob-download answers a download needs). A gated repository, a missing one and an
+unknown revision are answered by a loopback stand-in for the hub (HF_ENDPOINT) with the hub's error headers.
 
 Not covered: a registry asset's download (``azureml://registries/...``: the SDK's registry discovery and
 temporary-SAS calls are not faked; only its parsing is tested), anything against a live workspace or
-registry, and a gated or missing repository as the real hub answers it (no network here).
+registry, and the real hub's answers (no network here).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import shutil
 import subprocess
 import sys
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 from xml.sax.saxutils import escape
 
 import pytest
@@ -64,8 +67,9 @@ def hub_cache(hf_home: Path, model_dir: Path, repo: str = REPO, commit: str = CO
     return snapshot
 
 
-def resolve_in_fresh_process(reference: str, hf_home: Path, tmp_path: Path) -> dict:
-    """Resolve in a new interpreter with HF_HOME and HF_HUB_OFFLINE=1 set, as a run's worker would have them."""
+def resolve_in_fresh_process(reference: str, hf_home: Path, tmp_path: Path, **hf_env: str) -> dict:
+    """Resolve in a new interpreter with HF_HOME and HF_HUB_OFFLINE=1 (or ``hf_env``) set, as a run's worker
+    would have them."""
     script = (
         "import json, sys\n"
         "from pathlib import Path\n"
@@ -78,7 +82,7 @@ def resolve_in_fresh_process(reference: str, hf_home: Path, tmp_path: Path) -> d
         "    print(json.dumps({'user_error': str(error)}))\n"
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
-    env |= {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env |= {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **hf_env}
     done = subprocess.run(
         [sys.executable, "-c", script, reference, str(tmp_path / "cache")],
         env=env,
@@ -112,6 +116,68 @@ def test_an_unknown_id_offline_is_a_user_error_that_names_it(tiny_model_dir, tmp
     assert "'olivepress-test/no-such-model@v2'" in message
     assert "not (completely) in the Hugging Face cache" in message
     assert "HF_HUB_OFFLINE=1" in message
+
+
+class FakeHubHandler(BaseHTTPRequestHandler):
+    """The hub's answers to a metadata request, by repository: what huggingface_hub turns into its errors
+    (it reads the X-Error-Code header). Every request's path and Authorization header is recorded."""
+
+    seen: ClassVar[list[tuple[str, str | None]]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, self.headers.get("Authorization")))
+        if self.path.startswith("/api/models/olivepress-test/gated"):
+            status, code = 403, "GatedRepo"
+        elif self.path.startswith("/api/models/olivepress-test/tiny-llama/revision/"):
+            status, code = 404, "RevisionNotFound"
+        else:
+            status, code = 404, "RepoNotFound"
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Type", "application/json")
+        body = json.dumps({"error": code}).encode()
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_hub():
+    FakeHubHandler.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", FakeHubHandler.seen
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        ("olivepress-test/gated-model", "is a gated Hugging Face repository"),
+        ("olivepress-test/no-such-model", "was not found on the Hugging Face hub"),
+        ("olivepress-test/tiny-llama@v9", "revision 'v9' does not exist"),
+    ],
+)
+def test_hub_refusals_are_user_errors_that_say_which(fake_hub, tmp_path, reference, expected):
+    endpoint, seen = fake_hub
+    answer = resolve_in_fresh_process(
+        reference,
+        tmp_path / "hf",
+        tmp_path,
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT=endpoint,
+        HF_TOKEN="hf_olivepress_test_token",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    assert repr(reference) in answer["user_error"] and expected in answer["user_error"]
+    assert "hf_olivepress_test_token" not in answer["user_error"]
+    asked = [auth for path, auth in seen if path.startswith("/api/models/")]
+    assert asked and set(asked) == {"Bearer hf_olivepress_test_token"}, "HF_TOKEN is sent"
 
 
 def test_the_same_weights_from_two_places_have_the_same_content_hash(tiny_model_dir, tmp_path):
