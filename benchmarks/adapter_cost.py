@@ -26,7 +26,7 @@ TARGETS = {
 PROMPT = "Plan three days in Lisbon for me: where to stay, what to see and what to eat."
 
 
-def random_adapter(checkpoint_dir: Path, target: Path, modules: list[str]) -> Path:
+def random_adapter(checkpoint_dir: Path, target: Path, modules: list[str], seed: int = 0) -> Path:
     """A rank-16 PEFT adapter whose B is random (PEFT starts it at zero, which would add nothing)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -35,7 +35,7 @@ def random_adapter(checkpoint_dir: Path, target: Path, modules: list[str]) -> Pa
 
     config = LoraConfig(r=16, lora_alpha=32, target_modules=modules, task_type="CAUSAL_LM")
     model = get_peft_model(load_dequantized_model(checkpoint_dir), config)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -44,7 +44,8 @@ def random_adapter(checkpoint_dir: Path, target: Path, modules: list[str]) -> Pa
     return target
 
 
-def decode_rate(loaded, ids: list[int], tokens: int) -> float:
+def decode_rate(loaded, ids: list[int], tokens: int, adapter_name: str | None = None) -> float:
+    """Tokens/s decoding ``tokens`` after ``ids``; ``adapter_name``: which of ``loaded.adapters`` is active."""
     import numpy as np
     import onnxruntime_genai as og
 
@@ -54,7 +55,7 @@ def decode_rate(loaded, ids: list[int], tokens: int) -> float:
     params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens)
     generator = og.Generator(loaded.model, params)
     if loaded.adapters is not None:
-        generator.set_active_adapter(loaded.adapters, ADAPTER_NAME)
+        generator.set_active_adapter(loaded.adapters, adapter_name or ADAPTER_NAME)
     generator.append_tokens(np.asarray(ids, dtype=np.int32))
     generator.generate_next_token()
     started, decoded = time.perf_counter(), 0
