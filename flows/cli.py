@@ -129,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--adapter", type=Path, help="a .onnx_adapter file (default: the one in MODEL_DIR)")
     switch.add_argument("--no-adapter", action="store_true", help="run the quantized base without LoRA")
     chat.add_argument("--max-new-tokens", type=int, default=128)
-    chat.add_argument("prompt")
+    chat.add_argument(
+        "prompt",
+        nargs="?",
+        help="what to answer; without it, a session reads prompts line by line from standard input "
+        "('/adapter FILE', '/adapter off' or '/adapter auto' switches the adapter; '/quit' ends)",
+    )
 
     deploy = commands.add_parser(
         "deploy",
@@ -181,10 +186,19 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_chat(args: argparse.Namespace) -> int:
-    from olivepress.chat import chat
+    from olivepress.chat import chat, chat_session
 
     adapter = None if args.no_adapter else (args.adapter or "auto")
-    chat(args.model_dir, args.prompt, adapter=adapter, max_new_tokens=args.max_new_tokens)
+    if args.prompt is None:
+        chat_session(
+            args.model_dir,
+            sys.stdin,
+            adapter=adapter,
+            max_new_tokens=args.max_new_tokens,
+            show_prompt=sys.stdin.isatty(),
+        )
+    else:
+        chat(args.model_dir, args.prompt, adapter=adapter, max_new_tokens=args.max_new_tokens)
     return 0
 
 

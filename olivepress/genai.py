@@ -37,6 +37,7 @@ class LoadedModel:
     tokenizer: object  # the Hugging Face tokenizer of the folder
     adapters: og.Adapters | None  # a run-time adapter, active in every generator; kept alive here
     adapter_merged: bool = False  # the model is the folder's merged graph
+    adapter_name: str = ADAPTER_NAME  # which of ``adapters`` is active (several loaded: chat sessions)
 
     @property
     def adapter_active(self) -> bool:
@@ -96,7 +97,7 @@ def new_generator(loaded: LoadedModel, max_length: int, min_length: int = 0) -> 
     params.set_search_options(max_length=max_length, min_length=min_length)
     generator = og.Generator(loaded.model, params)
     if loaded.adapters is not None:
-        generator.set_active_adapter(loaded.adapters, ADAPTER_NAME)
+        generator.set_active_adapter(loaded.adapters, loaded.adapter_name)
     return generator
 
 

@@ -121,3 +121,46 @@ def test_missing_model_or_adapter_is_a_user_error(model_dir, tmp_path):
         open_model(tmp_path)
     with pytest.raises(UserError):
         chat(model_dir, "Hi", adapter=tmp_path / "missing.onnx_adapter", out=io.StringIO())
+
+
+def test_a_chat_session_switches_adapters_between_prompts(model_dir, tmp_path):
+    from olivepress.chat import chat_session
+
+    lines = [
+        "Where should I go?",
+        "/adapter off",
+        "Where should I go?",
+        f"/adapter {tmp_path / 'missing.onnx_adapter'}",
+        "",
+        "/adapter auto",
+        "Where should I go?",
+        "/quit",
+        "never answered",
+    ]
+    out = io.StringIO()
+    answers = chat_session(model_dir, lines, max_new_tokens=6, out=out)
+    text = out.getvalue()
+    assert len(answers) == 3
+    footers = [line for line in text.splitlines() if line.startswith("[") and "tokens/s" in line]
+    assert [footer.rsplit(", ", 1)[1] for footer in footers] == [
+        f"adapter {ADAPTER_FILE}]",
+        "no adapter]",
+        f"adapter {ADAPTER_FILE}]",
+    ]
+    assert "missing.onnx_adapter does not exist; still off" in text
+
+
+def test_chat_without_a_prompt_reads_prompts_from_standard_input(model_dir):
+    import subprocess
+    import sys
+
+    session = subprocess.run(
+        [sys.executable, "-m", "olivepress.flows.cli", "chat", str(model_dir), "--max-new-tokens", "4"],
+        input="Where should I go?\n/adapter off\nAnd then?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert session.returncode == 0, session.stderr
+    assert session.stdout.count("tokens/s") == 2
+    assert "[adapter off]" in session.stdout
