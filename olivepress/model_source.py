@@ -35,12 +35,14 @@ Kind = Literal["local", "huggingface", "azureml", "s3"]
 
 # org/name with an optional @revision: the hub's own name rules (letters, digits, '-', '_', '.')
 HF_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?$")
+# one path segment of an Azure name (also a folder name in the download cache: never "." or "..")
+_SEGMENT = r"[A-Za-z0-9][\w.()-]*"
 AZUREML_REGISTRY = re.compile(
-    r"^azureml://registries/(?P<registry>[^/]+)/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)$"
+    rf"^azureml://registries/(?P<registry>{_SEGMENT})/models/(?P<name>{_SEGMENT})/versions/(?P<version>{_SEGMENT})$"
 )
 AZUREML_WORKSPACE = re.compile(
-    r"^azureml://subscriptions/(?P<subscription>[^/]+)/resourceGroups/(?P<resource_group>[^/]+)"
-    r"/workspaces/(?P<workspace>[^/]+)/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)$",
+    rf"^azureml://subscriptions/(?P<subscription>{_SEGMENT})/resourceGroups/(?P<resource_group>{_SEGMENT})"
+    rf"/workspaces/(?P<workspace>{_SEGMENT})/models/(?P<name>{_SEGMENT})/versions/(?P<version>{_SEGMENT})$",
     re.IGNORECASE,  # ARM paths are case-insensitive ("resourcegroups" is seen too)
 )
 AZUREML_FORMS = (
@@ -119,14 +121,20 @@ def resolve_model(
     """
     text = str(reference)
     kind = reference_kind(text)
+    retry = retry or RetryPolicy()
     revision = None
     if kind == "s3":
-        path = _download_s3(text, cache_dir, storage_options or {}, retry or RetryPolicy())
+        path = _download_s3(text, cache_dir, storage_options or {}, retry)
     elif kind == "azureml":
         asset = parse_azureml(text)
-        path, revision = _download_azureml(text, asset, cache_dir, credential, client_kwargs), asset.version
+        path = with_retries(
+            lambda: _download_azureml(text, asset, cache_dir, credential, client_kwargs),
+            f"downloading {text}",
+            retry,
+        )
+        revision = asset.version
     elif kind == "huggingface":
-        path, revision = _download_hf(text)
+        path, revision = with_retries(lambda: _download_hf(text), f"fetching {text}", retry)
     else:
         path = Path(text).expanduser()
         if not path.is_dir():
@@ -187,14 +195,14 @@ def _download_hf(reference: str) -> tuple[Path, str | None]:
             "one that HF_TOKEN cannot read)."
         ) from error
     except LocalEntryNotFoundError as error:  # also a cached snapshot with files missing
-        why = (
-            "offline mode is on (HF_HUB_OFFLINE=1)"
-            if constants.HF_HUB_OFFLINE
-            else "the hub cannot be reached"
+        where = (
+            f"model {reference!r} is not (completely) in the Hugging Face cache at {constants.HF_HUB_CACHE}"
         )
+        if not constants.HF_HUB_OFFLINE:  # the hub is down or unreachable: a retry may fix it
+            raise ConnectionError(f"{where} and the Hugging Face hub cannot be reached ({error})") from error
         raise UserError(
-            f"model {reference!r} is not (completely) in the Hugging Face cache at {constants.HF_HUB_CACHE} "
-            f"and {why}: download it once while online, or point HF_HOME at a cache that holds it."
+            f"{where} and offline mode is on (HF_HUB_OFFLINE=1): download it once while online, or point "
+            "HF_HOME at a cache that holds it."
         ) from error
     # the hub cache keeps each commit in snapshots/<commit hash>/
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
@@ -228,6 +236,7 @@ def _download_azureml(
     try:
         with atomic_dir(final, replace=False) as staging:
             client.models.download(name=asset.name, version=asset.version, download_path=str(staging))
+            _model_folder(staging, reference)  # no config.json: nothing is kept
     except ResourceNotFoundError as error:
         raise UserError(
             f"model {reference!r}: Azure ML has no model {asset.name!r} version {asset.version!r} there."
@@ -258,13 +267,14 @@ def _download_s3(
 
     fs, prefix = fsspec.core.url_to_fs(reference, **storage_options)
     prefix = prefix.rstrip("/")
+    fs.invalidate_cache(prefix)  # s3fs may remember an earlier listing of the same prefix
     remote_files = with_retries(lambda: fs.find(prefix), f"listing {reference}", retry)
     if not remote_files:
         raise UserError(f"model {reference!r}: there are no files under this s3:// prefix.")
     parent = cache_dir / "models" / "s3"
     with staging_dir(parent) as staging:
         for remote in remote_files:
-            target = staging / remote[len(prefix) :].lstrip("/")
+            target = staging / (remote[len(prefix) :].lstrip("/") or remote.rsplit("/", 1)[-1])
             target.parent.mkdir(parents=True, exist_ok=True)
             with_retries(
                 lambda r=remote, t=target: fs.get_file(r, str(t)), f"downloading s3://{remote}", retry

@@ -325,6 +325,7 @@ def test_both_azureml_forms_parse():
         "azureml://registries/azureml/models/Phi-3.5-mini-instruct/labels/latest",
         "azureml://subscriptions/s/resourceGroups/rg/models/m/versions/1",  # no workspace
         "azureml://locations/westeurope/workspaces/abc/data/x/versions/1",
+        "azureml://registries/azureml/models/../versions/1",  # a name that would climb out of the cache
     ],
 )
 def test_a_bad_azureml_reference_is_a_user_error_before_any_request(reference, tmp_path):
