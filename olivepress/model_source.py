@@ -143,16 +143,16 @@ def resolve_model(
                 "an azureml:// asset id or an s3:// folder."
             )
         path = path.resolve()
-    folder = _model_folder(path, text)
+    folder = _model_folder(path, text, nested=kind == "azureml")
     return ResolvedModel(folder, text, kind, revision, folder_sha256(folder))
 
 
-def _model_folder(root: Path, reference: str) -> Path:
-    """The folder holding the model's ``config.json``: ``root`` itself, or the shallowest folder under it
-    (an Azure ML download nests the files under the model's name and its upload folder's name)."""
+def _model_folder(root: Path, reference: str, *, nested: bool = False) -> Path:
+    """The folder holding the model's ``config.json``: ``root`` itself, or with ``nested`` the shallowest
+    folder under it (an Azure ML download nests the files under the model's name and its upload folder's)."""
     if (root / "config.json").is_file():
         return root
-    found = sorted(root.rglob("config.json"), key=lambda path: (len(path.parts), str(path)))
+    found = nested and sorted(root.rglob("config.json"), key=lambda path: (len(path.parts), str(path)))
     if not found:
         raise UserError(
             f"model {reference!r}: no config.json in {root}, so it is not a Hugging Face model folder."
@@ -236,7 +236,7 @@ def _download_azureml(
     try:
         with atomic_dir(final, replace=False) as staging:
             client.models.download(name=asset.name, version=asset.version, download_path=str(staging))
-            _model_folder(staging, reference)  # no config.json: nothing is kept
+            _model_folder(staging, reference, nested=True)  # no config.json: nothing is kept
     except ResourceNotFoundError as error:
         raise UserError(
             f"model {reference!r}: Azure ML has no model {asset.name!r} version {asset.version!r} there."
