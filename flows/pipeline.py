@@ -25,7 +25,7 @@ from olivepress.flows.runs import (
     fuller_run_estimate,
     new_run_dir,
     open_store,
-    resolve_model_dir,
+    resolve_model,
 )
 from olivepress.tasks.evaluate import GateFailed, evaluate_task
 from olivepress.tasks.finetune import finetune_task
@@ -54,7 +54,8 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
         run.step(validate_task, data_file=data_file, run_dir=run.dir, data_name=str(config.data))
         examples = read_examples(data_file)
         train, held_out = run.split(examples)
-        model_dir = resolve_model_dir(config)
+        model = resolve_model(config)
+        model_dir = model.path
 
         quantized = run.step(quantize_task, model_dir=model_dir, examples=train)
         adapter = run.step(finetune_task, checkpoint_dir=quantized, examples=train)
@@ -65,7 +66,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
         report_dir = run.report(evaluation, examples, train, held_out, adapter)
         if not evaluation.gate.passed:
             raise GateFailed(f"the model is not registered: {evaluation.gate.to_text()}")
-        registration = run.register(model_dir, report_dir, evaluation)
+        registration = run.register(model, report_dir, evaluation)
     run.announce(registration, trained_pairs=len(train))
     return {
         "flow_run_id": current_flow_run_id(),

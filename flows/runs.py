@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from olivepress import progress
 from olivepress.config import RunConfig
@@ -25,6 +25,9 @@ from olivepress.files import atomic_write_text, file_sha256, folder_bytes
 from olivepress.retry import RetryPolicy
 from olivepress.steps import StepOutput, input_digest, prefect_retries
 from olivepress.store import ArtifactStore, Manifest, fetch_file
+
+if TYPE_CHECKING:
+    from olivepress.model_source import ResolvedModel
 
 # run-folder names of the stored outputs linked there (validate's report files are copied instead)
 LINKS = {"quantize": "quantized", "finetune": "adapter", "optimize": "onnx"}
@@ -72,12 +75,26 @@ def new_run_dir(config: RunConfig) -> Path:
             suffix += 1
 
 
-def resolve_model_dir(config: RunConfig) -> Path:
-    if config.model is not None:
-        return config.model
-    from olivepress.default_model import default_model_dir
+def resolve_model(config: RunConfig) -> ResolvedModel:
+    """The run's base model as a local folder: config.model fetched once (a hub id through the hub's cache,
+    an Azure ML asset or an s3:// folder into the store's cache), or the default model. A fetched model's
+    architecture is checked here, a local one's when the config was read."""
+    from olivepress.architectures import unsupported_reason
+    from olivepress.model_source import resolve_model as resolve_reference
 
-    return default_model_dir()
+    if config.model is None:
+        from olivepress.default_model import default_model_dir
+
+        reference: Path | str = default_model_dir()
+    else:
+        reference = config.model
+    storage = s3_options(config) if str(reference).startswith("s3://") else None
+    model = resolve_reference(
+        reference, cache_dir=config.store.cache_dir, storage_options=storage, retry=retry_policy(config)
+    )
+    if model.kind != "local" and (reason := unsupported_reason(model.path)):
+        raise UserError(f"model {model.reference}: {reason}")
+    return model
 
 
 def timed(records: list[StepRecord], name: str, function, *args, reused: bool = False, **kwargs):
@@ -307,7 +324,7 @@ class Run:
         )
         return timed(self.records, "report", report_task, inputs, self.dir / REPORT)
 
-    def register(self, model_dir: Path, report_dir: Path, evaluation):
+    def register(self, model: ResolvedModel, report_dir: Path, evaluation):
         """Register the run's export and report with their lineage, retried as ``retries.*`` says. Runs
         sharing a store register one model content one at a time: a backend's check-then-create (Azure ML's
         tag lookup) then sees the other's version and returns it instead of adding one."""
@@ -315,11 +332,17 @@ class Run:
 
         sources = {"model": self.link("optimize"), "report": report_dir}
         lineage = build_lineage(
-            self.config, model_dir, self.data_hash, evaluation, sources, current_flow_run_id()
+            self.config,
+            model.path,
+            self.data_hash,
+            evaluation,
+            sources,
+            current_flow_run_id(),
+            model_source=model.lineage(),
         )
         task = register_task.with_options(**prefect_retries(self.config.retries))
         with self.store.key_lock("register", lineage["content_sha256"]):
-            return timed(self.records, "register", task, self.config, model_dir, sources, lineage)
+            return timed(self.records, "register", task, self.config, model.name, sources, lineage)
 
     def announce(self, registration, trained_pairs: int) -> None:
         """After the summary: where the model went, and what a longer fine-tune would cost."""

@@ -181,7 +181,15 @@ class StoreSettings(Section):
 
 
 class RunConfig(Section):
-    model: Path | None = Field(None, description="Hugging Face model folder; default: SmolLM2-135M-Instruct.")
+    model: Path | str | None = Field(
+        None,
+        description="The model to start from: a local Hugging Face model folder, a Hugging Face id "
+        "(org/name or org/name@revision, through the hub's cache; HF_HUB_OFFLINE and HF_TOKEN respected), "
+        "an Azure ML asset (azureml://registries/<registry>/models/<name>/versions/<v> or "
+        "azureml://subscriptions/.../workspaces/<ws>/models/<name>/versions/<v>) or an s3:// folder (the "
+        "store's S3 settings). Fetched once when the run starts; caches key on the files' content. "
+        "Default: SmolLM2-135M-Instruct.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Let transformers run Python code shipped with the model (a model whose architecture is "
@@ -234,9 +242,20 @@ class RunConfig(Section):
 
     @field_validator("model")
     @classmethod
-    def _model_is_hf_folder(cls, value: Path | None) -> Path | None:
+    def _model_is_hf_folder(cls, value: Path | str | None) -> Path | str | None:
+        from olivepress.model_source import parse_azureml, reference_kind
+
         if value is None:
             return None
+        kind = reference_kind(value)
+        if kind == "azureml":
+            try:
+                parse_azureml(str(value))  # a malformed id fails here, not when the run starts
+            except UserError as error:
+                raise ValueError(str(error)) from None
+        if kind != "local":
+            return str(value)  # fetched when the run starts; its folder is checked then
+        value = Path(value)
         if not value.is_dir():
             raise ValueError(f"{value} is not a folder (a Hugging Face model folder is expected)")
         if not (value / "config.json").is_file():
@@ -370,6 +389,8 @@ RELATIVE_TO_FILE = ("model", "data", "output", "registry.path", "store.uri", "st
 
 
 def _resolve_relative(raw: dict[str, Any], dotted: str, base: Path) -> None:
+    from olivepress.model_source import reference_kind
+
     *parents, leaf = dotted.split(".")
     for part in parents:
         raw = raw.get(part)
@@ -377,7 +398,10 @@ def _resolve_relative(raw: dict[str, Any], dotted: str, base: Path) -> None:
             return
     value = raw.get(leaf)
     if isinstance(value, str) and "://" not in value:
-        raw[leaf] = str((base / Path(value).expanduser()).resolve())
+        relative = (base / Path(value).expanduser()).resolve()
+        if dotted == "model" and not relative.is_dir() and reference_kind(value) == "huggingface":
+            return  # org/name: a Hugging Face id, not a folder beside the file
+        raw[leaf] = str(relative)
 
 
 def load_config(

@@ -62,6 +62,16 @@ class ResolvedModel:
     revision: str | None
     content_sha256: str
 
+    @property
+    def name(self) -> str:
+        """The model's own name (the default registry name derives from it): the local folder's, the hub
+        repository's, the Azure ML asset's, the s3:// folder's; never the hub cache's snapshot hash."""
+        if self.kind == "local":
+            return self.path.name
+        if self.kind == "azureml":
+            return parse_azureml(self.reference).name
+        return self.reference.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
     def lineage(self) -> dict[str, Any]:
         """Where the model came from, for the registry's lineage (JSON-ready)."""
         return {**asdict(self), "path": str(self.path)}

@@ -50,9 +50,9 @@ def content_sha256(sources: dict[str, Path]) -> str:
     return folder_sha256(sources)
 
 
-def default_model_name(base_model: Path) -> str:
-    """A registry name from the base model's folder: lower case, safe for Azure ML and file systems."""
-    slug = re.sub(r"[^a-z0-9_.-]+", "-", base_model.name.lower()).strip("-._") or "model"
+def default_model_name(base_model: Path | str) -> str:
+    """A registry name from the base model's folder or name: lower case, safe for Azure ML and file systems."""
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", Path(base_model).name.lower()).strip("-._") or "model"
     return f"{slug}-olivepress"[:255]
 
 

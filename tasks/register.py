@@ -32,6 +32,7 @@ def build_lineage(
     evaluation: Evaluation,
     sources: dict[str, Path],
     flow_run_id: str | None,
+    model_source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The registry's record of a model. Metrics are the evaluation's raw numbers per variant (``VariantMetrics``
     as a dict, unrounded, units in the field names, as in evaluation.json); the gate record is every check's
@@ -40,6 +41,8 @@ def build_lineage(
         # the model alone: a re-run's report differs in its timings, yet it registers the same model
         "content_sha256": content_sha256({"model": sources["model"]}),
         "base_model": str(base_model),
+        # where the base model came from: reference, kind, hub commit or Azure ML version, content hash
+        "model_source": model_source,
         "data": {"path": str(config.data), "sha256": data_hash},
         "config": config.model_dump(mode="json"),
         "metrics": [asdict(m) for m in evaluation.metrics],
@@ -51,7 +54,7 @@ def build_lineage(
 
 
 def register_model(
-    config: RunConfig, base_model: Path, sources: dict[str, Path], lineage: dict
+    config: RunConfig, base_model: Path | str, sources: dict[str, Path], lineage: dict
 ) -> Registration:
     """Register in the backend the config names; an identical earlier registration is returned, not repeated."""
     name = config.registry.name or default_model_name(base_model)
@@ -69,7 +72,7 @@ def register_model(
     tags=["olivepress"],
 )
 def register_task(
-    config: RunConfig, base_model: Path, sources: dict[str, Path], lineage: dict
+    config: RunConfig, base_model: Path | str, sources: dict[str, Path], lineage: dict
 ) -> Registration:
     """A registry over the network (Azure 429/5xx) fails transiently: the flow retries this task as the
     config's ``retries.*`` say (:func:`olivepress.steps.prefect_retries`), a transient failure only."""

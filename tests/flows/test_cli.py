@@ -289,3 +289,49 @@ def test_a_run_shows_one_line_per_step_and_keeps_library_output_in_its_log(tmp_p
     assert "Beginning flow run" in again.stderr, "--verbose shows Prefect's lines (and every library's) live"
     ends = [match for line in again.stderr.splitlines() if (match := STEP_END.match(line))]
     assert [match[2] for match in ends][:5] == ["reused"] * 5
+
+
+@pytest.mark.slow
+def test_a_run_from_a_hugging_face_id_resolves_offline_and_records_its_source(tmp_path, tiny_model_dir):
+    """The model named as on the hub, served from the hub's cache with HF_HUB_OFFLINE=1 as a worker with a
+    warmed cache would: the run registers it under the repository's name with the commit in its lineage."""
+    import json
+    import os
+
+    from tests.flows.test_pipeline import tiny_config
+    from tests.olivepress.test_model_source import COMMIT, REPO, hub_cache
+
+    hf_home = tmp_path / "hf"
+    hub_cache(hf_home, tiny_model_dir)
+    raw = tiny_config(tmp_path, tiny_model_dir).model_dump(mode="json")
+    raw["model"] = REPO
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, "-m", "olivepress.flows.cli", "run", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (lineage_file,) = (tmp_path / "registry").glob("*/*/lineage.json")
+    assert lineage_file.parent.parent.name == "tiny-llama-olivepress"
+    source = json.loads(lineage_file.read_text())["model_source"]
+    assert (source["reference"], source["kind"], source["revision"]) == (REPO, "huggingface", COMMIT)
+    assert len(source["content_sha256"]) == 64
+
+
+def test_a_config_file_keeps_a_hugging_face_id_and_refuses_a_malformed_asset_id(tmp_path):
+    from olivepress.config import load_config
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: microsoft/Phi-3.5-mini-instruct@main\n")
+    assert load_config(config_file).model == "microsoft/Phi-3.5-mini-instruct@main"
+    asset = "azureml://registries/azureml/models/Phi-3.5-mini-instruct/versions/4"
+    assert load_config(None, {"model": asset}).model == asset
+    result = olivepress(
+        "run", "--model", "azureml://registries/azureml/models/Phi", "--output", str(tmp_path / "o")
+    )
+    assert result.returncode == 1
+    assert "model:" in result.stderr and "not an Azure ML model asset id" in result.stderr
