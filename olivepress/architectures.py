@@ -45,4 +45,13 @@ def unsupported_reason(model_dir: Path) -> str | None:
         return None
     supported = ", ".join(f"{name} ({cls})" for name, cls in SUPPORTED_ARCHITECTURES.items())
     found = f"model_type {model_type!r} with architecture {architecture!r}"
-    return f"{found} cannot be exported by the ONNX Runtime GenAI model builder here; supported: {supported}"
+    reason = (
+        f"{found} cannot be exported by the ONNX Runtime GenAI model builder here; supported: {supported}"
+    )
+    if config.get("auto_map"):
+        reason += (
+            ". Its config.json points transformers at code shipped with the model (auto_map): "
+            "trust_remote_code would let transformers load that code, but the ONNX export needs one of "
+            "the supported architectures"
+        )
+    return reason

@@ -144,6 +144,15 @@ def test_a_model_the_builder_cannot_export_is_refused_before_any_step(tmp_path, 
         assert supported in message
 
 
+def test_a_model_with_its_own_code_is_told_what_trust_remote_code_would_and_would_not_do(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "auto_map": {"AutoModel": "m.M"}}
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="trust_remote_code would let transformers load that code"):
+        load_config(overrides={"model": model})
+
+
 def test_every_supported_architecture_has_a_tiny_model_in_the_tests():
     assert set(SUPPORTED_ARCHITECTURES) == set(ARCHITECTURES)
 
