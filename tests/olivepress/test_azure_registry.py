@@ -316,14 +316,12 @@ def version_json(name: str, version: str, tags: dict[str, str]) -> dict:
     }
 
 
-@pytest.fixture
-def azure(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """client_kwargs that route the SDK to a fresh FakeAzure, and the fake itself."""
+def route_sdk_to(fake: requests.adapters.BaseAdapter, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """client_kwargs that send azure-ai-ml's ARM and blob requests to ``fake`` (a requests adapter)."""
     import azure.ai.ml._artifacts._blob_storage_helper as blob_helper
     from azure.core.pipeline.transport import RequestsTransport
     from azure.storage.blob import BlobServiceClient
 
-    fake = FakeAzure()
     session = requests.Session()
     session.trust_env = False  # no proxy or .netrc from the environment
     session.mount("https://", fake)
@@ -339,7 +337,14 @@ def azure(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
         functools.partial(BlobServiceClient, transport=transport, retry_total=0),
     )
     monkeypatch.delenv("AZUREML_CURRENT_CLOUD", raising=False)  # MLClient sets it; undone after the test
-    yield {"fake": fake, "kwargs": {"transport": transport, "retry_total": 0}}
+    return {"transport": transport, "retry_total": 0}
+
+
+@pytest.fixture
+def azure(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """client_kwargs that route the SDK to a fresh FakeAzure, and the fake itself."""
+    fake = FakeAzure()
+    yield {"fake": fake, "kwargs": route_sdk_to(fake, monkeypatch)}
     assert not fake.unexpected, [(r.method, r.host, r.path) for r in fake.unexpected]
 
 

@@ -12,7 +12,6 @@ registry, and the real hub's answers (no network here).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -45,6 +44,7 @@ from tests.olivepress.test_azure_registry import (
     FakeCredential,
     _arm_error,
     _json,
+    route_sdk_to,
     version_json,
 )
 
@@ -404,25 +404,8 @@ class FakeAzureDownloads(FakeAzure):
 @pytest.fixture
 def azure_downloads(monkeypatch):
     """client_kwargs routing azure-ai-ml (ARM and its blob client) to a fresh FakeAzureDownloads."""
-    import azure.ai.ml._artifacts._blob_storage_helper as blob_helper
-    import requests
-    from azure.core.pipeline.transport import RequestsTransport
-    from azure.storage.blob import BlobServiceClient
-
     fake = FakeAzureDownloads()
-    session = requests.Session()
-    session.trust_env = False
-    session.mount("https://", fake)
-    session.mount("http://", fake)
-    transport = RequestsTransport(session=session)
-    # as in test_azure_registry: the SDK's blob helper builds BlobServiceClient with no way to pass a transport
-    monkeypatch.setattr(
-        blob_helper,
-        "BlobServiceClient",
-        functools.partial(BlobServiceClient, transport=transport, retry_total=0),
-    )
-    monkeypatch.delenv("AZUREML_CURRENT_CLOUD", raising=False)
-    yield fake, {"transport": transport, "retry_total": 0}
+    yield fake, route_sdk_to(fake, monkeypatch)
     assert not fake.unexpected, [(r.method, r.host, r.path) for r in fake.unexpected]
 
 
