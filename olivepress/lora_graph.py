@@ -194,7 +194,6 @@ def graft_branches(graph, branches: list[Branch]) -> dict[str, np.ndarray]:
             consumers.setdefault(name, []).append((node, index))
     position = {node.name: index for index, node in enumerate(graph.node)}
 
-    parameters: dict[str, np.ndarray] = {}
     inserted_after: dict[str, list] = {}
     for branch in branches:
         block = GROUPS[branch.group][0]
@@ -209,12 +208,10 @@ def graft_branches(graph, branches: list[Branch]) -> dict[str, np.ndarray]:
         if any(node.input[0] != activations for node in targets.values()):
             raise RuntimeError(f"the int4 nodes of layer {branch.layer} {branch.group} read different inputs")
         io_dtype = initializers[first.input[2]].data_type  # MatMulNBits' scales: the activations' type
-        numpy_dtype = helper.tensor_dtype_to_np_dtype(io_dtype)
         stem = f"/model/layers.{branch.layer}/{block}/{branch.group}_lora"
         rank_dim = f"lora_r_{branch.layer}_{branch.group}"
         a_name, a_output = lora_a_name(branch.layer, branch.group), f"{stem}/A/output_0"
         add_lora_input(graph, a_name, io_dtype, [branch.a.shape[0], rank_dim], (branch.a.shape[0], 0))
-        parameters[a_name] = branch.a.astype(numpy_dtype)
         inserted_after.setdefault(first.name, []).append(
             helper.make_node("MatMul", [activations, a_name], [a_output], name=f"{stem}/A")
         )
@@ -222,7 +219,6 @@ def graft_branches(graph, branches: list[Branch]) -> dict[str, np.ndarray]:
             b = branch.b_per_node[module]
             b_name = lora_b_name(branch.layer, module)
             add_lora_input(graph, b_name, io_dtype, [rank_dim, b.shape[1]], (0, b.shape[1]))
-            parameters[b_name] = b.astype(numpy_dtype)
             base_output, product, summed = (
                 node.output[0],
                 f"{stem}/{module}/B/output_0",
@@ -241,12 +237,12 @@ def graft_branches(graph, branches: list[Branch]) -> dict[str, np.ndarray]:
         ordered += [node, *inserted_after.get(node.name, [])]
     del graph.node[:]
     graph.node.extend(ordered)
-    return parameters
+    return adapter_parameters(graph, branches)
 
 
 def adapter_parameters(graph, branches: list[Branch]) -> dict[str, np.ndarray]:
-    """The matrices of ``branches`` for a graph that another adapter's export already grafted, so one int4
-    model serves several adapters: the graph's own input names, in its float type.
+    """The matrices of ``branches`` for a grafted graph (by this adapter's export, or another adapter's, so
+    that one int4 model serves several adapters): the graph's own input names, in its float type.
 
     A group's A spans the ranks of the modules it adapts, and every B of the group multiplies it; so within
     a group the graph branches from, an int4 node this adapter leaves alone gets a zero B of that rank (the
@@ -260,6 +256,8 @@ def adapter_parameters(graph, branches: list[Branch]) -> dict[str, np.ndarray]:
     node_modules = int4_node_modules(graph)
     parameters: dict[str, np.ndarray] = {}
     for branch in branches:
+        if not branch.b_per_node:
+            continue  # every B block zero: the graph's empty defaults compute the same nothing
         a_name = lora_a_name(branch.layer, branch.group)
         if a_name not in inputs:
             raise UserError(

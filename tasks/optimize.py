@@ -64,10 +64,6 @@ def export_onnx(
     CPU 4, int8 activations, the fastest; 1 computes in float32, the dequantized PyTorch model's math.
     ``cuda_graph`` (device gpu only) has the runtime capture decoding in CUDA graphs.
     """
-    import onnx
-
-    from olivepress.lora_graph import group_branches, int4_node_modules, part_sizes
-
     if device not in EXECUTION_PROVIDERS:
         raise UserError(f"device must be one of {sorted(EXECUTION_PROVIDERS)}, not {device!r}")
     started = time.perf_counter()
@@ -82,9 +78,7 @@ def export_onnx(
     )
     adapter_file = None
     if lora:
-        model = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False)  # the graph, not the weights
-        sizes = part_sizes(json.loads((checkpoint_dir / "config.json").read_text()))
-        branches = group_branches(lora, int4_node_modules(model.graph), sizes)
+        model, branches = graph_and_branches(out_dir, checkpoint_dir, lora)
         adapter_file = out_dir / ADAPTER_FILE
         progress.update("optimize", "adding the LoRA adapter")
         add_lora_branches(model, branches, out_dir)
@@ -445,23 +439,25 @@ def read_lora(adapter_dir: Path) -> dict[str, LoraMatrices]:
     return lora
 
 
+def graph_and_branches(model_dir: Path, checkpoint_dir: Path, lora: dict[str, LoraMatrices]):
+    """The exported graph of ``model_dir`` (not its weights) and ``lora`` grouped onto its int4 nodes, with
+    the sizes of the checkpoint the adapter was trained on."""
+    import onnx
+
+    from olivepress.lora_graph import group_branches, int4_node_modules, part_sizes
+
+    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
+    sizes = part_sizes(json.loads((checkpoint_dir / "config.json").read_text()))
+    return model, group_branches(lora, int4_node_modules(model.graph), sizes)
+
+
 def export_adapter(checkpoint_dir: Path, adapter_dir: Path, model_dir: Path, target: Path) -> Path:
     """Another adapter trained on ``checkpoint_dir``, written as an .onnx_adapter for the model exported
     in ``model_dir``: the int4 model is exported once and each further adapter costs only its own file,
     switched at run time (``og.Adapters``)."""
-    import onnx
+    from olivepress.lora_graph import adapter_parameters, write_adapter
 
-    from olivepress.lora_graph import (
-        adapter_parameters,
-        group_branches,
-        int4_node_modules,
-        part_sizes,
-        write_adapter,
-    )
-
-    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
-    sizes = part_sizes(json.loads((checkpoint_dir / "config.json").read_text()))
-    branches = group_branches(read_lora(adapter_dir), int4_node_modules(model.graph), sizes)
+    model, branches = graph_and_branches(model_dir, checkpoint_dir, read_lora(adapter_dir))
     write_adapter(adapter_parameters(model.graph, branches), target)
     return target
 
