@@ -44,13 +44,25 @@ def switch_seconds(loaded, adapters, name: str, ids: list[int], tokens: int) -> 
     return time.perf_counter() - started
 
 
+def machine_name(gpu: bool) -> str:
+    if gpu:
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)}, CUDA graphs"
+    return f"{platform.processor() or platform.machine()}, device cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--device", choices=["cpu", "gpu"], default="cpu", help="gpu: CUDA export with graphs"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adapter_switch.json"))
     args = parser.parse_args()
+    gpu = args.device == "gpu"
 
     import onnxruntime_genai as og
 
@@ -64,7 +76,9 @@ def main() -> None:
         work = Path(scratch)
         checkpoint = write_rtn_checkpoint(default_model_dir(), work / "int4")
         first = random_adapter(checkpoint, work / "adapter-0", modules, seed=0)
-        model_dir = export_onnx(checkpoint, first, work / "onnx").model_dir
+        model_dir = export_onnx(
+            checkpoint, first, work / "onnx", device=args.device, cuda_graph=gpu
+        ).model_dir
         files = {"adapter-0": model_dir / ADAPTER_FILE}
         for index in range(1, args.adapters):
             peft_dir = random_adapter(checkpoint, work / f"adapter-{index}", modules, seed=index)
@@ -102,7 +116,7 @@ def main() -> None:
     worst = min(value for name, value in medians.items() if name != "none")
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, device cpu",
+        "machine": machine_name(gpu),
         "model": "SmolLM2-135M-Instruct (int4 RTN, group 32), rank-16 adapters on every decoder linear",
         "settings": {"adapters": args.adapters, "tokens": args.tokens, "repeats": args.repeats},
         "load_seconds": {name: round(value, 4) for name, value in load_seconds.items()},
