@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import get_args
 
-from olivepress.config import load_config, setting_field, setting_fields
+from olivepress.config import DATASET_NAME, load_config, setting_field, setting_fields
 from olivepress.errors import UserError
 
 # The named flags of `run` are shortcuts for these settings; every other setting is reachable with --set.
@@ -72,7 +72,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, flags: dict[str, str])
         info = setting_field(dotted)
         kinds = get_args(info.annotation)
         options: dict = {"dest": dotted.replace(".", "__"), "help": describe(dotted), "metavar": "PATH"}
-        if info.annotation is int:
+        if dotted == "data":  # repeatable: FILE, or NAME=PATH once per dataset (see data_overrides)
+            options.update(
+                action="append",
+                metavar="FILE|NAME=PATH",
+                help=f"{describe(dotted)}; NAME=PATH, repeated, names several datasets (setting datasets)",
+            )
+        elif info.annotation is int:
             options.update(type=int, metavar="N")
         elif kinds and all(isinstance(kind, str) for kind in kinds):  # a Literal of names: argparse choices
             options.update(choices=kinds, metavar=None)
@@ -82,7 +88,29 @@ def add_config_arguments(parser: argparse.ArgumentParser, flags: dict[str, str])
 def config_from(args: argparse.Namespace, flags: dict[str, str], **fixed):
     """The RunConfig that --config, the named flags, --set and ``fixed`` settings describe."""
     overrides = {dotted: getattr(args, dotted.replace(".", "__")) for dotted in flags.values()}
+    if "data" in overrides:
+        overrides.update(data_overrides(overrides.pop("data")))
     return load_config(args.config, {**overrides, **fixed}, args.assignments)
+
+
+def data_overrides(values: list[str] | None) -> dict[str, object]:
+    """``--data FILE`` (one dataset) or ``--data NAME=PATH ...`` (setting ``datasets``), not both; a value
+    is NAME=PATH when what precedes its first ``=`` is a dataset name, a path otherwise."""
+    if not values:
+        return {}
+    named = [value.partition("=") for value in values if DATASET_NAME.fullmatch(value.partition("=")[0])]
+    if not named:
+        if len(values) > 1:
+            raise UserError("--data FILE takes one file; for several datasets give --data NAME=PATH for each")
+        return {"data": values[0]}
+    if len(named) < len(values):
+        raise UserError("--data: give one FILE, or NAME=PATH for every dataset, not both forms")
+    datasets: dict[str, str] = {}
+    for name, _, path in named:
+        if name in datasets:
+            raise UserError(f"--data: the dataset name {name!r} is given twice")
+        datasets[name] = path
+    return {"datasets": datasets}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,10 +189,13 @@ def command_run(args: argparse.Namespace) -> int:
     with run_output(run_dir, verbose=args.verbose):
         result = olivepress_flow(config, run_dir)
     print(f"\nONNX Runtime GenAI model: {result['onnx']}")
+    for name, adapter in result.get("adapters", {}).items():
+        print(f"Adapter {name}: {adapter}")
     print(f"Report: {result['report']}")
     registration = result["registration"]
     print(f"Registered: {registration['name']} version {registration['version']} ({registration['uri']})")
-    print(f'Try it: olivepress chat {result["onnx"]} "What should I pack for a week in Lisbon?"')
+    choice = next((f" --adapter {name}" for name in result.get("adapters", {})), "")
+    print(f'Try it: olivepress chat {result["onnx"]}{choice} "What should I pack for a week in Lisbon?"')
     return 0
 
 

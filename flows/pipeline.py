@@ -6,7 +6,8 @@ Each step is a Prefect task wrapping a plain function from ``olivepress.tasks``.
 (:class:`olivepress.steps.Step`) and publish it to the artifact store under a key made from that
 (:mod:`olivepress.store`): a re-run with the same inputs reuses them, a crashed run resumes from the last
 published step. The run folder, the store and the summary are :class:`olivepress.flows.runs.Run`'s. A model
-that fails the gate gets its report, and the run fails before register.
+that fails the gate gets its report, and the run fails before register. A run with several datasets
+(``datasets``) goes its own way from the start: :mod:`olivepress.flows.datasets`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from prefect import flow
 
 from olivepress.config import RunConfig
+from olivepress.flows.datasets import link_adapters, run_datasets
 from olivepress.flows.runs import (
     Run,
     StepRecord,
@@ -27,6 +29,8 @@ from olivepress.flows.runs import (
     open_store,
     resolve_model,
 )
+from olivepress.genai import ADAPTER_FILE
+from olivepress.registry import ADAPTERS_DIR
 from olivepress.tasks.evaluate import GateFailed, evaluate_task
 from olivepress.tasks.finetune import finetune_task
 from olivepress.tasks.optimize import optimize_task
@@ -50,6 +54,8 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
     the summary is printed at the end. ``config`` is the deployment's parameter: the Prefect UI's run form
     is built from its schema, and Prefect validates it before the run starts."""
     with Run(config, run_dir) as run:
+        if config.datasets is not None:
+            return run_datasets(run, resolve_model(config))
         data_file = run.fetch_data()
         run.step(validate_task, data_file=data_file, run_dir=run.dir, data_name=str(config.data))
         examples = read_examples(data_file)
@@ -60,6 +66,8 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
         quantized = run.step(quantize_task, model_dir=model_dir, examples=train)
         adapter = run.step(finetune_task, checkpoint_dir=quantized, examples=train)
         onnx = run.step(optimize_task, checkpoint_dir=quantized, adapter_dir=adapter)
+        # the adapter by its dataset's name too, as a run with several datasets names each one
+        link_adapters(run.dir / ADAPTERS_DIR, {config.dataset_name(): onnx.folder / ADAPTER_FILE})
         measured = run.step(evaluate_task, model_dir=model_dir, onnx_dir=onnx, held_out=held_out)
         evaluation = run.evaluation(measured)
 

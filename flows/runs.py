@@ -10,6 +10,7 @@ for the summary (``summary.txt``/``summary.json``, written when the run ends, fa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from olivepress.model_source import ResolvedModel
 
 # run-folder names of the stored outputs linked there (validate's report files are copied instead)
-LINKS = {"quantize": "quantized", "finetune": "adapter", "optimize": "onnx"}
+LINKS = {"quantize": "quantized", "finetune": "adapter", "optimize": "onnx", "export_adapter": "onnx_adapter"}
 REPORT = "report"
 HELD_OUT_FILE = "held_out.jsonl"
 FULLER_EPOCHS = 3
@@ -196,11 +197,12 @@ def open_store(config: RunConfig) -> ArtifactStore:
     return ArtifactStore(uri, config.store.cache_dir, retry=retry_policy(config), storage_options=options)
 
 
-def local_data_file(config: RunConfig) -> Path:
-    """The run's data as a local file: itself, or a fresh download of its s3:// URI."""
-    if isinstance(config.data, Path):
-        return config.data
-    return fetch_file(config.data, config.store.cache_dir / "data", s3_options(config), retry_policy(config))
+def local_data_file(config: RunConfig, source: Path | str | None = None) -> Path:
+    """A dataset (default: the run's ``data``) as a local file: itself, or a fresh download of its s3:// URI."""
+    source = config.data if source is None else source
+    if isinstance(source, Path):
+        return source
+    return fetch_file(source, config.store.cache_dir / "data", s3_options(config), retry_policy(config))
 
 
 def link_output(run_dir: Path, name: str, folder: Path) -> Path:
@@ -227,6 +229,7 @@ class Run:
         self.store = open_store(config)
         self.data_file: Path | None = None
         self.data_hash: str | None = None
+        self.data_hashes: dict[str, str] = {}  # a run with several datasets: each one's, by name
         self._digests: dict[Path, str] = {}
 
     def __enter__(self) -> Run:
@@ -242,13 +245,45 @@ class Run:
         self.data_hash = file_sha256(self.data_file)
         return self.data_file
 
-    def split(self, examples: list[dict]) -> tuple[list[dict], list[dict]]:
+    def fetch_datasets(self) -> dict[str, Path]:
+        """Each dataset as a local file, by name. A step of one dataset's branch keys on that dataset's hash
+        (``step(..., dataset=name)``); the steps shared by all on :meth:`share_data`'s."""
+        files = {
+            name: local_data_file(self.config, source)
+            for name, source in self.config.dataset_sources().items()
+        }
+        self.data_hashes = {name: file_sha256(file) for name, file in files.items()}
+        return files
+
+    def share_data(self, names: list[str]) -> None:
+        """The data hash of the steps shared by every dataset (quantize, the base's export): one hash over
+        the datasets AWQ calibrates on, so a dataset added beside them leaves the base's keys as they were;
+        one dataset's is its own, so a base calibrated on it alone is its single-dataset run's base."""
+        hashes = sorted(self.data_hashes[name] for name in names)
+        joined = hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+        self.data_hash = hashes[0] if len(hashes) == 1 else joined
+
+    def folder(self, dataset: str | None = None) -> Path:
+        """Where a dataset's branch keeps its files: ``datasets/<name>/`` in the run folder (the run folder
+        itself for a run's only dataset)."""
+        if dataset is None:
+            return self.dir
+        folder = self.dir / "datasets" / dataset
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def split(self, examples: list[dict], dataset: str | None = None) -> tuple[list[dict], list[dict]]:
         """Training and held-out pairs, split by prompt; the held-out ones are kept in the run folder."""
         from olivepress.scoring import split_by_prompt
 
         train, held_out = split_by_prompt(examples, self.config.evaluate.held_out_fraction, self.config.seed)
-        write_split(self.dir, self.config, train, held_out)
-        self.log.info("split by prompt: %d training pairs, %d held out", len(train), len(held_out))
+        write_split(self.folder(dataset), self.config, train, held_out)
+        self.log.info(
+            "%ssplit by prompt: %d training pairs, %d held out",
+            f"{dataset}: " if dataset else "",
+            len(train),
+            len(held_out),
+        )
         return train, held_out
 
     def digest(self, value: Any) -> str:
@@ -259,47 +294,53 @@ class Run:
             self._digests[path] = input_digest(path)
         return self._digests[path]
 
-    def step(self, task, **arguments: Any) -> StepOutput:
+    def step(self, task, dataset: str | None = None, **arguments: Any) -> StepOutput:
         """Run one cached step (a task made by :meth:`olivepress.steps.Step.task`) on ``arguments``, its
-        declared inputs and context. Prefect's cache is used only while the store holds a verified output
-        for the key; a step that another run computed while this one waited for the key's lock (see
+        declared inputs and context; with ``dataset``, as a step of that dataset's branch (its data hash,
+        its folder, its name in the summary). Prefect's cache is used only while the store holds a verified
+        output for the key; a step that another run computed while this one waited for the key's lock (see
         ``ArtifactStore.produce``) counts as reused."""
         step = task.step
-        assert self.data_hash is not None, "fetch_data() comes first"
+        data_hash = self.data_hashes[dataset] if dataset else self.data_hash
+        assert data_hash is not None, "fetch_data() or fetch_datasets() comes first"
+        label = f"{step.name} {dataset}" if dataset else step.name
         settings = step.settings_of(self.config)
-        inputs = {"data": self.data_hash} | {name: self.digest(arguments[name]) for name in step.inputs}
+        inputs = {"data": data_hash} | {name: self.digest(arguments[name]) for name in step.inputs}
         key = step.key(inputs, settings)
         stored = self.store.complete(step.name, key)
         reusable = stored is not None
         configured = task.with_options(refresh_cache=not reusable, **prefect_retries(self.config.retries))
         values = {name: v.folder if isinstance(v, StepOutput) else v for name, v in arguments.items()}
         manifest = timed(
-            self.records, step.name, configured, self.store, key, settings, reused=reusable, **values
+            self.records, label, configured, self.store, key, settings, reused=reusable, **values
         )
+        record = next(record for record in reversed(self.records) if record.step == label)
         if (step.name, key) not in self.store.computed:
-            self.records[-1].status = "reused"
-            progress.end(step.name, "reused", self.records[-1].seconds)
+            record.status = "reused"
+            progress.end(label, "reused", record.seconds)
         # the store is the truth: Prefect's cache record only shows the reuse (it may name an older publish)
         manifest = stored or manifest
         output = StepOutput(manifest, self.store.local_copy(manifest))
         if step.name in LINKS:
-            link_output(self.dir, LINKS[step.name], output.folder)
+            link_output(self.folder(dataset), LINKS[step.name], output.folder)
         else:
             for stored in output.folder.iterdir():
-                atomic_write_text(self.dir / stored.name, stored.read_text(encoding="utf-8"))
+                atomic_write_text(self.folder(dataset) / stored.name, stored.read_text(encoding="utf-8"))
         return output
 
     def link(self, step: str) -> Path:
         """The run folder's link to ``step``'s output."""
         return self.dir / LINKS[step]
 
-    def evaluation(self, measured: StepOutput):
+    def evaluation(self, measured: StepOutput, dataset: str | None = None):
         """The stored measurements with the gate decided now, kept in the run folder as evaluation.json."""
         from olivepress.tasks.evaluate import read_evaluation
 
         evaluation = read_evaluation(measured.folder, self.config.gate)
-        atomic_write_text(self.dir / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1))
-        self.log.info("\n%s", evaluation.gate.to_text())
+        atomic_write_text(
+            self.folder(dataset) / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1)
+        )
+        self.log.info("%s\n%s", f"{dataset}:" if dataset else "", evaluation.gate.to_text())
         return evaluation
 
     def report(
@@ -324,13 +365,39 @@ class Run:
         )
         return timed(self.records, "report", report_task, inputs, self.dir / REPORT)
 
-    def register(self, model: ResolvedModel, report_dir: Path, evaluation):
-        """Register the run's export and report with their lineage, retried as ``retries.*`` says. Runs
-        sharing a store register one model content one at a time: a backend's check-then-create (Azure ML's
-        tag lookup) then sees the other's version and returns it instead of adding one."""
+    def report_adapters(self, outcomes: list) -> Path:
+        """The report of a run with several datasets: the adapters side by side (run folder ``report/`` and
+        the flow run's Artifacts tab)."""
+        from olivepress.tasks.report import adapters_report_task
+
+        steps = [asdict(record) for record in self.records]
+        return timed(
+            self.records,
+            "report",
+            adapters_report_task,
+            self.config,
+            outcomes,
+            steps,
+            current_flow_run_id(),
+            self.dir / REPORT,
+        )
+
+    def register(
+        self,
+        model: ResolvedModel,
+        report_dir: Path,
+        evaluation,
+        parts: dict[str, Path] | None = None,
+        more_lineage: dict[str, Any] | None = None,
+    ):
+        """Register the run's export and report with their lineage, retried as ``retries.*`` says; ``parts``
+        are further entry folders (``model`` among them replaces the export), ``more_lineage`` further
+        lineage records. Runs sharing a store register one model content one at a time: a backend's
+        check-then-create (Azure ML's tag lookup) then sees the other's version and returns it instead of
+        adding one."""
         from olivepress.tasks.register import build_lineage, register_task
 
-        sources = {"model": self.link("optimize"), "report": report_dir}
+        sources = {"model": self.link("optimize"), **(parts or {}), "report": report_dir}
         lineage = build_lineage(
             self.config,
             model.path,
@@ -339,7 +406,7 @@ class Run:
             sources,
             current_flow_run_id(),
             model_source=model.lineage(),
-        )
+        ) | (more_lineage or {})
         task = register_task.with_options(**prefect_retries(self.config.retries))
         with self.store.key_lock("register", lineage["content_sha256"]):
             return timed(self.records, "register", task, self.config, model.name, sources, lineage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -197,7 +198,28 @@ class RunConfig(Section):
     )
     data: Path | str = Field(
         SAMPLE_DATA,
-        description="JSON Lines file of {prompt, response} pairs: a local path or s3://bucket/key.jsonl.",
+        description="JSON Lines file of {prompt, response} pairs: a local path or s3://bucket/key.jsonl. "
+        "One dataset, one adapter named after the file; for several, datasets instead.",
+    )
+    datasets: dict[str, Path | str] | None = Field(
+        None,
+        description="Several named datasets, {name: path or s3:// URI}: one int4 base, one LoRA adapter per "
+        "dataset (fine-tuned, exported, evaluated and gated on its own held-out split), registered together. "
+        "Names: a letter, then letters, digits, _ or - (unique ignoring case). Instead of data, not with it.",
+    )
+    calibration_datasets: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Names of the datasets AWQ calibrates on (a seeded sample of their training pairs); "
+        "default: all. List the datasets an existing base was calibrated on to add a dataset without "
+        "quantizing again and retraining every adapter.",
+    )
+    parallel_adapters: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Adapters trained at once in a run with several datasets: one training per GPU (on CPU, "
+        "1: the trainings share the cores). Every training uses the process's first visible GPU.",
     )
     output: Path = Field(Path("runs"), description="Folder that receives one sub-folder per run.")
     device: Literal["cpu", "gpu"] = Field(
@@ -267,12 +289,52 @@ class RunConfig(Section):
     @field_validator("data")
     @classmethod
     def _data_is_file(cls, value: Path | str) -> Path | str:
-        if isinstance(value, str) and value.startswith("s3://"):
-            return value  # fetched when the run starts, with the store's S3 settings
-        path = Path(value)
-        if not path.is_file():
-            raise ValueError(f"{path} does not exist or is not a file")
-        return path.resolve()
+        return data_source(value)
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets_named_files(cls, value: dict[str, Path | str] | None) -> dict[str, Path | str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("name at least one dataset, or leave datasets out and set data")
+        problems, seen = [], {}
+        for name, source in value.items():
+            if not DATASET_NAME.fullmatch(name):
+                problems.append(f"{name!r} is not a dataset name (a letter, then letters, digits, _ or -)")
+            elif name.lower() in seen:
+                problems.append(f"{name!r} and {seen[name.lower()]!r} differ only in case")
+            seen.setdefault(name.lower(), name)
+            try:
+                value[name] = data_source(source)
+            except ValueError as error:
+                problems.append(f"{name}: {error}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @model_validator(mode="after")
+    def _one_form_of_data(self) -> RunConfig:
+        if self.datasets is not None and "data" in self.model_fields_set:
+            raise ValueError("give data (one dataset) or datasets (several, by name), not both")
+        if unknown := sorted(set(self.calibration_datasets or ()) - set(self.dataset_sources())):
+            raise ValueError(
+                f"calibration_datasets names {unknown}, which are not among the datasets "
+                f"{sorted(self.dataset_sources())}"
+            )
+        return self
+
+    def dataset_sources(self) -> dict[str, Path | str]:
+        """The run's datasets by name, in the order given: ``datasets``, or ``data`` as one dataset named
+        after its file (:meth:`dataset_name`)."""
+        if self.datasets is not None:
+            return dict(self.datasets)
+        return {self.dataset_name(): self.data}
+
+    def dataset_name(self) -> str:
+        """The name ``data`` gives its one dataset and adapter: the file's stem, made a dataset name."""
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(str(self.data)).stem).strip("_-") or "data"
+        return (stem if stem[0].isalpha() else f"data_{stem}")[:64]
 
     @field_validator("text_template")
     @classmethod
@@ -285,6 +347,19 @@ class RunConfig(Section):
         if value.index("{prompt}") > value.index("{response}"):
             raise ValueError("{prompt} must come before {response}")
         return value
+
+
+DATASET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+def data_source(value: Path | str) -> Path | str:
+    """A dataset as the config keeps it: an s3:// URI as written, a local file as its absolute path."""
+    if isinstance(value, str) and value.startswith("s3://"):
+        return value  # fetched when the run starts, with the store's S3 settings
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist or is not a file")
+    return path.resolve()
 
 
 def _describe(error: ValidationError, prefix: str = "") -> str:
@@ -386,6 +461,7 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
 
 # Paths in a config file are relative to the file, not to wherever the command runs.
 RELATIVE_TO_FILE = ("model", "data", "output", "registry.path", "store.uri", "store.cache_dir")
+ONE_OR_THE_OTHER = {"data": "datasets", "datasets": "data"}
 
 
 def _resolve_relative(raw: dict[str, Any], dotted: str, base: Path) -> None:
@@ -426,9 +502,14 @@ def load_config(
             raise UserError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
         for dotted in RELATIVE_TO_FILE:
             _resolve_relative(raw, dotted, path.parent)
+        if isinstance(raw.get("datasets"), dict):
+            for name in raw["datasets"]:
+                _resolve_relative(raw["datasets"], name, path.parent)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
+            if dotted in ONE_OR_THE_OTHER:  # --data replaces the file's data or datasets, whichever it has
+                raw.pop(ONE_OR_THE_OTHER[dotted], None)
     for dotted, value in parse_assignments(assignments or []):
         _set_dotted(raw, dotted, value)
     try:

@@ -1,7 +1,9 @@
 """Registered models: what an entry holds, and the local registry (the offline default backend).
 
 An entry is a folder: ``model/`` (the ONNX Runtime GenAI folder with its ``.onnx_adapter``), ``report/``
-and ``lineage.json`` (data hash, config, metrics, gate record, library versions, flow run). Both backends
+and ``lineage.json`` (data hash, config, metrics, gate record, library versions, flow run); from a run with
+several datasets also ``adapters/<name>.onnx_adapter``, one per dataset whose adapter passed its gate, each
+with its own record under the lineage's ``adapters``. Both backends
 register the same folder; ``lineage["content_sha256"]`` (the hash of every file but the lineage) is what
 makes registering the same model twice return the existing version instead of a new one.
 
@@ -24,6 +26,9 @@ from typing import Any
 from olivepress.files import file_lock, folder_sha256, move_into_place, staging_dir
 
 LINEAGE_FILE = "lineage.json"
+# an entry of a run with several datasets: its adapters by name, adapters/<name>.onnx_adapter, beside model/
+ADAPTERS_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
 LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"
 

@@ -273,10 +273,17 @@ def decide_gate(metrics: list[VariantMetrics], gate: GateSettings) -> GateDecisi
 
 
 def measure(
-    config: StepSettings, model_dir: Path, onnx_dir: Path, held_out: list[dict], out: Path, scratch_root: Path
+    config: StepSettings,
+    model_dir: Path,
+    onnx_dir: Path,
+    held_out: list[dict],
+    out: Path,
+    scratch_root: Path,
+    adapter_file: Path | None = None,
 ) -> None:
     """Build the base model in scratch space (it is ~3× the int4 model: measured, not kept), measure the
-    three variants, and write ``metrics.json`` into ``out``."""
+    three variants, and write ``metrics.json`` into ``out``. The fine-tuned variant runs ``adapter_file``,
+    by default the export's own adapter."""
     from olivepress.genai import ADAPTER_FILE
     from olivepress.tasks.optimize import build_base_model
 
@@ -287,7 +294,7 @@ def measure(
         metrics = evaluate_models(
             Path(scratch),
             onnx_dir,
-            onnx_dir / ADAPTER_FILE,
+            adapter_file or onnx_dir / ADAPTER_FILE,
             held_out,
             config.evaluate,
             config.text_template,
@@ -337,4 +344,35 @@ def evaluate_task(
         "evaluate",
         key,
         lambda out: measure(settings, model_dir, onnx_dir, held_out, out, store.scratch_root()),
+    )
+
+
+ADAPTER_STEP = Step(
+    "evaluate_adapter",
+    __name__,
+    inputs=("model_dir", "onnx_dir", "adapter_dir", "held_out"),
+    settings=STEP.settings,
+)
+
+
+@ADAPTER_STEP.task
+def evaluate_adapter_task(
+    store: ArtifactStore,
+    key: str,
+    settings: StepSettings,
+    model_dir: Path,
+    onnx_dir: Path,
+    adapter_dir: Path,
+    held_out: list[dict],
+) -> Manifest:
+    """One dataset's adapter (``adapter_dir``'s .onnx_adapter: the export's own, or one written for it by
+    export_adapter) measured on that dataset's held-out pairs, in a run with several datasets."""
+    from olivepress.genai import ADAPTER_FILE
+
+    return store.produce(
+        "evaluate_adapter",
+        key,
+        lambda out: measure(
+            settings, model_dir, onnx_dir, held_out, out, store.scratch_root(), adapter_dir / ADAPTER_FILE
+        ),
     )

@@ -498,3 +498,30 @@ def optimize_task(
         save_prompt_format(out, settings.text_template)
 
     return store.produce("optimize", key, compute)
+
+
+ADAPTER_STEP = Step(
+    "export_adapter",
+    __name__,
+    inputs=("checkpoint_dir", "adapter_dir", "onnx_dir"),
+    settings=(),
+    tags=("onnx",),
+)
+
+
+@ADAPTER_STEP.task
+def export_adapter_task(
+    store: ArtifactStore,
+    key: str,
+    settings: StepSettings,
+    checkpoint_dir: Path,
+    adapter_dir: Path,
+    onnx_dir: Path,
+) -> Manifest:
+    """A further dataset's adapter for the export in ``onnx_dir`` (another dataset's optimize output): its
+    own .onnx_adapter, beside which the int4 model is not exported again."""
+    return store.produce(
+        "export_adapter",
+        key,
+        lambda out: export_adapter(checkpoint_dir, adapter_dir, onnx_dir, out / ADAPTER_FILE),
+    )

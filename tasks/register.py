@@ -38,8 +38,9 @@ def build_lineage(
     as a dict, unrounded, units in the field names, as in evaluation.json); the gate record is every check's
     name, description, measured value, limit and verdict. Readers format them (``metrics_display``)."""
     return {
-        # the model alone: a re-run's report differs in its timings, yet it registers the same model
-        "content_sha256": content_sha256({"model": sources["model"]}),
+        # the model and its adapters alone: a re-run's report differs in its timings, yet it registers the
+        # same model
+        "content_sha256": content_sha256({key: path for key, path in sources.items() if key != "report"}),
         "base_model": str(base_model),
         # where the base model came from: reference, kind, hub commit or Azure ML version, content hash
         "model_source": model_source,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +165,141 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
             else f"## Training\n\nNo loss history.{training_notes}",
         ]
     )
+
+
+@dataclass(frozen=True)
+class AdapterOutcome:
+    """One dataset's branch in a run with several: what it trained and measured, and why it failed if it
+    did (bad data, a failed training or export, the gate)."""
+
+    name: str
+    data: str
+    data_sha256: str
+    train_pairs: int = 0
+    held_out_pairs: int = 0
+    loss_history: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: Evaluation | None = None
+    failure: str | None = None
+
+
+def adapter_rows(outcomes: list[AdapterOutcome]) -> list[dict[str, Any]]:
+    """The adapters side by side: each fine-tuned (int4 + its adapter) on its own held-out split, rounded for
+    reading, with the base's loss on that split and the verdict."""
+    rows = []
+    for outcome in outcomes:
+        metrics = {m.variant: m for m in outcome.evaluation.metrics} if outcome.evaluation else {}
+        tuned = display_rows([asdict(metrics["fine-tuned"])])[0] if "fine-tuned" in metrics else {}
+        rows.append(
+            {
+                "adapter": outcome.name,
+                "held_out": outcome.held_out_pairs or None,
+                "loss": tuned.get("loss"),
+                "base_loss": round(metrics["base"].loss, 4) if "base" in metrics else None,
+                "perplexity": tuned.get("perplexity"),
+                "rouge_l": tuned.get("rouge_l"),
+                "decode_tok_s": tuned.get("decode_tok_s"),
+                "size_mb": tuned.get("size_mb"),
+                "result": "registered" if outcome.failure is None else "**failed**",
+            }
+        )
+    return rows
+
+
+def plot_adapter_losses(outcomes: list[AdapterOutcome], path: Path) -> None:
+    """Every adapter's training loss in one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for outcome in outcomes:
+        if outcome.loss_history:
+            steps = [row["step"] for row in outcome.loss_history]
+            axes.plot(steps, [row["loss"] for row in outcome.loss_history], marker=".", label=outcome.name)
+    axes.set(xlabel="training step", ylabel="loss", title="LoRA training loss per adapter")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def render_adapters_markdown(
+    config: RunConfig,
+    outcomes: list[AdapterOutcome],
+    steps: list[dict[str, Any]],
+    flow_run_id: str | None,
+    image: str,
+) -> str:
+    """The report page of a run with several datasets; ``image`` is what the page links for the loss plot."""
+    failed = [outcome for outcome in outcomes if outcome.failure]
+    model = str(config.model) if config.model else "SmolLM2-135M-Instruct (default)"
+    title = f"{len(outcomes) - len(failed)} of {len(outcomes)} adapters passed"
+    sections = [
+        f"# olivepress run: {title}",
+        f"Model `{model}`, one int4 base and an adapter per dataset ({config.device}); flow run "
+        f"`{flow_run_id or '-'}`.",
+        "## Adapters\n\n"
+        + markdown_table(adapter_rows(outcomes))
+        + "\n\nEach adapter on the int4 base, measured on its own dataset's held-out pairs (loss "
+        "teacher-forced over response tokens; base_loss: the unquantized model on the same pairs; ROUGE-L F1 "
+        "of greedy generations; size: the int4 model and the adapter file).",
+        f"![training loss per adapter]({image})",
+    ]
+    if failed:
+        sections.append(
+            "## Failed\n\n" + "\n".join(f"- `{outcome.name}`: {outcome.failure}" for outcome in failed)
+        )
+    for outcome in outcomes:
+        if outcome.evaluation is None:
+            continue
+        sections.append(
+            f"## {outcome.name}\n\n"
+            f"`{outcome.data}` (SHA-256 `{outcome.data_sha256}`): {outcome.train_pairs} training pairs, "
+            f"{outcome.held_out_pairs} held out.\n\n"
+            + markdown_table(metrics_rows(outcome.evaluation))
+            + f"\n\n```\n{outcome.evaluation.gate.to_text()}\n```"
+        )
+    step_rows = [{"step": s["step"], "status": s["status"], "seconds": round(s["seconds"], 1)} for s in steps]
+    sections.append("## Steps\n\n" + markdown_table(step_rows))
+    return "\n\n".join(sections)
+
+
+def write_adapters_report(
+    config: RunConfig,
+    outcomes: list[AdapterOutcome],
+    steps: list[dict[str, Any]],
+    flow_run_id: str | None,
+    report_dir: Path,
+) -> Path:
+    """report.md, the loss plot and adapters.json (the side-by-side rows) of a run with several datasets."""
+    with atomic_dir(report_dir) as staging:
+        plot_adapter_losses(outcomes, staging / LOSS_PLOT)
+        markdown = render_adapters_markdown(config, outcomes, steps, flow_run_id, LOSS_PLOT)
+        (staging / "report.md").write_text(markdown + "\n", encoding="utf-8")
+        (staging / "adapters.json").write_text(json.dumps(adapter_rows(outcomes), indent=1))
+    return report_dir
+
+
+@task(name="report", retries=0, cache_policy=NO_CACHE, tags=["olivepress"])
+def adapters_report_task(
+    config: RunConfig,
+    outcomes: list[AdapterOutcome],
+    steps: list[dict[str, Any]],
+    flow_run_id: str | None,
+    report_dir: Path,
+) -> Path:
+    """The report of a run with several datasets, in the run folder and as the flow run's artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    write_adapters_report(config, outcomes, steps, flow_run_id, report_dir)
+    page = render_adapters_markdown(config, outcomes, steps, flow_run_id, data_uri(report_dir / LOSS_PLOT))
+    create_markdown_artifact(key=REPORT_KEY, markdown=page, description="olivepress run report")
+    create_table_artifact(
+        key=METRICS_KEY, table=adapter_rows(outcomes), description="held-out metrics per adapter"
+    )
+    return report_dir
 
 
 def data_uri(path: Path) -> str:

@@ -335,3 +335,31 @@ def test_a_config_file_keeps_a_hugging_face_id_and_refuses_a_malformed_asset_id(
     )
     assert result.returncode == 1
     assert "model:" in result.stderr and "not an Azure ML model asset id" in result.stderr
+
+
+def test_data_name_path_repeated_names_several_datasets_and_a_file_stays_one(tmp_path):
+    other = tmp_path / "support.jsonl"
+    other.write_text(SAMPLE_DATA.read_text())
+    several = parsed_config("run", "--data", f"travel={SAMPLE_DATA}", "--data", f"support={other}")
+    assert several.datasets == {"travel": SAMPLE_DATA.resolve(), "support": other.resolve()}
+    one = parsed_config("run", "--data", str(other))
+    assert (one.datasets, one.dataset_sources()) == (None, {"support": other.resolve()})
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump({"datasets": {"a": "support.jsonl"}}))
+    assert parsed_config("run", "--config", str(config_file)).datasets == {"a": other.resolve()}
+    replaced = parsed_config("run", "--config", str(config_file), "--data", str(SAMPLE_DATA))
+    assert (replaced.datasets, replaced.data) == (None, SAMPLE_DATA.resolve()), "--data replaces the file's"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data", "a.jsonl", "--data", "b.jsonl"], "--data FILE takes one file"),
+        (["--data", "a=x.jsonl", "--data", "b.jsonl"], "not both forms"),
+        (["--data", "a=x.jsonl", "--data", "a=y.jsonl"], "the dataset name 'a' is given twice"),
+        (["--data", "a=/nowhere.jsonl"], r"datasets: a: /nowhere.jsonl does not exist"),
+    ],
+)
+def test_bad_data_flags_are_user_errors_naming_the_flag_or_field(tmp_path, capsys, args, expected):
+    assert main(["run", "--output", str(tmp_path), *args]) == 1
+    assert re.search(expected, capsys.readouterr().err)

@@ -280,3 +280,40 @@ def test_checked_applies_a_sections_rules_naming_the_section():
         checked(ValidationSettings, "validation", min_chars=10, max_chars=5)
     with pytest.raises(UserError, match=r"validation\.min_chars: Input should be greater than or equal to 1"):
         checked(ValidationSettings, "validation", min_chars=0, max_chars=5)
+
+
+def test_datasets_are_named_files_instead_of_data(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (first, second):
+        path.write_text('{"prompt": "p", "response": "r"}\n')
+    config = load_config(overrides={"datasets": {"travel": first, "support": second}})
+    assert config.dataset_sources() == {"travel": first.resolve(), "support": second.resolve()}
+    assert load_config(overrides={"data": tmp_path / "a.jsonl"}).dataset_sources() == {"a": first.resolve()}
+    odd = tmp_path / "2024 logs.v2.jsonl"
+    odd.write_text('{"prompt": "p", "response": "r"}\n')
+    assert load_config(overrides={"data": odd}).dataset_name() == "data_2024_logs_v2"
+    assert load_config().dataset_name() == "travel_sample"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"datasets": {"1st": "{a}"}}, r"datasets: '1st' is not a dataset name"),
+        (
+            {"datasets": {"Travel": "{a}", "travel": "{a}"}},
+            r"datasets: 'travel' and 'Travel' differ only in case",
+        ),
+        ({"datasets": {"x": "{tmp}/missing.jsonl"}}, r"datasets: x: .*missing.jsonl does not exist"),
+        ({"datasets": {}}, r"datasets: name at least one dataset"),
+        ({"datasets": {"x": "{a}"}, "data": "{a}"}, r"give data \(one dataset\) or datasets"),
+        ({"datasets": {"x": "{a}"}, "calibration_datasets": ["y"]}, r"calibration_datasets names \['y'\]"),
+        ({"datasets": {"x": "{a}"}, "parallel_adapters": 0}, r"parallel_adapters: Input should be greater"),
+    ],
+)
+def test_bad_datasets_name_the_field(tmp_path, raw, expected):
+    first = tmp_path / "a.jsonl"
+    first.write_text('{"prompt": "p", "response": "r"}\n')
+    text = json.dumps(raw).replace("{a}", str(first)).replace("{tmp}", str(tmp_path))  # JSON is YAML
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(UserError, match=expected):
+        load_config(tmp_path / "run.yaml")

@@ -1,0 +1,128 @@
+"""A run with several datasets: one int4 base, an adapter per dataset, failures per branch, reuse by content."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from olivepress.flows.datasets import DatasetsFailed, calibration_pool
+from olivepress.flows.pipeline import new_run_dir, olivepress_flow
+from olivepress.registry import LocalRegistry
+from tests.flows.test_pipeline import tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def write_pairs(path: Path, topic: str, n: int = 24) -> Path:
+    pairs = [
+        {
+            "prompt": f"Tell me fact {i} about {topic}.",
+            "response": f"Fact {i}: {topic} is {'great ' * (i % 5 + 1)}",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(pair) + "\n" for pair in pairs), encoding="utf-8")
+    return path
+
+
+def test_calibration_pool_takes_the_datasets_in_turn():
+    a = [{"prompt": f"a{i}", "response": ""} for i in range(10)]
+    b = [{"prompt": f"b{i}", "response": ""} for i in range(2)]
+    pool = calibration_pool([a, b], samples=6, seed=0)
+    assert [p["prompt"][0] for p in pool] == ["a", "b", "a", "b", "a", "a"]
+    assert calibration_pool([a, b], samples=6, seed=0) == pool, "seeded"
+    assert calibration_pool([a], samples=3, seed=0) is a, "one dataset: its pairs as its own run has them"
+
+
+def adapter_logits(onnx_dir: Path, adapter_files: dict[str, Path], ids: list[int]) -> dict[str, np.ndarray]:
+    """Every adapter loaded into one og.Adapters on one model, each made active in turn."""
+    import onnxruntime_genai as og
+
+    from olivepress.genai import LoadedModel, open_model, sequence_logits
+
+    plain = open_model(onnx_dir)
+    adapters = og.Adapters(plain.model)
+    for name, file in adapter_files.items():
+        adapters.load(str(file), name)
+    return {
+        name: sequence_logits(LoadedModel(plain.model, plain.tokenizer, adapters, adapter_name=name), ids)
+        for name in adapter_files
+    }
+
+
+def statuses(run_dir: Path) -> dict[str, str]:
+    return {s["step"]: s["status"] for s in json.loads((run_dir / "summary.json").read_text())}
+
+
+@pytest.mark.slow
+def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, travel_jsonl):
+    """Two datasets give one base and two adapters that load together and differ; adding a third (and a bad
+    one) later reuses the base and both adapters, registers the three good ones and fails naming the bad."""
+    cooking = write_pairs(tmp_path / "cooking.jsonl", "cooking")
+    settings = {"finetune.learning_rate": 0.01, "evaluate.speed_samples": 1}
+    two = {"travel": travel_jsonl, "cooking": cooking}
+    config = tiny_config(tmp_path, tiny_model_dir, datasets=two, **settings)
+    run_dir = new_run_dir(config)
+    result = olivepress_flow(config, run_dir)
+
+    assert set(result["adapters"]) == {"travel", "cooking"}
+    assert statuses(run_dir) == {
+        "validate travel": "completed",
+        "validate cooking": "completed",
+        "quantize": "completed",
+        "finetune travel": "completed",
+        "finetune cooking": "completed",
+        "optimize": "completed",
+        "export_adapter cooking": "completed",
+        "evaluate_adapter travel": "completed",
+        "evaluate_adapter cooking": "completed",
+        "report": "completed",
+        "register": "completed",
+    }
+    entry = Path(result["registration"]["uri"])
+    files = {name: entry / "adapters" / f"{name}.onnx_adapter" for name in ("travel", "cooking")}
+    ids = [1, 17, 42, 99, 7, 3]
+    logits = adapter_logits(entry / "model", files, ids)
+    assert np.abs(logits["travel"] - logits["cooking"]).max() > 1e-3, "two adapters, two answers"
+    lineage = json.loads((entry / "lineage.json").read_text())
+    assert set(lineage["adapters"]) == {"travel", "cooking"}
+    assert lineage["adapters"]["cooking"]["data"]["path"] == str(cooking)
+    assert lineage["adapters"]["cooking"]["gate"]["passed"] is True
+    assert lineage["data"]["calibration_datasets"] == ["travel", "cooking"]
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "| adapter |" in report and "| travel |" in report and "| cooking |" in report
+    assert (run_dir / "report" / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n["not", "an", "object"]\n', encoding="utf-8")
+    later = {**two, "hiking": write_pairs(tmp_path / "hiking.jsonl", "hiking"), "broken": bad}
+    config = tiny_config(
+        tmp_path, tiny_model_dir, datasets=later, calibration_datasets=["travel", "cooking"], **settings
+    )
+    run_dir = new_run_dir(config)
+    with pytest.raises(
+        DatasetsFailed, match=r"1 of 4 datasets failed; registered .* travel, cooking, hiking"
+    ):
+        olivepress_flow(config, run_dir)
+    status = statuses(run_dir)
+    assert status["validate broken"] == "failed"
+    reused = ["quantize", "finetune travel", "finetune cooking", "optimize", "export_adapter cooking"]
+    assert {step: status[step] for step in reused} == dict.fromkeys(reused, "reused")
+    assert status["finetune hiking"] == status["export_adapter hiking"] == "completed"
+    assert "broken" in (run_dir / "report" / "report.md").read_text()
+    [_, second] = LocalRegistry(config.registry.path).entries()
+    lineage = second.lineage
+    assert set(lineage["adapters"]) == {"travel", "cooking", "hiking"}
+    assert "line 2" in lineage["failed_adapters"]["broken"]["failure"]
+    assert sorted(p.name for p in (second.path / "adapters").iterdir()) == [
+        "cooking.onnx_adapter",
+        "hiking.onnx_adapter",
+        "travel.onnx_adapter",
+    ]
