@@ -126,13 +126,21 @@ def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
         row = readable(raw)
         for metric in TAG_METRICS:
             tags[f"{TAG_PREFIX}{row['variant']}.{metric}"] = row.get(metric)
+    if adapters := lineage.get("adapters"):  # a run with several datasets: each adapter's summary too
+        tags[f"{TAG_PREFIX}adapters"] = ",".join(adapters)
+        for name, record in adapters.items():
+            tags[f"{TAG_PREFIX}adapter.{name}.gate"] = "passed" if record["gate"]["passed"] else "failed"
+            tuned = next(readable(raw) for raw in record["metrics"] if raw["variant"] == "fine-tuned")
+            for metric in TAG_METRICS:
+                tags[f"{TAG_PREFIX}adapter.{name}.{metric}"] = tuned.get(metric)
     return {key: _fit(_text(value)) for key, value in tags.items() if value is not None}
 
 
 def lineage_properties(lineage: dict[str, Any]) -> dict[str, str]:
     """The lineage as strings (JSON for structures), one property per top-level config key and one per variant's
     raw metrics (``olivepress.metrics.<variant>``: the three unrounded together come close to the 1,000-character
-    limit, about 950 at full precision).
+    limit, about 950 at full precision); from a run with several datasets, per adapter its record
+    (``olivepress.adapter.<name>``: file, hash, data), gate and each variant's raw metrics, likewise apart.
 
     The tags' summary is repeated here on purpose: tags can be edited later, properties cannot, so these
     record what the model was built from. ``lineage.json`` in the model's files stays the complete record.
@@ -140,8 +148,15 @@ def lineage_properties(lineage: dict[str, Any]) -> dict[str, str]:
     flat = {f"{TAG_PREFIX}config.{key}": value for key, value in (lineage.get("config") or {}).items()}
     flat |= {f"{TAG_PREFIX}metrics.{raw['variant']}": raw for raw in lineage.get("metrics") or []}
     flat |= {
-        f"{TAG_PREFIX}{key}": value for key, value in lineage.items() if key not in ("config", "metrics")
+        f"{TAG_PREFIX}{key}": value
+        for key, value in lineage.items()
+        if key not in ("config", "metrics", "adapters")
     }
+    for name, record in (lineage.get("adapters") or {}).items():  # each adapter's record, split to fit
+        prefix = f"{TAG_PREFIX}adapter.{name}"
+        flat[prefix] = {key: value for key, value in record.items() if key not in ("metrics", "gate")}
+        flat[f"{prefix}.gate"] = record["gate"]
+        flat |= {f"{prefix}.metrics.{raw['variant']}": raw for raw in record["metrics"]}
     return {key: _fit(_text(value)) for key, value in sorted(flat.items())}
 
 

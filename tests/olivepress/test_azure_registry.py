@@ -693,3 +693,51 @@ def test_listing_shows_only_versions_olivepress_registered(azure):
         {"name": NAME, "version": "1", "tags": {CONTENT_TAG: "a" * 64, "olivepress.gate": "passed"}},
         {"name": NAME, "version": "2", "tags": {CONTENT_TAG: "b" * 64}},
     ]
+
+
+def test_an_entry_with_several_adapters_uploads_each_and_describes_each(azure, sources, tmp_path):
+    """A run with several datasets: the adapters/ part goes up beside model/, and each adapter gets its own
+    tags (gate, fine-tuned metrics) and properties (record, gate, raw metrics)."""
+    fake: FakeAzure = azure["fake"]
+    adapters = tmp_path / "src" / "adapters"
+    adapters.mkdir()
+    for name in ("travel", "cooking"):
+        (adapters / f"{name}.onnx_adapter").write_bytes(name.encode() * 50)
+    parts = {**sources, "adapters": adapters}
+    lineage = make_lineage(parts)
+    lineage["adapters"] = {
+        name: {
+            "file": f"adapters/{name}.onnx_adapter",
+            "sha256": "a" * 64,
+            "data": {"path": f"/data/{name}.jsonl", "sha256": "e" * 64},
+            "train_pairs": 20,
+            "held_out_pairs": 5,
+            "metrics": [
+                raw_metrics("base", 12.5, 0.21, 80.0, 540_123_456),
+                raw_metrics("fine-tuned", perplexity, 0.3, 95.0, 120_412_345),
+            ],
+            "gate": {"passed": True, "checks": []},
+        }
+        for name, perplexity in (("travel", 9.5), ("cooking", 7.25))
+    }
+
+    registration = register_azureml(
+        SETTINGS, NAME, parts, lineage, credential=FakeCredential(), **azure["kwargs"]
+    )
+
+    assert registration.version == "1"
+    uploaded = {blob.split(f"/{NAME}/", 1)[1]: data for blob, data in fake.blobs.items()}
+    assert uploaded == entry_files(parts, lineage)
+    assert uploaded["adapters/cooking.onnx_adapter"] == b"cooking" * 50
+    (put,) = model_puts(fake)
+    sent = json.loads(put.body)["properties"]
+    assert sent["tags"]["olivepress.adapters"] == "travel,cooking"
+    assert sent["tags"]["olivepress.adapter.cooking.perplexity"] == "7.25"
+    assert sent["tags"]["olivepress.adapter.travel.gate"] == "passed"
+    properties = sent["properties"]
+    assert json.loads(properties["olivepress.adapter.cooking"])["data"]["path"] == "/data/cooking.jsonl"
+    assert json.loads(properties["olivepress.adapter.travel.metrics.fine-tuned"])["perplexity"] == 9.5
+    assert json.loads(properties["olivepress.adapter.travel.gate"]) == {"passed": True, "checks": []}
+    assert "olivepress.adapters" not in properties
+    for values in (sent["tags"], properties):
+        assert all(isinstance(v, str) and len(v) <= MAX_VALUE_CHARS for v in values.values())
