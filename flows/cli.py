@@ -154,14 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="generate from an exported model, streaming, with tokens/s")
     chat.add_argument("model_dir", type=Path, help="the run's onnx folder")
     switch = chat.add_mutually_exclusive_group()
-    switch.add_argument("--adapter", type=Path, help="a .onnx_adapter file (default: the one in MODEL_DIR)")
+    switch.add_argument(
+        "--adapter",
+        help="a .onnx_adapter file, or an adapter's name: adapters/NAME.onnx_adapter beside MODEL_DIR (a run "
+        "folder's or registry entry's, one per dataset) (default: the one in MODEL_DIR)",
+    )
     switch.add_argument("--no-adapter", action="store_true", help="run the quantized base without LoRA")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument(
         "prompt",
         nargs="?",
         help="what to answer; without it, a session reads prompts line by line from standard input "
-        "('/adapter FILE', '/adapter off' or '/adapter auto' switches the adapter; '/quit' ends)",
+        "('/adapter FILE|NAME', '/adapter off' or '/adapter auto' switches the adapter; '/quit' ends)",
     )
 
     deploy = commands.add_parser(

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, TextIO
 
+from olivepress.config import DATASET_NAME
 from olivepress.errors import UserError
 from olivepress.genai import (
     ADAPTER_FILE,
@@ -18,6 +19,7 @@ from olivepress.genai import (
     stream_generate,
 )
 from olivepress.prompts import load_prompt_format
+from olivepress.registry import ADAPTER_SUFFIX, ADAPTERS_DIR
 
 AUTO = "auto"
 SWITCH = "/adapter"
@@ -25,15 +27,29 @@ QUIT = "/quit"
 
 
 def resolve_adapter(model_dir: Path, adapter: Path | Literal["auto"] | None) -> Path | None:
-    """``"auto"``: the adapter the export wrote beside the model, if there is one."""
+    """``"auto"``: the adapter the export wrote beside the model, if there is one; a file; or an adapter's
+    name: ``adapters/<name>.onnx_adapter`` beside ``model_dir`` (a run folder's or a registry entry's) or
+    inside it."""
     if adapter == AUTO:
         candidate = model_dir / ADAPTER_FILE
         return candidate if candidate.is_file() else None
     if adapter is None:
         return None
-    if not Path(adapter).is_file():
-        raise UserError(f"adapter file {adapter} does not exist")
-    return Path(adapter)
+    if Path(adapter).is_file():
+        return Path(adapter)
+    if DATASET_NAME.fullmatch(str(adapter)):
+        places = [folder / ADAPTERS_DIR for folder in (model_dir.parent, model_dir)]
+        for place in places:
+            if (place / f"{adapter}{ADAPTER_SUFFIX}").is_file():
+                return place / f"{adapter}{ADAPTER_SUFFIX}"
+        names = sorted(
+            {file.name.removesuffix(ADAPTER_SUFFIX) for p in places for file in p.glob(f"*{ADAPTER_SUFFIX}")}
+        )
+        raise UserError(
+            f"no adapter file {adapter} and no adapter named '{adapter}' in {places[0]}"
+            + (f" (named adapters: {', '.join(names)})" if names else "")
+        )
+    raise UserError(f"adapter file {adapter} does not exist")
 
 
 def chat(
@@ -89,7 +105,7 @@ def chat_session(
 ) -> list[GenerationStats]:
     """Answer each line of ``lines`` as a prompt, one model for the whole session.
 
-    ``/adapter FILE`` makes another .onnx_adapter active for the prompts after it, ``/adapter off`` none,
+    ``/adapter FILE|NAME`` makes another .onnx_adapter (a file, or a named adapter) active for the prompts after it, ``/adapter off`` none,
     ``/adapter auto`` the folder's own; ``/quit`` (or the end of ``lines``) ends the session. Every adapter
     is loaded once into one ``og.Adapters`` on one int4 model and switched per prompt, so the folder's own
     adapter runs at run time here, not as its merged graph (on a GPU that is slower: README). A bad switch is

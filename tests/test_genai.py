@@ -164,3 +164,23 @@ def test_chat_without_a_prompt_reads_prompts_from_standard_input(model_dir):
     assert session.returncode == 0, session.stderr
     assert session.stdout.count("tokens/s") == 2
     assert "[adapter off]" in session.stdout
+
+
+def test_an_adapter_is_chosen_by_name_beside_or_inside_the_model_folder(model_dir, tmp_path):
+    """A run folder (or registry entry) holds adapters/<name>.onnx_adapter beside its model folder."""
+    import shutil
+
+    from olivepress.chat import chat_session
+
+    (tmp_path / "onnx").symlink_to(model_dir, target_is_directory=True)
+    (tmp_path / "adapters").mkdir()
+    shutil.copy(model_dir / ADAPTER_FILE, tmp_path / "adapters" / "travel.onnx_adapter")
+    out = io.StringIO()
+    chat(tmp_path / "onnx", "Where should I go?", adapter="travel", max_new_tokens=4, out=out)
+    assert out.getvalue().rstrip().endswith("adapter travel.onnx_adapter]")
+    with pytest.raises(UserError, match=r"no adapter named 'hiking' .*\(named adapters: travel\)"):
+        chat(tmp_path / "onnx", "Hi", adapter="hiking", out=io.StringIO())
+    out = io.StringIO()
+    chat_session(tmp_path / "onnx", ["/adapter travel", "Hi", "/adapter hiking"], max_new_tokens=4, out=out)
+    assert "[adapter travel.onnx_adapter]" in out.getvalue()
+    assert "no adapter named 'hiking'" in out.getvalue() and "still travel.onnx_adapter" in out.getvalue()
