@@ -1,7 +1,8 @@
 """Retry what a retry can fix, with exponential backoff and jitter; never what the user must fix.
 
-Transient: connection errors and timeouts, S3 5xx and throttling, Azure 429 and 5xx. Everything else, and
-above all a ``UserError`` (bad data, bad config, a failed gate), fails at once: it would fail the same way.
+Transient: connection errors and timeouts (httpx's too: the Hugging Face hub's client), and 429, 5xx and
+throttling answers (S3's, Azure's, the hub's). Everything else, and above all a ``UserError`` (bad data,
+bad config, a failed gate, a gated or missing model), fails at once: it would fail the same way.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def is_transient(error: BaseException) -> bool:
 
 
 def _transient_itself(error: BaseException) -> bool:
-    if isinstance(error, (ConnectionError, TimeoutError)) or _azure_transient(error):
+    if (
+        isinstance(error, (ConnectionError, TimeoutError))
+        or _azure_transient(error)
+        or _httpx_transient(error)
+    ):
         return True
     try:
         from botocore.exceptions import ClientError, HTTPClientError
@@ -93,6 +98,20 @@ def _azure_transient(error: BaseException) -> bool:
         return True
     status = getattr(error, "status_code", None) or 0
     return isinstance(error, HttpResponseError) and (status == 429 or status >= 500)
+
+
+def _httpx_transient(error: BaseException) -> bool:
+    """httpx's failures (huggingface_hub's client, whose HfHubHTTPError is an httpx error that carries the
+    response): a connection that failed, dropped or timed out, or a 429 or 5xx answer. Its own errors are
+    not builtin ConnectionErrors, and huggingface_hub lets some through (a tree listing, a 5xx download)."""
+    try:
+        import httpx
+    except ImportError:
+        return False
+    if isinstance(error, (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)):
+        return True
+    status = getattr(getattr(error, "response", None), "status_code", 0) or 0
+    return isinstance(error, httpx.HTTPError) and (status == 429 or status >= 500)
 
 
 def retry_if_transient(task, task_run, state) -> bool:

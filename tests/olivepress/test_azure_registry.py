@@ -320,22 +320,29 @@ def route_sdk_to(fake: requests.adapters.BaseAdapter, monkeypatch: pytest.Monkey
     """client_kwargs that send azure-ai-ml's ARM and blob requests to ``fake`` (a requests adapter)."""
     import azure.ai.ml._artifacts._blob_storage_helper as blob_helper
     from azure.core.pipeline.transport import RequestsTransport
-    from azure.storage.blob import BlobServiceClient
+    from azure.storage.blob import BlobServiceClient, ContainerClient
 
     session = requests.Session()
     session.trust_env = False  # no proxy or .netrc from the environment
     session.mount("https://", fake)
     session.mount("http://", fake)
     transport = RequestsTransport(session=session)
-    # MLClient passes its kwargs (transport, retry_total) to its ARM clients, but the SDK's upload helper
-    # builds BlobServiceClient(account_url, credential) with no way to pass them, so its storage pipeline
-    # would open real connections. Patched here only: the same class, given the storage SDK's own documented
+    # MLClient passes its kwargs (transport, retry_total) to its ARM clients, but the SDK's blob helper
+    # builds BlobServiceClient(account_url, credential), or for a registry asset's SAS URL
+    # ContainerClient.from_container_url(url), with no way to pass them, so its storage pipeline would open
+    # real connections. Patched here only: the same classes, given the storage SDK's own documented
     # ``transport`` and ``retry_total`` keywords.
+    storage_kwargs = {"transport": transport, "retry_total": 0}
     monkeypatch.setattr(
-        blob_helper,
-        "BlobServiceClient",
-        functools.partial(BlobServiceClient, transport=transport, retry_total=0),
+        blob_helper, "BlobServiceClient", functools.partial(BlobServiceClient, **storage_kwargs)
     )
+
+    class RoutedContainerClient(ContainerClient):
+        @classmethod
+        def from_container_url(cls, container_url, credential=None, **kwargs):
+            return ContainerClient.from_container_url(container_url, credential, **storage_kwargs, **kwargs)
+
+    monkeypatch.setattr(blob_helper, "ContainerClient", RoutedContainerClient)
     monkeypatch.delenv("AZUREML_CURRENT_CLOUD", raising=False)  # MLClient sets it; undone after the test
     return {"transport": transport, "retry_total": 0}
 

@@ -1,17 +1,20 @@
 """Model references resolved into local folders, offline, with the real clients: huggingface_hub on a hub
 cache laid out in a temporary HF_HOME (a fresh process, so the hub library reads HF_HOME and HF_HUB_OFFLINE
 as it does in a run), s3fs on moto's S3 server, and azure-ai-ml's ``MLClient.models.download`` of a
-workspace model through test_azure_registry's recording transport (FakeAzure, extended here with the
-version, blob-listing and blob-download answers a download needs). A gated repository, a missing one and an
-unknown revision are answered by a loopback stand-in for the hub (HF_ENDPOINT) with the hub's error headers.
+workspace model and of a registry model through test_azure_registry's recording transport (FakeAzure,
+extended here with registry discovery, the registry's temporary SAS, and the version, blob-listing and
+blob-download answers a download needs). A loopback stand-in for the hub (HF_ENDPOINT) serves a repository
+as huggingface_hub fetches it, failing a request once where asked, and refuses a gated repository, a
+missing one and an unknown revision with the hub's error headers.
 
-Not covered: a registry asset's download (``azureml://registries/...``: the SDK's registry discovery and
-temporary-SAS calls are not faked; only its parsing is tested), anything against a live workspace or
-registry, and the real hub's answers (no network here).
+Not covered: anything against a live workspace or registry (the fakes answer what this SDK version asks,
+in the JSON shapes its deserializers read; a live service may answer more, or differently), the credential's
+token acquisition, and the real hub's answers (no network here).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,9 +22,11 @@ import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
 import pytest
@@ -36,7 +41,10 @@ from tests.olivepress.test_azure_registry import (
     CONTAINER,
     GROUP,
     NAME,
+    SAS_SIGNATURE,
+    SAS_TOKEN,
     SUBSCRIPTION,
+    SYSTEM_DATA,
     TOKEN,
     WORKSPACE,
     WS_PATH,
@@ -69,14 +77,16 @@ def hub_cache(hf_home: Path, model_dir: Path, repo: str = REPO, commit: str = CO
 
 def resolve_in_fresh_process(reference: str, hf_home: Path, tmp_path: Path, **hf_env: str) -> dict:
     """Resolve in a new interpreter with HF_HOME and HF_HUB_OFFLINE=1 (or ``hf_env``) set, as a run's worker
-    would have them."""
+    would have them, retrying transient failures by FAST_RETRY."""
     script = (
         "import json, sys\n"
         "from pathlib import Path\n"
         "from olivepress.errors import UserError\n"
         "from olivepress.model_source import resolve_model\n"
+        "from olivepress.retry import RetryPolicy\n"
         "try:\n"
-        "    resolved = resolve_model(sys.argv[1], cache_dir=Path(sys.argv[2]))\n"
+        "    retry = RetryPolicy(**json.loads(sys.argv[3]))\n"
+        "    resolved = resolve_model(sys.argv[1], cache_dir=Path(sys.argv[2]), retry=retry)\n"
         "    print(json.dumps(resolved.lineage()))\n"
         "except UserError as error:\n"
         "    print(json.dumps({'user_error': str(error)}))\n"
@@ -84,7 +94,7 @@ def resolve_in_fresh_process(reference: str, hf_home: Path, tmp_path: Path, **hf
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
     env |= {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **hf_env}
     done = subprocess.run(
-        [sys.executable, "-c", script, reference, str(tmp_path / "cache")],
+        [sys.executable, "-c", script, reference, str(tmp_path / "cache"), json.dumps(asdict(FAST_RETRY))],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -118,27 +128,76 @@ def test_an_unknown_id_offline_is_a_user_error_that_names_it(tiny_model_dir, tmp
     assert "HF_HUB_OFFLINE=1" in message
 
 
-class FakeHubHandler(BaseHTTPRequestHandler):
-    """The hub's answers to a metadata request, by repository: what huggingface_hub turns into its errors
-    (it reads the X-Error-Code header). Every request's path and Authorization header is recorded."""
+SERVED = "olivepress-test/served-llama"
 
-    seen: ClassVar[list[tuple[str, str | None]]] = []
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class FakeHubHandler(BaseHTTPRequestHandler):
+    """The hub as huggingface_hub talks to it: SERVED's ``files`` at COMMIT (revision, tree listing and file
+    downloads), and for any other repository a refusal, which huggingface_hub reads from the X-Error-Code
+    header. ``fail_once`` maps a method and path prefix to "503" or "drop" (the connection closed unanswered),
+    for the first such request. Every request's method, path and Authorization header is recorded."""
+
+    seen: ClassVar[list[tuple[str, str, str | None]]] = []
+    files: ClassVar[dict[str, bytes]] = {}
+    fail_once: ClassVar[dict[tuple[str, str], str]] = {}
+
+    def do_HEAD(self) -> None:
+        self._answer(with_body=False)
 
     def do_GET(self) -> None:
-        self.seen.append((self.path, self.headers.get("Authorization")))
-        if self.path.startswith("/api/models/olivepress-test/gated"):
-            status, code = 403, "GatedRepo"
-        elif self.path.startswith("/api/models/olivepress-test/tiny-llama/revision/"):
-            status, code = 404, "RevisionNotFound"
+        self._answer(with_body=True)
+
+    def _answer(self, with_body: bool) -> None:
+        self.seen.append((self.command, self.path, self.headers.get("Authorization")))
+        path = unquote(urlsplit(self.path).path)
+        failing = next(
+            (key for key in self.fail_once if key[0] == self.command and path.startswith(key[1])), None
+        )
+        if failing:
+            if self.fail_once.pop(failing) == "503":
+                self._send(503, json.dumps({"error": "unavailable"}).encode(), with_body)
+            return  # "drop": no answer; the server closes the connection
+        if path == f"/api/models/{SERVED}/revision/main":
+            siblings = [{"rfilename": name} for name in sorted(self.files)]
+            self._send(200, json.dumps({"id": SERVED, "sha": COMMIT, "siblings": siblings}).encode())
+        elif path == f"/api/models/{SERVED}/tree/{COMMIT}":
+            tree = [
+                {"type": "file", "oid": git_blob_id(data), "size": len(data), "path": name}
+                for name, data in sorted(self.files.items())
+            ]
+            self._send(200, json.dumps(tree).encode())
+        elif path.startswith(f"/{SERVED}/resolve/{COMMIT}/"):
+            data = self.files[path.removeprefix(f"/{SERVED}/resolve/{COMMIT}/")]
+            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{git_blob_id(data)}"'}
+            self._send(200, data, with_body, "application/octet-stream", headers)
         else:
-            status, code = 404, "RepoNotFound"
+            if path.startswith("/api/models/olivepress-test/gated"):
+                status, code = 403, "GatedRepo"
+            elif path.startswith("/api/models/olivepress-test/tiny-llama/revision/"):
+                status, code = 404, "RevisionNotFound"
+            else:
+                status, code = 404, "RepoNotFound"
+            self._send(status, json.dumps({"error": code}).encode(), headers={"X-Error-Code": code})
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        with_body: bool = True,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
-        self.send_header("X-Error-Code", code)
-        self.send_header("Content-Type", "application/json")
-        body = json.dumps({"error": code}).encode()
+        for name, value in {"Content-Type": content_type, **(headers or {})}.items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if with_body:
+            self.wfile.write(body)
 
     def log_message(self, *args) -> None:
         pass
@@ -146,7 +205,7 @@ class FakeHubHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_hub():
-    FakeHubHandler.seen = []
+    FakeHubHandler.seen, FakeHubHandler.files, FakeHubHandler.fail_once = [], {}, {}
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHubHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -176,8 +235,40 @@ def test_hub_refusals_are_user_errors_that_say_which(fake_hub, tmp_path, referen
     )
     assert repr(reference) in answer["user_error"] and expected in answer["user_error"]
     assert "hf_olivepress_test_token" not in answer["user_error"]
-    asked = [auth for path, auth in seen if path.startswith("/api/models/")]
-    assert asked and set(asked) == {"Bearer hf_olivepress_test_token"}, "HF_TOKEN is sent"
+    asked = [auth for _, path, auth in seen if path.startswith("/api/models/")]
+    assert asked == ["Bearer hf_olivepress_test_token"], "HF_TOKEN is sent, and a refusal is not retried"
+
+
+@pytest.mark.parametrize(
+    ("method", "failing", "failure"),
+    [
+        # failures huggingface_hub passes on unretried (a failed HEAD it turns into "not cached and the hub
+        # cannot be reached", a ConnectionError in model_source)
+        ("GET", f"/api/models/{SERVED}/tree/", "drop"),
+        ("GET", f"/api/models/{SERVED}/tree/", "503"),
+        ("GET", f"/{SERVED}/resolve/{COMMIT}/config.json", "503"),
+    ],
+)
+def test_a_transient_hub_failure_is_retried(fake_hub, tiny_model_dir, tmp_path, method, failing, failure):
+    endpoint, seen = fake_hub
+    FakeHubHandler.files = {
+        path.relative_to(tiny_model_dir).as_posix(): path.read_bytes()
+        for path in tiny_model_dir.rglob("*")
+        if path.is_file()
+    }
+    FakeHubHandler.fail_once = {(method, failing): failure}
+    answer = resolve_in_fresh_process(
+        SERVED,
+        tmp_path / "hf",
+        tmp_path,
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT=endpoint,
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    assert not FakeHubHandler.fail_once, "the failure happened"
+    assert (answer.get("revision"), answer.get("content_sha256")) == (COMMIT, folder_sha256(tiny_model_dir))
+    asked = [path for verb, path, _ in seen if verb == method and unquote(path).startswith(failing)]
+    assert len(asked) == 2, "the failed request was made again, once"
 
 
 def test_the_same_weights_from_two_places_have_the_same_content_hash(tiny_model_dir, tmp_path):
@@ -338,18 +429,23 @@ def test_a_bad_azureml_reference_is_a_user_error_before_any_request(reference, t
 
 class FakeAzureDownloads(FakeAzure):
     """test_azure_registry's fake ARM and Blob storage, plus what a model download asks for: the model
-    version, the container's blob listing (flat, or one level with a delimiter) and each blob's bytes."""
+    version, the container's blob listing (flat, or one level with a delimiter) and each blob's bytes, in
+    the storage account ``blob_host`` and its container ``container``."""
+
+    blob_host, container = BLOB_HOST, CONTAINER
 
     def _answer(self, request):
-        if request.host == BLOB_HOST and request.path == f"/{CONTAINER}":
+        if request.host == self.blob_host and request.path == f"/{self.container}":
             return self._listing(request)
+        if request.host == self.blob_host and request.method == "HEAD":  # is the prefix a folder blob?
+            return self._blob(request, request.path.removeprefix(f"/{self.container}/"))
         if request.host == ARM_HOST and request.method == "GET":
             match = re.fullmatch(rf"{re.escape(WS_PATH)}/models/([^/]+)/versions/([^/]+)", request.path)
             if match:
                 found = self.versions.get(match[1], {}).get(match[2])
                 return _json(200, found) if found else _arm_error(404, "ResourceNotFound")
-        if request.host == BLOB_HOST and request.method == "GET" and not request.query.get("comp"):
-            blob = request.path.removeprefix(f"/{CONTAINER}/")
+        if request.host == self.blob_host and request.method == "GET" and not request.query.get("comp"):
+            blob = request.path.removeprefix(f"/{self.container}/")
             if blob not in self.blobs:
                 return 404, {"x-ms-error-code": "BlobNotFound"}, b""
             return self._blob_bytes(request, self.blobs[blob])
@@ -379,7 +475,7 @@ class FakeAzureDownloads(FakeAzure):
         )
         body = (
             '<?xml version="1.0" encoding="utf-8"?>'
-            f'<EnumerationResults ServiceEndpoint="https://{BLOB_HOST}/" ContainerName="{CONTAINER}">'
+            f'<EnumerationResults ServiceEndpoint="https://{self.blob_host}/" ContainerName="{self.container}">'
             f"<Prefix>{escape(prefix)}</Prefix><Blobs>{listed}</Blobs><NextMarker /></EnumerationResults>"
         )
         return 200, {"Content-Type": "application/xml"}, body.encode()
@@ -464,3 +560,132 @@ def test_a_missing_azureml_version_is_a_user_error(azure_downloads, tmp_path):
         )
     assert repr(WORKSPACE_REFERENCE) in str(caught.value) and "no model" in str(caught.value)
     assert not list((tmp_path / "cache").rglob("config.json")), "nothing half-downloaded is kept"
+
+
+REGISTRY = "olivepress-models"
+REGISTRY_SUBSCRIPTION = "55555555-6666-7777-8888-999999999999"
+REGISTRY_GROUP = "rg-registry"
+DISCOVERY_HOST = "eastus.api.azureml.ms"  # azure-ai-ml's registry discovery endpoint for the public cloud
+REGION_HOST = "westeurope.api.azureml.ms"  # the registry's primary region, as discovery answers it
+REGISTRY_PATH = (
+    f"/mferp/managementfrontend/subscriptions/{REGISTRY_SUBSCRIPTION}/resourceGroups/{REGISTRY_GROUP}"
+    f"/providers/Microsoft.MachineLearningServices/registries/{REGISTRY}"
+)
+REGISTRY_BLOB_HOST = "olivepressmodels0storage.blob.core.windows.net"
+REGISTRY_CONTAINER = "registry-models"
+REGISTRY_PREFIX = f"{NAME}/4/model"  # where the version's files are, as its modelUri says
+
+
+class FakeAzureRegistry(FakeAzureDownloads):
+    """A registry as azure-ai-ml downloads a model from it: discovery (which subscription, group and region
+    hold the registry), the model version from the region's management front end, a SAS URL for its
+    container (the "datarefs" call), then the blob listing and bytes from the registry's storage account."""
+
+    blob_host, container = REGISTRY_BLOB_HOST, REGISTRY_CONTAINER
+
+    def _answer(self, request):
+        discovery = f"/registrymanagement/v1.0/registries/{REGISTRY}/discovery"
+        if (request.method, request.host, request.path) == ("GET", DISCOVERY_HOST, discovery):
+            return _json(200, registry_discovery_json())
+        if request.host == REGION_HOST and request.path.startswith(REGISTRY_PATH):
+            rest = request.path.removeprefix(REGISTRY_PATH)
+            match = re.fullmatch(r"/(models|datarefs)/([^/]+)/versions/([^/]+)", rest)
+            found = match and self.versions.get(match[2], {}).get(match[3])
+            if match and not found:
+                return _arm_error(404, "ResourceNotFound")
+            if match and match[1] == "models" and request.method == "GET":
+                return _json(200, found)
+            if match and match[1] == "datarefs" and request.method == "POST":
+                return _json(200, blob_reference_json(json.loads(request.body)))
+        return super()._answer(request)
+
+
+def registry_discovery_json() -> dict:
+    return {
+        "registryName": REGISTRY,
+        "tenantId": "22222222-0000-0000-0000-000000000000",
+        "primaryRegion": "westeurope",
+        "regions": ["westeurope"],
+        "subscriptionId": REGISTRY_SUBSCRIPTION,
+        "resourceGroup": REGISTRY_GROUP,
+        "primaryRegionResourceProviderUri": f"https://{REGION_HOST}/",
+    }
+
+
+def registry_version_json(name: str, version: str) -> dict:
+    return {
+        "id": f"azureml://registries/{REGISTRY}/models/{name}/versions/{version}",
+        "name": version,
+        "type": "Microsoft.MachineLearningServices/registries/models/versions",
+        "properties": {
+            "description": "published to the registry",
+            "tags": {},
+            "properties": {},
+            "flavors": {},
+            "isArchived": False,
+            "isAnonymous": False,
+            "modelType": "custom_model",
+            "modelUri": f"https://{REGISTRY_BLOB_HOST}/{REGISTRY_CONTAINER}/{REGISTRY_PREFIX}",
+            "provisioningState": "Succeeded",
+        },
+        "systemData": SYSTEM_DATA,
+    }
+
+
+def blob_reference_json(asked: dict) -> dict:
+    """The temporary SAS for the asset's container (the shape azure-ai-ml reads), for the blob it asked for."""
+    return {
+        "blobReferenceForConsumption": {
+            "blobUri": asked["blobUri"],
+            "credential": {
+                "credentialType": "SAS",
+                "sasUri": f"https://{REGISTRY_BLOB_HOST}/{REGISTRY_CONTAINER}?{SAS_TOKEN}",
+            },
+        }
+    }
+
+
+REGISTRY_REFERENCE = f"azureml://registries/{REGISTRY}/models/{NAME}/versions/4"
+
+
+@pytest.mark.filterwarnings("ignore::marshmallow.warnings.Marshmallow4Warning")
+def test_a_registry_model_downloads_through_the_sdk(monkeypatch, tiny_model_dir, tmp_path):
+    fake = FakeAzureRegistry()
+    client_kwargs = route_sdk_to(fake, monkeypatch)
+    fake.versions[NAME] = {"4": registry_version_json(NAME, "4")}
+    for path in tiny_model_dir.rglob("*"):
+        if path.is_file():
+            fake.blobs[f"{REGISTRY_PREFIX}/{path.relative_to(tiny_model_dir).as_posix()}"] = path.read_bytes()
+    fake.blobs[f"{NAME}/3/model/config.json"] = b"{}"  # another version's files: not under its prefix
+
+    resolved = resolve_model(
+        REGISTRY_REFERENCE, cache_dir=tmp_path / "cache", credential=FakeCredential(), **client_kwargs
+    )
+    assert not fake.unexpected, [(r.method, r.host, r.path) for r in fake.unexpected]
+    assert (resolved.kind, resolved.revision, resolved.name) == ("azureml", "4", NAME)
+    assert resolved.content_sha256 == folder_sha256(tiny_model_dir)
+    assert resolved.path.is_relative_to(tmp_path / "cache" / "models" / "azureml" / REGISTRY / NAME / "4")
+
+    management = [(r.method, r.host, r.path) for r in fake.requests if r.host != REGISTRY_BLOB_HOST]
+    assert management == [
+        ("GET", DISCOVERY_HOST, f"/registrymanagement/v1.0/registries/{REGISTRY}/discovery"),
+        ("GET", REGION_HOST, f"{REGISTRY_PATH}/models/{NAME}/versions/4"),
+        ("POST", REGION_HOST, f"{REGISTRY_PATH}/datarefs/{NAME}/versions/4"),  # the temporary SAS
+    ]
+    (dataref,) = [r for r in fake.requests if "/datarefs/" in r.path]
+    assert json.loads(dataref.body) == {
+        "assetId": f"azureml://registries/{REGISTRY}/models/{NAME}/versions/4",
+        "blobUri": f"https://{REGISTRY_BLOB_HOST}/{REGISTRY_CONTAINER}/{REGISTRY_PREFIX}",
+    }
+    assert all(
+        r.headers.get("Authorization") == f"Bearer {TOKEN}"
+        for r in fake.requests
+        if r.host != REGISTRY_BLOB_HOST
+    )
+    storage = [r for r in fake.requests if r.host == REGISTRY_BLOB_HOST]
+    assert storage and all(r.query.get("sig") == [SAS_SIGNATURE] for r in storage), "read with the SAS only"
+    assert not any("Authorization" in r.headers for r in storage)
+    listings = [r.query["prefix"][0] for r in storage if r.query.get("comp") == ["list"]]
+    assert set(listings) == {f"{REGISTRY_PREFIX}/", REGISTRY_PREFIX}, "a folder? then its files, by prefix"
+    read = {r.path.removeprefix(f"/{REGISTRY_CONTAINER}/") for r in storage if not r.query.get("comp")}
+    assert f"{REGISTRY_PREFIX}/config.json" in read and f"{NAME}/3/model/config.json" not in read
