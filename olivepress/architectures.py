@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from olivepress.errors import UserError
+
 SUPPORTED_ARCHITECTURES = {
     # SmolLM2 (the default model), Llama 3: the reference layout, separate q/k/v and gate/up linears.
     "llama": "LlamaForCausalLM",
@@ -31,6 +33,12 @@ SUPPORTED_ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 
+# what a config.json with an auto_map means; the one wording for the config check and the loads
+REMOTE_CODE = (
+    "its config.json points transformers at code shipped with the model (auto_map), which transformers "
+    "runs only with trust_remote_code: true (set it only for a model from a source you trust)"
+)
+
 
 def unsupported_reason(model_dir: Path) -> str | None:
     """Why the model in ``model_dir`` cannot run through the pipeline, or None when it can.
@@ -49,9 +57,27 @@ def unsupported_reason(model_dir: Path) -> str | None:
         f"{found} cannot be exported by the ONNX Runtime GenAI model builder here; supported: {supported}"
     )
     if config.get("auto_map"):
-        reason += (
-            ". Its config.json points transformers at code shipped with the model (auto_map): "
-            "trust_remote_code would let transformers load that code, but the ONNX export needs one of "
-            "the supported architectures"
-        )
+        reason += f"; {REMOTE_CODE}, but even then the ONNX export needs one of the supported architectures"
     return reason
+
+
+def needs_remote_code(config: dict) -> bool:
+    """Whether transformers can build the model of this config.json only from the model's own code: an
+    auto_map and a model_type transformers does not have (one it has loads with its own class)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING_NAMES
+
+
+def load_config(model_dir: Path, *, trust_remote_code: bool):
+    """The transformers config of ``model_dir``, the first load of every step that reads a model: one that
+    needs its own code and is not trusted is a UserError naming the setting, not transformers' ValueError
+    about an argument the user never sees."""
+    from transformers import AutoConfig
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if needs_remote_code(config) and not trust_remote_code:
+        raise UserError(
+            f"{model_dir}: model_type {config.get('model_type')!r} is not in transformers; {REMOTE_CODE}."
+        )
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

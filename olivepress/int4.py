@@ -200,6 +200,7 @@ def write_int4_checkpoint(model, weights: dict[str, Int4Weight], out_dir: Path, 
         tensors[f"{module_name}.scales"] = quantized.scales.float()
         tensors[f"{module_name}.qzeros"] = pack_nibbles(quantized.zero_points)
     save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_own_code(model, out_dir)
     stored_split = {
         fused: parts
         for fused, parts in FUSED_LINEARS.items()
@@ -211,6 +212,17 @@ def write_int4_checkpoint(model, weights: dict[str, Int4Weight], out_dir: Path, 
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
+
+
+def save_own_code(model, out_dir: Path) -> None:
+    """Copy the Python files of a model loaded from its own code (trust_remote_code) beside its config, as
+    ``save_pretrained`` does, with the config's auto_map pointing at them: the checkpoint loads without
+    the folder it came from."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    for loaded in (model.config, model):
+        if getattr(loaded, "_auto_class", None) is not None:
+            custom_object_save(loaded, out_dir, config=model.config)
 
 
 def read_int4_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Int4Weight]]:
@@ -238,7 +250,9 @@ def read_int4_checkpoint(checkpoint_dir: Path) -> tuple[dict[str, torch.Tensor],
     return floats, join_fused(weights, quantization.get(STORED_SPLIT_KEY, {}))
 
 
-def load_dequantized_model(checkpoint_dir: Path, dtype: torch.dtype | None = None):
+def load_dequantized_model(
+    checkpoint_dir: Path, dtype: torch.dtype | None = None, *, trust_remote_code: bool = False
+):
     """An HF model whose quantized linears hold exactly the checkpoint's dequantized 4-bit weights.
 
     Every tensor is float32, or cast from float32 to ``dtype`` (the cast ``from_pretrained(dtype=...)``
@@ -249,15 +263,17 @@ def load_dequantized_model(checkpoint_dir: Path, dtype: torch.dtype | None = Non
     checkpoint; the modules' constructors compute them.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    from olivepress.architectures import load_config
+
     dtype = dtype or torch.float32
-    config = AutoConfig.from_pretrained(checkpoint_dir)
+    config = load_config(checkpoint_dir, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     floats, weights = read_int4_checkpoint(checkpoint_dir)
     state = {name: tensor.to(dtype) for name, tensor in floats.items()}
     state.update({f"{name}.weight": weight.dequantize().to(dtype) for name, weight in weights.items()})

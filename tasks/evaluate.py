@@ -290,7 +290,9 @@ def measure(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="base-model-", dir=scratch_root) as scratch:
         progress.update("evaluate", "building the base model")
-        build_base_model(model_dir, Path(scratch), config.device, config.optimize.cuda_graph)
+        build_base_model(
+            model_dir, Path(scratch), config.device, config.optimize.cuda_graph, config.trust_remote_code
+        )
         metrics = evaluate_models(
             Path(scratch),
             onnx_dir,
@@ -326,7 +328,8 @@ STEP = Step(
     "evaluate",
     __name__,
     inputs=("model_dir", "onnx_dir", "held_out"),
-    settings=("evaluate", "optimize", "device", "text_template"),  # optimize: the base model is built alike
+    # optimize, trust_remote_code: the base model is built alike
+    settings=("evaluate", "optimize", "device", "text_template", "trust_remote_code"),
 )
 
 

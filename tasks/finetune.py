@@ -48,7 +48,9 @@ def training_dtype(device: str) -> str:
     return "bfloat16" if device == "gpu" else "float32"
 
 
-def prepare_training_model(checkpoint_dir: Path, target: Path, *, device: str) -> Path:
+def prepare_training_model(
+    checkpoint_dir: Path, target: Path, *, device: str, trust_remote_code: bool = False
+) -> Path:
     """Save the int4 checkpoint dequantized as a plain HF folder, the input Olive's LoRA pass accepts.
 
     It is saved in the dtype the pass loads it in (:func:`training_dtype`): on a GPU bfloat16, the same
@@ -61,8 +63,8 @@ def prepare_training_model(checkpoint_dir: Path, target: Path, *, device: str) -
     from olivepress.int4 import load_dequantized_model
 
     dtype = getattr(torch, training_dtype(device))
-    load_dequantized_model(checkpoint_dir, dtype).save_pretrained(target)
-    AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(target)
+    load_dequantized_model(checkpoint_dir, dtype, trust_remote_code=trust_remote_code).save_pretrained(target)
+    AutoTokenizer.from_pretrained(checkpoint_dir, trust_remote_code=trust_remote_code).save_pretrained(target)
     return target
 
 
@@ -70,17 +72,20 @@ def prepare_training_model(checkpoint_dir: Path, target: Path, *, device: str) -
 DECODER_LINEAR_NAME = re.compile(r"^model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)$")
 
 
-def decoder_linear_names(model_dir: Path) -> list[str]:
+def decoder_linear_names(model_dir: Path, *, trust_remote_code: bool = False) -> list[str]:
     """Every attention and MLP linear of the decoder, by the model's own short names (q_proj, ..., down_proj;
     Phi-3's fused qkv_proj, gate_up_proj): read off its modules, so a new family needs no table entry.
 
     The model is built on the meta device: names and types only, no weights read or allocated.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from olivepress.architectures import load_config
+
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     names = []
     for name, module in model.named_modules():
         match = DECODER_LINEAR_NAME.match(name)
@@ -97,11 +102,17 @@ def olive_lora_config(
     *,
     device: str,
     seed: int,
+    trust_remote_code: bool = False,
 ) -> dict:
     """The Olive workflow: one LoRA pass over a local JSON dataset, logging every step's loss."""
     on_gpu = device == "gpu"
     return {
-        "input_model": {"type": "HfModel", "model_path": str(model_dir)},
+        "input_model": {
+            "type": "HfModel",
+            "model_path": str(model_dir),
+            # Olive hands it on to the data configs' tokenizer loads too
+            "load_kwargs": {"trust_remote_code": trust_remote_code},
+        },
         "systems": {
             "local_system": {
                 "type": "LocalSystem",
@@ -140,7 +151,8 @@ def olive_lora_config(
                 "r": settings.lora_r,
                 "alpha": settings.lora_alpha,
                 "lora_dropout": settings.lora_dropout,
-                "target_modules": settings.target_modules or decoder_linear_names(model_dir),
+                "target_modules": settings.target_modules
+                or decoder_linear_names(model_dir, trust_remote_code=trust_remote_code),
                 "torch_dtype": training_dtype(device),
                 "train_data_config": "train_data",
                 "training_args": {
@@ -244,6 +256,7 @@ def finetune_lora(
     text_template: str | None = None,
     device: str = "cpu",
     seed: int = 0,
+    trust_remote_code: bool = False,
 ) -> FinetuneResult:
     """Train a LoRA adapter on ``examples``; write the PEFT adapter, its loss history and (on a GPU) its
     peak memory to ``out_dir``."""
@@ -254,10 +267,20 @@ def finetune_lora(
     work_dir.mkdir(parents=True, exist_ok=True)
     if resumable := drop_incomplete_checkpoints(work_dir / "checkpoints"):
         log.info("finetune: resuming from %s", resumable.name)
-    model_dir = prepare_training_model(checkpoint_dir, work_dir / "dequantized", device=device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_dir = prepare_training_model(
+        checkpoint_dir, work_dir / "dequantized", device=device, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     train_file = write_training_text(tokenizer, examples, work_dir / "train.jsonl", text_template)
-    config = olive_lora_config(model_dir, train_file, work_dir, settings, device=device, seed=seed)
+    config = olive_lora_config(
+        model_dir,
+        train_file,
+        work_dir,
+        settings,
+        device=device,
+        seed=seed,
+        trust_remote_code=trust_remote_code,
+    )
     allocated_at_start = reset_training_memory(device)
     with trainer_progress():
         output = olive_run(config)
@@ -276,7 +299,7 @@ STEP = Step(
     "finetune",
     __name__,
     inputs=("checkpoint_dir", "examples"),
-    settings=("finetune", "device", "seed", "text_template"),
+    settings=("finetune", "device", "seed", "text_template", "trust_remote_code"),
     tags=("lora",),
 )
 
@@ -302,5 +325,6 @@ def finetune_task(
             text_template=settings.text_template,
             device=settings.device,
             seed=settings.seed,
+            trust_remote_code=settings.trust_remote_code,
         ),
     )

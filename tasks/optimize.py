@@ -57,6 +57,7 @@ def export_onnx(
     device: Literal["cpu", "gpu"] = "cpu",
     accuracy_level: int | None = None,
     cuda_graph: bool = False,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Write genai_config.json, the int4 model, tokenizer files and (given an adapter) the adapter file.
 
@@ -75,6 +76,7 @@ def export_onnx(
         EXECUTION_PROVIDERS[device],
         accuracy_level=accuracy_level,
         cuda_graph=cuda_graph and device == "gpu",
+        trust_remote_code=trust_remote_code,
     )
     adapter_file = None
     if lora:
@@ -100,24 +102,37 @@ def build_int4_model(
     *,
     accuracy_level: int | None,
     cuda_graph: bool = False,
+    trust_remote_code: bool = False,
 ) -> None:
     """Build the int4 model from the checkpoint's own integers (q/k/v fused into one node, the builder's
     default, which the LoRA branches keep)."""
     extra_options = [f"nodes_to_exclude={','.join(FLOAT_NODES)}"]
     if accuracy_level is not None:
         extra_options.append(f"accuracy_level={accuracy_level}")
-    run_model_builder(checkpoint_dir, out_dir, "int4", execution_provider, extra_options, cuda_graph)
+    run_model_builder(
+        checkpoint_dir, out_dir, "int4", execution_provider, extra_options, cuda_graph, trust_remote_code
+    )
 
 
 def build_base_model(
-    model_dir: Path, out_dir: Path, device: Literal["cpu", "gpu"] = "cpu", cuda_graph: bool = False
+    model_dir: Path,
+    out_dir: Path,
+    device: Literal["cpu", "gpu"] = "cpu",
+    cuda_graph: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """The unquantized model through the same builder and runtime (fp32 on CPU, fp16 on CUDA, CUDA graphs
     as the int4 model has them): the baseline evaluate compares loss, speed and size against, runtime for
     runtime."""
     precision = "fp16" if device == "gpu" else "fp32"
     run_model_builder(
-        model_dir, out_dir, precision, EXECUTION_PROVIDERS[device], [], cuda_graph and device == "gpu"
+        model_dir,
+        out_dir,
+        precision,
+        EXECUTION_PROVIDERS[device],
+        [],
+        cuda_graph and device == "gpu",
+        trust_remote_code,
     )
     return out_dir
 
@@ -142,9 +157,11 @@ def run_model_builder(
     execution_provider: str,
     extra_options: list[str],
     cuda_graph: bool = False,
+    trust_remote_code: bool = False,
 ) -> None:
     """Run ONNX Runtime GenAI's model builder with its chatter captured, shown only if it fails; with
-    ``cuda_graph``, ask for CUDA graphs and make the built graph capturable (:func:`prepare_cuda_graph`)."""
+    ``cuda_graph``, ask for CUDA graphs and make the built graph capturable (:func:`prepare_cuda_graph`);
+    ``trust_remote_code`` is its ``hf_remote`` (its config and tokenizer loads)."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
     chatter = io.StringIO()
@@ -157,7 +174,13 @@ def run_model_builder(
         args = (None, str(input_dir), str(out_dir), precision, execution_provider, cache_dir)
         try:
             options = parse_extra_options(
-                *args, [*BUILDER_OPTIONS, *extra_options, *runtime_options(cuda_graph)]
+                *args,
+                [
+                    *BUILDER_OPTIONS,
+                    *extra_options,
+                    *runtime_options(cuda_graph),
+                    f"hf_remote={str(trust_remote_code).lower()}",
+                ],
             )
             adapt_config_for_builder(options["hf_details"]["hf_config"])
             create_model(*args, **options)
@@ -480,7 +503,7 @@ STEP = Step(
     "optimize",
     __name__,
     inputs=("checkpoint_dir", "adapter_dir"),
-    settings=("optimize", "device", "text_template"),
+    settings=("optimize", "device", "text_template", "trust_remote_code"),
     tags=("onnx",),
 )
 
@@ -493,7 +516,12 @@ def optimize_task(
 
     def compute(out: Path) -> None:
         export_onnx(
-            checkpoint_dir, adapter_dir, out, device=settings.device, cuda_graph=settings.optimize.cuda_graph
+            checkpoint_dir,
+            adapter_dir,
+            out,
+            device=settings.device,
+            cuda_graph=settings.optimize.cuda_graph,
+            trust_remote_code=settings.trust_remote_code,
         )
         save_prompt_format(out, settings.text_template)
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from olivepress.architectures import load_config
 from olivepress.config import QuantizeSettings, group_size_problem
 from olivepress.errors import UserError
 from olivepress.int4 import Int4Weight, write_int4_checkpoint
@@ -119,6 +120,7 @@ def apply_awq(
     *,
     grid_points: int = AWQ_GRID_POINTS,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> None:
     """Run AWQ and fix the int4 grid, in place: the model's norms and linears now hold the smoothed float
     weights, and each quantized Linear fake-quantizes its weight in forward (llm-compressor's own view).
@@ -141,6 +143,7 @@ def apply_awq(
             num_calibration_samples=len(token_ids),
             shuffle_calibration_samples=False,
             batch_size=1,
+            trust_remote_code_model=trust_remote_code,  # it reloads the config from the model's folder
         )
 
 
@@ -184,17 +187,20 @@ def quantize_awq(
     text_template: str | None = None,
     grid_points: int = AWQ_GRID_POINTS,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> QuantizeResult:
     """AWQ-quantize the model in ``model_dir`` to 4 bits and write the int4 checkpoint and tokenizer to
     ``out_dir`` (a staging folder: the caller makes it atomic). ``progress`` keeps llm-compressor's
     per-layer progress bars and log lines on stderr."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_group_size(AutoConfig.from_pretrained(model_dir), settings.group_size)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    check_group_size(load_config(model_dir, trust_remote_code=trust_remote_code), settings.group_size)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     token_ids = calibration_token_ids(tokenizer, examples, settings, seed, text_template)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
     linear_inputs = {
         f"{name}.in_features": module.in_features
         for name, module in model.named_modules()
@@ -211,7 +217,15 @@ def quantize_awq(
         tokens,
     )
     started = time.perf_counter()
-    apply_awq(model, tokenizer, token_ids, settings.group_size, grid_points=grid_points, progress=progress)
+    apply_awq(
+        model,
+        tokenizer,
+        token_ids,
+        settings.group_size,
+        grid_points=grid_points,
+        progress=progress,
+        trust_remote_code=trust_remote_code,
+    )
     weights = take_int4_weights(model)
     seconds = time.perf_counter() - started
     log.info("AWQ: quantized %d linears in %.0f s", len(weights), seconds)
@@ -250,7 +264,7 @@ STEP = Step(
     "quantize",
     __name__,
     inputs=("model_dir", "examples"),
-    settings=("quantize", "seed", "text_template"),
+    settings=("quantize", "seed", "text_template", "trust_remote_code"),
     tags=("awq",),
 )
 
@@ -270,5 +284,6 @@ def quantize_task(
             settings.quantize,
             seed=settings.seed,
             text_template=settings.text_template,
+            trust_remote_code=settings.trust_remote_code,
         ),
     )

@@ -138,6 +138,7 @@ SETTINGS = {
     "seed": (5, ["quantize", "finetune"]),
     "device": ("gpu", ["finetune", "optimize", "evaluate"]),
     "text_template": ("U:{prompt} A:{response}", ["quantize", "finetune", "optimize", "evaluate"]),
+    "trust_remote_code": (True, ["quantize", "finetune", "optimize", "evaluate"]),
     "gate.min_speedup": (0.5, []),
     "retries.step_attempts": (1, []),
     "registry.name": ("travel", []),

@@ -28,7 +28,7 @@ def test_a_step_sees_only_the_settings_it_declared():
     assert settings.quantize.group_size == 64 and settings.seed == 0
     with pytest.raises(AttributeError, match="'finetune' is not among the settings this step declared"):
         _ = settings.finetune
-    assert sorted(settings.for_key()) == ["quantize", "seed", "text_template"]
+    assert sorted(settings.for_key()) == ["quantize", "seed", "text_template", "trust_remote_code"]
 
 
 def test_a_task_must_take_what_its_step_declares():
