@@ -340,7 +340,7 @@ class Run:
         atomic_write_text(
             self.folder(dataset) / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1)
         )
-        self.log.info("%s\n%s", f"{dataset}:" if dataset else "", evaluation.gate.to_text())
+        self.log.info("%s%s", f"{dataset}: " if dataset else "\n", evaluation.gate.to_text())
         return evaluation
 
     def report(

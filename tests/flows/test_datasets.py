@@ -57,6 +57,21 @@ def adapter_logits(onnx_dir: Path, adapter_files: dict[str, Path], ids: list[int
     }
 
 
+def prefect_states(flow_run_id) -> dict[str, list[str]]:
+    """Each task's run states in a flow run, by task name: a step the store served shows as Cached."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    states: dict[str, list[str]] = {}
+    for task_run in task_runs:
+        states.setdefault(task_run.name.rsplit("-", 1)[0], []).append(task_run.state.name)
+    return {name: sorted(names) for name, names in states.items()}
+
+
 def statuses(run_dir: Path) -> dict[str, str]:
     return {s["step"]: s["status"] for s in json.loads((run_dir / "summary.json").read_text())}
 
@@ -107,10 +122,23 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
         tmp_path, tiny_model_dir, datasets=later, calibration_datasets=["travel", "cooking"], **settings
     )
     run_dir = new_run_dir(config)
+    state = olivepress_flow(config, run_dir, return_state=True)
+    assert state.is_failed()
     with pytest.raises(
         DatasetsFailed, match=r"1 of 4 datasets failed; registered .* travel, cooking, hiking"
     ):
-        olivepress_flow(config, run_dir)
+        state.result()
+    assert prefect_states(state.state_details.flow_run_id) == {
+        "validate": ["Cached", "Cached", "Completed", "Failed"],
+        "quantize": ["Cached"],
+        "adapter": ["Completed", "Completed", "Completed"],
+        "finetune": ["Cached", "Cached", "Completed"],
+        "optimize": ["Cached"],
+        "export_adapter": ["Cached", "Completed"],
+        "evaluate_adapter": ["Cached", "Cached", "Completed"],
+        "report": ["Completed"],
+        "register": ["Completed"],
+    }
     status = statuses(run_dir)
     assert status["validate broken"] == "failed"
     reused = ["quantize", "finetune travel", "finetune cooking", "optimize", "export_adapter cooking"]
@@ -126,3 +154,18 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
         "hiking.onnx_adapter",
         "travel.onnx_adapter",
     ]
+
+    # a gate only one adapter meets: the cached measurements decide it again (travel measured ~0.93 of the
+    # base's perplexity, cooking ~0.65); the base is registered without travel's adapter, cooking beside it
+    config = tiny_config(
+        tmp_path, tiny_model_dir, datasets=two, **{**settings, "gate.max_perplexity_ratio": 0.8}
+    )
+    with pytest.raises(
+        DatasetsFailed, match=r"1 of 2 datasets failed; registered .* with cooking:\n  travel: gate"
+    ):
+        olivepress_flow(config, new_run_dir(config))
+    third = LocalRegistry(config.registry.path).entries()[-1]
+    assert sorted(p.name for p in (third.path / "adapters").iterdir()) == ["cooking.onnx_adapter"]
+    assert not (third.path / "model" / "adapter_weights.onnx_adapter").exists()
+    assert (third.path / "model" / "model.onnx").is_file()
+    assert list(third.lineage["failed_adapters"]) == ["travel"]
