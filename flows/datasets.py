@@ -17,7 +17,10 @@ then fails with a message naming the failed datasets.
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,16 +74,10 @@ class Branch:
             data_sha256=self.data_sha256,
             train_pairs=len(self.train),
             held_out_pairs=len(self.held_out),
-            loss_history=read_json(history) if history else [],
+            loss_history=json.loads(history.read_text(encoding="utf-8")) if history else [],
             evaluation=self.evaluation,
             failure=self.failure,
         )
-
-
-def read_json(path: Path) -> Any:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def calibration_pool(trains: list[list[dict]], samples: int, seed: int) -> list[dict]:
@@ -116,10 +113,8 @@ def train_adapters(run: Run, branches: list[Branch], quantized: StepOutput) -> N
             for b in branches
         ]
         for branch, future in zip(branches, futures, strict=True):
-            try:
+            with failing_branch(branch, "fine-tuning"):
                 branch.adapter = future.result()
-            except Exception as error:  # that dataset's failure, reported with the others
-                branch.failure = f"fine-tuning failed: {error}"
 
 
 def validated_branch(run: Run, name: str, file: Path) -> Branch:
@@ -139,60 +134,33 @@ def run_datasets(run: Run, model: ResolvedModel) -> dict:
     config = run.config
     files = run.fetch_datasets()
     branches = [validated_branch(run, name, file) for name, file in files.items()]
-    usable = [b for b in branches if not b.failure]
-    calibrated = [b for b in usable if b.name in (config.calibration_datasets or files)]
+    calibrated = [b for b in branches if not b.failure and b.name in (config.calibration_datasets or files)]
     if not calibrated:
         raise DatasetsFailed(failures_text(branches, "no dataset AWQ calibrates on passed validation"))
     run.share_data([b.name for b in calibrated])
     pool = calibration_pool([b.train for b in calibrated], config.quantize.calibration_samples, config.seed)
     quantized = run.step(quantize_task, model_dir=model.path, examples=pool)
 
-    train_adapters(run, usable, quantized)
-    trained = [b for b in usable if not b.failure]
+    train_adapters(run, [b for b in branches if not b.failure], quantized)
+    trained = [b for b in branches if not b.failure]
     if not trained:
         raise DatasetsFailed(failures_text(branches, "no adapter was trained"))
-    first = trained[0]
-    onnx = run.step(optimize_task, checkpoint_dir=quantized, adapter_dir=first.adapter)
-    first.exported = onnx
-    for branch in trained[1:]:
-        try:
-            branch.exported = run.step(
-                export_adapter_task,
-                dataset=branch.name,
-                checkpoint_dir=quantized,
-                adapter_dir=branch.adapter,
-                onnx_dir=onnx,
-            )
-        except Exception as error:  # that dataset's failure, reported with the others
-            branch.failure = f"adapter export failed: {error}"
-    for branch in [b for b in trained if not b.failure]:
-        measured = run.step(
-            evaluate_adapter_task,
-            dataset=branch.name,
-            model_dir=model.path,
-            onnx_dir=onnx,
-            adapter_dir=branch.exported,
-            held_out=branch.held_out,
-        )
-        branch.evaluation = run.evaluation(measured, dataset=branch.name)
-        if not branch.evaluation.gate.passed:
-            branch.failure = "gate failed: " + "; ".join(
-                f"{c.name} {c.measured:.4g} (limit {c.limit:.4g})"
-                for c in branch.evaluation.gate.checks
-                if not c.passed
-            )
+    onnx = export_adapters(run, trained, quantized)
+    for branch in trained:
+        evaluate_adapter(run, branch, model, onnx)
 
     passed = [b for b in branches if not b.failure]
     report_dir = run.report_adapters([b.outcome() for b in branches])
     registration = None
     if passed:
-        parts = {"model": registered_model(run, onnx.folder, keep_adapter=first in passed)}
-        parts[ADAPTERS_DIR] = link_adapters(
-            run.dir / ADAPTERS_DIR, {b.name: b.exported.folder / ADAPTER_FILE for b in passed}
-        )
-        registration = run.register(
-            model, report_dir, passed[0].evaluation, parts, adapters_lineage(run, branches, calibrated)
-        )
+        parts = {
+            "model": registered_model(run, onnx.folder, keep_adapter=trained[0].failure is None),
+            ADAPTERS_DIR: link_adapters(
+                run.dir / ADAPTERS_DIR, {b.name: b.exported.folder / ADAPTER_FILE for b in passed}
+            ),
+        }
+        lineage = adapters_lineage(run, branches, calibrated)
+        registration = run.register(model, report_dir, passed[0].evaluation, parts, lineage)
         run.announce(registration, trained_pairs=sum(len(b.train) for b in passed))
     if failed := [b for b in branches if b.failure]:
         registered = (
@@ -210,8 +178,56 @@ def run_datasets(run: Run, model: ResolvedModel) -> dict:
         "onnx": str(run.link("optimize")),
         "adapters": {b.name: str(run.dir / ADAPTERS_DIR / f"{b.name}{ADAPTER_SUFFIX}") for b in passed},
         "report": str(report_dir / "report.md"),
-        "registration": asdict(registration) if registration else None,
+        "registration": asdict(registration),
     }
+
+
+@contextmanager
+def failing_branch(branch: Branch, what: str) -> Iterator[None]:
+    """An error in ``what`` fails ``branch`` alone; it is reported with the others when the run ends."""
+    try:
+        yield
+    except Exception as error:
+        branch.failure = f"{what} failed: {error}"
+
+
+def export_adapters(run: Run, trained: list[Branch], quantized: StepOutput) -> StepOutput:
+    """The int4 base exported with the first branch's adapter, and each further adapter as its own
+    .onnx_adapter against that graph."""
+    first, *others = trained
+    first.exported = run.step(optimize_task, checkpoint_dir=quantized, adapter_dir=first.adapter)
+    for branch in others:
+        with failing_branch(branch, "the adapter's export"):
+            branch.exported = run.step(
+                export_adapter_task,
+                dataset=branch.name,
+                checkpoint_dir=quantized,
+                adapter_dir=branch.adapter,
+                onnx_dir=first.exported,
+            )
+    return first.exported
+
+
+def evaluate_adapter(run: Run, branch: Branch, model: ResolvedModel, onnx: StepOutput) -> None:
+    """The branch's adapter measured on its own held-out pairs and gated; a failed gate fails the branch."""
+    if branch.failure:
+        return
+    with failing_branch(branch, "evaluation"):
+        measured = run.step(
+            evaluate_adapter_task,
+            dataset=branch.name,
+            model_dir=model.path,
+            onnx_dir=onnx,
+            adapter_dir=branch.exported,
+            held_out=branch.held_out,
+        )
+        branch.evaluation = run.evaluation(measured, dataset=branch.name)
+    if branch.evaluation and not branch.evaluation.gate.passed:
+        branch.failure = "gate failed: " + "; ".join(
+            f"{c.name} {c.measured:.4g} (limit {c.limit:.4g})"
+            for c in branch.evaluation.gate.checks
+            if not c.passed
+        )
 
 
 def failures_text(branches: list[Branch], headline: str) -> str:

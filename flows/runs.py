@@ -368,19 +368,11 @@ class Run:
     def report_adapters(self, outcomes: list) -> Path:
         """The report of a run with several datasets: the adapters side by side (run folder ``report/`` and
         the flow run's Artifacts tab)."""
-        from olivepress.tasks.report import adapters_report_task
+        from olivepress.tasks.report import AdaptersReportInputs, adapters_report_task
 
         steps = [asdict(record) for record in self.records]
-        return timed(
-            self.records,
-            "report",
-            adapters_report_task,
-            self.config,
-            outcomes,
-            steps,
-            current_flow_run_id(),
-            self.dir / REPORT,
-        )
+        inputs = AdaptersReportInputs(self.config, outcomes, steps, current_flow_run_id())
+        return timed(self.records, "report", adapters_report_task, inputs, self.dir / REPORT)
 
     def register(
         self,

@@ -199,7 +199,7 @@ def adapter_rows(outcomes: list[AdapterOutcome]) -> list[dict[str, Any]]:
                 "rouge_l": tuned.get("rouge_l"),
                 "decode_tok_s": tuned.get("decode_tok_s"),
                 "size_mb": tuned.get("size_mb"),
-                "result": "registered" if outcome.failure is None else "**failed**",
+                "result": "registered" if outcome.failure is None else "failed",
             }
         )
     return rows
@@ -225,21 +225,26 @@ def plot_adapter_losses(outcomes: list[AdapterOutcome], path: Path) -> None:
     plt.close(figure)
 
 
-def render_adapters_markdown(
-    config: RunConfig,
-    outcomes: list[AdapterOutcome],
-    steps: list[dict[str, Any]],
-    flow_run_id: str | None,
-    image: str,
-) -> str:
+@dataclass(frozen=True)
+class AdaptersReportInputs:
+    """What the report of a run with several datasets shows."""
+
+    config: RunConfig
+    outcomes: list[AdapterOutcome]
+    steps: list[dict[str, Any]]  # the flow's StepRecords as dicts
+    flow_run_id: str | None
+
+
+def render_adapters_markdown(inputs: AdaptersReportInputs, image: str) -> str:
     """The report page of a run with several datasets; ``image`` is what the page links for the loss plot."""
+    config, outcomes = inputs.config, inputs.outcomes
     failed = [outcome for outcome in outcomes if outcome.failure]
     model = str(config.model) if config.model else "SmolLM2-135M-Instruct (default)"
     title = f"{len(outcomes) - len(failed)} of {len(outcomes)} adapters passed"
     sections = [
         f"# olivepress run: {title}",
         f"Model `{model}`, one int4 base and an adapter per dataset ({config.device}); flow run "
-        f"`{flow_run_id or '-'}`.",
+        f"`{inputs.flow_run_id or '-'}`.",
         "## Adapters\n\n"
         + markdown_table(adapter_rows(outcomes))
         + "\n\nEach adapter on the int4 base, measured on its own dataset's held-out pairs (loss "
@@ -261,43 +266,33 @@ def render_adapters_markdown(
             + markdown_table(metrics_rows(outcome.evaluation))
             + f"\n\n```\n{outcome.evaluation.gate.to_text()}\n```"
         )
-    step_rows = [{"step": s["step"], "status": s["status"], "seconds": round(s["seconds"], 1)} for s in steps]
+    step_rows = [
+        {"step": s["step"], "status": s["status"], "seconds": round(s["seconds"], 1)} for s in inputs.steps
+    ]
     sections.append("## Steps\n\n" + markdown_table(step_rows))
     return "\n\n".join(sections)
 
 
-def write_adapters_report(
-    config: RunConfig,
-    outcomes: list[AdapterOutcome],
-    steps: list[dict[str, Any]],
-    flow_run_id: str | None,
-    report_dir: Path,
-) -> Path:
+def write_adapters_report(inputs: AdaptersReportInputs, report_dir: Path) -> Path:
     """report.md, the loss plot and adapters.json (the side-by-side rows) of a run with several datasets."""
     with atomic_dir(report_dir) as staging:
-        plot_adapter_losses(outcomes, staging / LOSS_PLOT)
-        markdown = render_adapters_markdown(config, outcomes, steps, flow_run_id, LOSS_PLOT)
+        plot_adapter_losses(inputs.outcomes, staging / LOSS_PLOT)
+        markdown = render_adapters_markdown(inputs, LOSS_PLOT)
         (staging / "report.md").write_text(markdown + "\n", encoding="utf-8")
-        (staging / "adapters.json").write_text(json.dumps(adapter_rows(outcomes), indent=1))
+        (staging / "adapters.json").write_text(json.dumps(adapter_rows(inputs.outcomes), indent=1))
     return report_dir
 
 
 @task(name="report", retries=0, cache_policy=NO_CACHE, tags=["olivepress"])
-def adapters_report_task(
-    config: RunConfig,
-    outcomes: list[AdapterOutcome],
-    steps: list[dict[str, Any]],
-    flow_run_id: str | None,
-    report_dir: Path,
-) -> Path:
+def adapters_report_task(inputs: AdaptersReportInputs, report_dir: Path) -> Path:
     """The report of a run with several datasets, in the run folder and as the flow run's artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    write_adapters_report(config, outcomes, steps, flow_run_id, report_dir)
-    page = render_adapters_markdown(config, outcomes, steps, flow_run_id, data_uri(report_dir / LOSS_PLOT))
+    write_adapters_report(inputs, report_dir)
+    page = render_adapters_markdown(inputs, data_uri(report_dir / LOSS_PLOT))
     create_markdown_artifact(key=REPORT_KEY, markdown=page, description="olivepress run report")
     create_table_artifact(
-        key=METRICS_KEY, table=adapter_rows(outcomes), description="held-out metrics per adapter"
+        key=METRICS_KEY, table=adapter_rows(inputs.outcomes), description="held-out metrics per adapter"
     )
     return report_dir
 

@@ -104,3 +104,42 @@ def test_gpu_memory_shows_only_when_measured(tmp_path):
     assert "peak GPU memory in training (torch): 9000 MiB allocated, 10240 MiB reserved" in page
     assert json.loads((report_dir / "training_memory.json").read_text()) == memory
     assert json.loads((report_dir / "metrics.json").read_text())[0]["gpu_mem_mib"] == 813
+
+
+def test_a_run_with_several_datasets_puts_its_adapters_side_by_side(tmp_path):
+    from olivepress.tasks.report import AdapterOutcome, AdaptersReportInputs, write_adapters_report
+
+    outcomes = [
+        AdapterOutcome(
+            "travel", "/d/travel.jsonl", "ab" * 32, 65, 16, [{"step": 1, "loss": 3.5}], evaluation(True)
+        ),
+        AdapterOutcome(
+            "support",
+            "/d/support.jsonl",
+            "cd" * 32,
+            40,
+            10,
+            [{"step": 1, "loss": 3.9}, {"step": 2, "loss": 3.3}],
+            evaluation(False),
+            failure="gate failed: size_ratio 0.35 (limit 0.1)",
+        ),
+        AdapterOutcome("broken", "/d/broken.jsonl", "ef" * 32, failure="2 bad line(s)"),
+    ]
+    steps = [{"step": "finetune travel", "status": "completed", "seconds": 12.04, "output_bytes": 7}]
+    report_dir = write_adapters_report(
+        AdaptersReportInputs(load_config(), outcomes, steps, "1234"), tmp_path / "report"
+    )
+    page = (report_dir / "report.md").read_text()
+    assert page.startswith("# olivepress run: 1 of 3 adapters passed")
+    assert "| travel | 16 | 2.88 | 3.08 | 17.81 | 0.25 | 69.0 | 191.0 | registered |" in page
+    assert "| support | 10 | 2.88 | 3.08 | 17.81 | 0.25 | 69.0 | 191.0 | failed |" in page
+    assert "| broken | - | - | - | - | - | - | - | failed |" in page
+    assert "- `broken`: 2 bad line(s)" in page and "## support" in page and "## broken" not in page
+    assert "| finetune travel | completed | 12.0 |" in page
+    assert (report_dir / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((report_dir / "adapters.json").read_text())
+    assert [(row["adapter"], row["result"]) for row in rows] == [
+        ("travel", "registered"),
+        ("support", "failed"),
+        ("broken", "failed"),
+    ]
