@@ -273,6 +273,8 @@ def entry_row(entry) -> dict[str, str]:
         "tok/s": f"{tuned.get('decode_tok_s', '-')} (base {base.get('decode_tok_s', '-')})",
         "MB": f"{tuned.get('size_mb', '-')} (base {base.get('size_mb', '-')})",
         "data": entry.lineage.get("data", {}).get("sha256", "-")[:12],
+        # a run with several datasets: its adapters by name (the metrics above are the first one's)
+        "adapters": ",".join(entry.lineage.get("adapters", {})) or "-",
         "path": str(entry.path),
     }
 

@@ -110,6 +110,13 @@ def test_models_lists_each_registered_version_with_its_metrics(tmp_path):
     assert "17.81 (base 21.75)" in lines[1] and "0123456789ab" in lines[1]
     assert "69.0 (base 50.0)" in lines[1] and "191.0 (base 540.0)" in lines[1], "tok/s and MB from raw fields"
 
+    lineage["adapters"] = {"travel": {}, "support": {}}
+    registry.register("travel-model", {"model": model, "adapters": model}, lineage | {"content_sha256": "x"})
+    result = olivepress("models", "--registry", str(tmp_path / "registry"))
+    assert " support,travel " in result.stdout.splitlines()[3], (
+        "an entry of several datasets names its adapters"
+    )
+
 
 def test_models_still_lists_an_entry_registered_with_display_rows(tmp_path):
     """Entries registered before lineage kept raw metrics hold the report's rounded rows: shown as they are."""
