@@ -41,6 +41,45 @@ def test_calibration_pool_takes_the_datasets_in_turn():
     assert calibration_pool([a], samples=3, seed=0) is a, "one dataset: its pairs as its own run has them"
 
 
+def test_adapters_train_as_a_fan_out_at_most_parallel_adapters_at_once(monkeypatch):
+    """train_adapters submits one task per branch; a branch whose training raises fails alone."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from prefect import flow, task
+
+    from olivepress.flows import datasets
+
+    lock, running, most = threading.Lock(), [0], [0]
+
+    @task
+    def fake_training(run, dataset, checkpoint, train):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        if dataset == "bad":
+            raise RuntimeError("out of memory")
+        return f"adapter of {dataset}"
+
+    monkeypatch.setattr(datasets, "train_adapter", fake_training)
+    branches = [datasets.Branch(name, name, Path(name), "0" * 64) for name in ("a", "b", "bad", "c", "d")]
+    run = SimpleNamespace(config=SimpleNamespace(parallel_adapters=2))
+    flow(lambda: datasets.train_adapters(run, branches, quantized=None))()
+    assert most[0] == 2
+    assert [b.adapter for b in branches] == [
+        "adapter of a",
+        "adapter of b",
+        None,
+        "adapter of c",
+        "adapter of d",
+    ]
+    assert branches[2].failure == "fine-tuning failed: out of memory"
+
+
 def adapter_logits(onnx_dir: Path, adapter_files: dict[str, Path], ids: list[int]) -> dict[str, np.ndarray]:
     """Every adapter loaded into one og.Adapters on one model, each made active in turn."""
     import onnxruntime_genai as og

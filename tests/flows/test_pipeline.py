@@ -73,6 +73,8 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir):
     assert result["onnx"] == str(onnx_dir)
     assert (onnx_dir / "genai_config.json").is_file()
     assert list(onnx_dir.glob("*.onnx_adapter"))
+    named = run_dir / "adapters" / "travel_sample.onnx_adapter"  # the adapter by its dataset's name
+    assert named.resolve() == (onnx_dir / "adapter_weights.onnx_adapter").resolve()
     assert (run_dir / "quantized" / "config.json").is_file()
     losses = json.loads((run_dir / "adapter" / "loss_history.json").read_text())
     assert [entry["step"] for entry in losses] == [1, 2]
