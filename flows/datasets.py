@@ -2,7 +2,7 @@
 
 Each dataset is validated; AWQ quantizes the base once, calibrated on a sample drawn evenly from the
 datasets ``calibration_datasets`` names (default: all); a LoRA adapter is fine-tuned per dataset as a Prefect
-fan-out, at most ``parallel_adapters`` at once; the base is exported with the first dataset's adapter (the
+fan-out, one at a time (:data:`TRAININGS_AT_ONCE`); the base is exported with the first dataset's adapter (the
 optimize step), every further adapter as its own ``.onnx_adapter`` against that same graph
 (``export_adapter``); each adapter is evaluated on its own dataset's held-out pairs and gated on its own.
 
@@ -44,6 +44,12 @@ if TYPE_CHECKING:
     from olivepress.model_source import ResolvedModel
     from olivepress.tasks.evaluate import Evaluation
 
+# Trainings in one process cannot overlap: transformers' model loading (accelerate's init_empty_weights)
+# patches torch.nn.Module process-wide, so a second load during the first puts meta tensors into the other
+# training ("Cannot copy out of meta tensor", seen with two at once), and both would share the global RNG
+# and the first GPU. One training per GPU is several processes: workers (or pools) pinned to a GPU each,
+# capped across runs by the "finetune" tag's concurrency limit.
+TRAININGS_AT_ONCE = 1
 BASE_ONLY = "base"  # the run folder's copy of the export without its adapter, when that adapter failed
 
 
@@ -100,11 +106,11 @@ def train_adapter(run: Run, dataset: str, checkpoint: StepOutput, train: list[di
 
 
 def train_adapters(run: Run, branches: list[Branch], quantized: StepOutput) -> None:
-    """Fine-tune every branch's adapter, ``parallel_adapters`` at a time; a training that fails fails its
-    branch."""
+    """Fine-tune every branch's adapter, :data:`TRAININGS_AT_ONCE` at a time; a training that fails fails
+    its branch."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    with ThreadPoolTaskRunner(max_workers=run.config.parallel_adapters) as runner:
+    with ThreadPoolTaskRunner(max_workers=TRAININGS_AT_ONCE) as runner:
         futures = [
             runner.submit(
                 train_adapter,

@@ -214,13 +214,6 @@ class RunConfig(Section):
         "default: all. List the datasets an existing base was calibrated on to add a dataset without "
         "quantizing again and retraining every adapter.",
     )
-    parallel_adapters: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Adapters trained at once in a run with several datasets: one training per GPU (on CPU, "
-        "1: the trainings share the cores). Every training uses the process's first visible GPU.",
-    )
     output: Path = Field(Path("runs"), description="Folder that receives one sub-folder per run.")
     device: Literal["cpu", "gpu"] = Field(
         "cpu",

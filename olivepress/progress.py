@@ -260,9 +260,10 @@ def trainer_progress(step: str = "finetune") -> Iterator[None]:
                 self.loss = float(logs["loss"])
                 self.report(state)
 
-    original = trainer_module.DEFAULT_CALLBACKS
-    trainer_module.DEFAULT_CALLBACKS = [*original, ReportSteps]
+    trainer_module.DEFAULT_CALLBACKS = [*trainer_module.DEFAULT_CALLBACKS, ReportSteps]
     try:
         yield
-    finally:
-        trainer_module.DEFAULT_CALLBACKS = original
+    finally:  # only ours: trainings running at once (a run with several datasets) each add and remove one
+        trainer_module.DEFAULT_CALLBACKS = [
+            callback for callback in trainer_module.DEFAULT_CALLBACKS if callback is not ReportSteps
+        ]

@@ -107,7 +107,8 @@ class Step:
             cache_key_fn=by_cache_key,
             persist_result=True,
             retry_condition_fn=retry_if_transient,
-            tags=["olivepress", *self.tags],
+            # its name too: a tag concurrency limit on "finetune" (deploy --finetune-limit) caps trainings
+            tags=sorted({"olivepress", self.name, *self.tags}),
         )(function)
         prefect_task.step = self
         return prefect_task

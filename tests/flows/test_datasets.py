@@ -41,8 +41,9 @@ def test_calibration_pool_takes_the_datasets_in_turn():
     assert calibration_pool([a], samples=3, seed=0) is a, "one dataset: its pairs as its own run has them"
 
 
-def test_adapters_train_as_a_fan_out_at_most_parallel_adapters_at_once(monkeypatch):
-    """train_adapters submits one task per branch; a branch whose training raises fails alone."""
+def test_adapters_train_as_a_fan_out_one_at_a_time(monkeypatch):
+    """train_adapters submits one task per branch, at most TRAININGS_AT_ONCE running; a branch whose
+    training raises fails alone."""
     import threading
     import time
     from types import SimpleNamespace
@@ -67,9 +68,8 @@ def test_adapters_train_as_a_fan_out_at_most_parallel_adapters_at_once(monkeypat
 
     monkeypatch.setattr(datasets, "train_adapter", fake_training)
     branches = [datasets.Branch(name, name, Path(name), "0" * 64) for name in ("a", "b", "bad", "c", "d")]
-    run = SimpleNamespace(config=SimpleNamespace(parallel_adapters=2))
-    flow(lambda: datasets.train_adapters(run, branches, quantized=None))()
-    assert most[0] == 2
+    flow(lambda: datasets.train_adapters(SimpleNamespace(), branches, quantized=None))()
+    assert most[0] == datasets.TRAININGS_AT_ONCE == 1
     assert [b.adapter for b in branches] == [
         "adapter of a",
         "adapter of b",

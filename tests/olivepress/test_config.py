@@ -307,7 +307,6 @@ def test_datasets_are_named_files_instead_of_data(tmp_path):
         ({"datasets": {}}, r"datasets: name at least one dataset"),
         ({"datasets": {"x": "{a}"}, "data": "{a}"}, r"give data \(one dataset\) or datasets"),
         ({"datasets": {"x": "{a}"}, "calibration_datasets": ["y"]}, r"calibration_datasets names \['y'\]"),
-        ({"datasets": {"x": "{a}"}, "parallel_adapters": 0}, r"parallel_adapters: Input should be greater"),
     ],
 )
 def test_bad_datasets_name_the_field(tmp_path, raw, expected):

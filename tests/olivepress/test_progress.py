@@ -126,3 +126,16 @@ def test_trainer_steps_are_reported_with_their_loss():
         callback().on_log(None, state, None, logs={"loss": "2.5"})
     assert list(trainer_module.DEFAULT_CALLBACKS) == before, "restored"
     assert lines == [("finetune", "step", 3, 10, {"loss": 2.5})]
+
+
+def test_trainings_at_once_each_remove_only_their_own_callback():
+    import transformers.trainer as trainer_module
+
+    before = list(trainer_module.DEFAULT_CALLBACKS)
+    first, second = progress.trainer_progress(), progress.trainer_progress()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first training ends while the second still runs
+    assert len(trainer_module.DEFAULT_CALLBACKS) == len(before) + 1
+    second.__exit__(None, None, None)
+    assert list(trainer_module.DEFAULT_CALLBACKS) == before
