@@ -294,6 +294,15 @@ def adapters_report_task(inputs: AdaptersReportInputs, report_dir: Path) -> Path
     create_table_artifact(
         key=METRICS_KEY, table=adapter_rows(inputs.outcomes), description="held-out metrics per adapter"
     )
+    failed = [outcome.name for outcome in inputs.outcomes if outcome.failure]
+    create_markdown_artifact(
+        key=GATE_KEY,
+        markdown="\n\n".join(
+            f"**{outcome.name}**\n\n```\n{outcome.evaluation.gate.to_text() if outcome.evaluation else outcome.failure}\n```"
+            for outcome in inputs.outcomes
+        ),
+        description=f"failed: {', '.join(failed)}" if failed else "every adapter passed",
+    )
     return report_dir
 
 

@@ -9,7 +9,7 @@ import pytest
 from olivepress.flows.datasets import DatasetsFailed, calibration_pool
 from olivepress.flows.pipeline import new_run_dir, olivepress_flow
 from olivepress.registry import LocalRegistry
-from tests.flows.test_pipeline import tiny_config
+from tests.flows.test_pipeline import read_flow_run_artifacts, tiny_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -184,6 +184,10 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
     assert {step: status[step] for step in reused} == dict.fromkeys(reused, "reused")
     assert status["finetune hiking"] == status["export_adapter hiking"] == "completed"
     assert "broken" in (run_dir / "report" / "report.md").read_text()
+    artifacts = read_flow_run_artifacts(str(state.state_details.flow_run_id))
+    assert artifacts["olivepress-gate"].description == "failed: broken"
+    assert "line 2" in artifacts["olivepress-gate"].data and "**hiking**" in artifacts["olivepress-gate"].data
+    assert "| hiking |" in artifacts["olivepress-report"].data
     [_, second] = LocalRegistry(config.registry.path).entries()
     lineage = second.lineage
     assert set(lineage["adapters"]) == {"travel", "cooking", "hiking"}
