@@ -199,7 +199,7 @@ def command_run(args: argparse.Namespace) -> int:
     registration = result["registration"]
     print(f"Registered: {registration['name']} version {registration['version']} ({registration['uri']})")
     choice = next((f" --adapter {name}" for name in result.get("adapters", {})), "")
-    print(f'Try it: olivepress chat {result["onnx"]}{choice} "What should I pack for a week in Lisbon?"')
+    print(f'Try it: olivepress chat {result["onnx"]} "What should I pack for a week in Lisbon?"{choice}')
     return 0
 
 
