@@ -199,7 +199,7 @@ def command_run(args: argparse.Namespace) -> int:
     registration = result["registration"]
     print(f"Registered: {registration['name']} version {registration['version']} ({registration['uri']})")
     choice = next((f" --adapter {name}" for name in result.get("adapters", {})), "")
-    print(f'Try it: olivepress chat {result["onnx"]} "What should I pack for a week in Lisbon?"{choice}')
+    print(f'Try it: olivepress chat {result["onnx"]}{choice} "What should I pack for a week in Lisbon?"')
     return 0
 
 
@@ -303,6 +303,17 @@ COMMANDS = {
 }
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, except that chat's PROMPT may follow its options: argparse matches an optional
+    positional together with the one before it (MODEL_DIR), so a prompt after an option is left over."""
+    args, left_over = parser.parse_known_args(argv)
+    if args.command == "chat" and args.prompt is None and len(left_over) == 1 and left_over[0][:1] != "-":
+        args.prompt = left_over.pop()
+    if left_over:
+        parser.error(f"unrecognized arguments: {' '.join(left_over)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     # the embedded Prefect server must not try to phone home from an offline machine
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["deploy"]:  # its own parser, options and --help included
         args = argparse.Namespace(command="deploy", arguments=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(build_parser(), argv)
     try:
         return COMMANDS[args.command](args)
     except UserError as error:

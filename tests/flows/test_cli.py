@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from olivepress.config import SAMPLE_DATA, setting_fields
-from olivepress.flows.cli import RUN_FLAGS, VALIDATE_FLAGS, build_parser, config_from, main
+from olivepress.flows.cli import RUN_FLAGS, VALIDATE_FLAGS, build_parser, config_from, main, parse_arguments
 
 
 def olivepress(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -370,3 +370,17 @@ def test_data_name_path_repeated_names_several_datasets_and_a_file_stays_one(tmp
 def test_bad_data_flags_are_user_errors_naming_the_flag_or_field(tmp_path, capsys, args, expected):
     assert main(["run", "--output", str(tmp_path), *args]) == 1
     assert re.search(expected, capsys.readouterr().err)
+
+
+def test_chats_prompt_may_come_before_or_after_its_options(capsys):
+    parser = build_parser()
+    for argv in (
+        ["chat", "m", "hi there", "--adapter", "travel"],
+        ["chat", "m", "--adapter", "travel", "hi there"],
+    ):
+        args = parse_arguments(parser, argv)
+        assert (args.prompt, args.adapter) == ("hi there", "travel")
+    assert parse_arguments(parser, ["chat", "m", "--max-new-tokens", "4"]).prompt is None
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["chat", "m", "--adapter", "travel", "hi", "there"])
+    assert "unrecognized arguments: hi there" in capsys.readouterr().err
