@@ -16,6 +16,9 @@ without branches. The forms:
 * ``split_k``: ``x @ A`` as a batched product over ``--split`` slices of the input (free reshapes) and a
   ``ReduceSum``: more thread blocks for the long, skinny product.
 * ``gemm``: 2-D ``Gemm`` of ``x @ A`` by B with the int4 output as C (beta 1), the Add folded into cuBLAS.
+* ``lora_add``: olivepress's own ``LoraAdd`` CUDA operator (``olivepress/lora_kernel.py``), the branch in one
+  kernel; built with nvcc when ``$OLIVEPRESS_ORT_INCLUDE`` names ONNX Runtime's C API headers. Its output
+  is checked against ``matmul``'s.
 
     python benchmarks/lora_branch_forms.py --out benchmarks/results/lora_branch_forms.json
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 SPLIT = 16  # slices of the input for split_k
-FORMS = ("none", "empty", "add_only", "b_only", "matmul", "split_k", "fused_t", "gemm")
+FORMS = ("none", "empty", "add_only", "b_only", "matmul", "split_k", "fused_t", "gemm", "lora_add")
 
 
 def int4_linear(nodes, inits, name: str, x: str, k: int, n: int, block: int, rng) -> str:
@@ -84,6 +87,14 @@ def branch(form: str, nodes, inits, name: str, x: str, y: str, k: int, n: int, r
         nodes.append(
             helper.make_node("ReduceSum", [f"{name}.pk", f"{name}.axis"], [f"{name}.xa"], keepdims=1)
         )
+    if form == "lora_add":
+        inits.append(numpy_helper.from_array(a, f"{name}.A"))
+        nodes.append(
+            helper.make_node(
+                "LoraAdd", [y, x, f"{name}.A", f"{name}.B"], [f"{name}.sum"], domain="olivepress"
+            )
+        )
+        return f"{name}.sum"
     if form in ("empty", "matmul"):
         inits.append(numpy_helper.from_array(a, f"{name}.A"))
         nodes.append(helper.make_node("MatMul", [x, f"{name}.A"], [f"{name}.xa"]))
@@ -130,19 +141,34 @@ def build(form: str, layers: int, hidden: int, intermediate: int, rank: int, blo
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 1, hidden])],
         inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
+    opsets = [helper.make_opsetid(domain, 1) for domain in ("com.microsoft", "olivepress")]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opsets])
     model.ir_version = 10  # what onnxruntime 1.2x-1.31 loads; newer onnx writes a newer one
     onnx.save(model, path, save_as_external_data=True, location=f"{path.name}.data")
 
 
-def tokens_per_second(path: Path, hidden: int, steps: int, repeats: int) -> list[float]:
+def session_for(path: Path, library: Path | None, cuda_graph: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"})]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def output_of(path: Path, hidden: int, library: Path | None) -> np.ndarray:
+    """The stack's output for a fixed input, without graph capture."""
+    session = session_for(path, library, cuda_graph=False)
+    x = np.linspace(-1, 1, hidden, dtype=np.float32).astype(np.float16).reshape(1, 1, hidden)
+    return session.run(["y"], {"x": x})[0].astype(np.float32)
+
+
+def tokens_per_second(path: Path, hidden: int, steps: int, repeats: int, library: Path | None) -> list[float]:
     """Runs per second of one captured-graph replay (one decode step's worth), ``repeats`` times."""
     import onnxruntime as ort
 
-    providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"})]
-    session = ort.InferenceSession(str(path), providers=providers)
+    session = session_for(path, library, cuda_graph=True)
     x = ort.OrtValue.ortvalue_from_numpy(np.full((1, 1, hidden), 0.01, dtype=np.float16), "cuda", 0)
     y = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, hidden), np.float16, "cuda", 0)
     binding = session.io_binding()
@@ -184,15 +210,32 @@ def main() -> None:
     import onnxruntime as ort
 
     args.work.mkdir(parents=True, exist_ok=True)
+    forms = args.forms.split(",")
+    library = None
+    if "lora_add" in forms:
+        from olivepress.lora_kernel import build_lora_add
+
+        library = build_lora_add(args.work / "kernels")
     results = {}
-    for form in args.forms.split(","):
+    for form in forms:
         path = args.work / f"{form}.onnx"
         build(form, args.layers, args.hidden, args.intermediate, args.rank, args.block_size, path)
         try:
-            rates = tokens_per_second(path, args.hidden, args.steps, args.repeats)
+            rates = tokens_per_second(path, args.hidden, args.steps, args.repeats, library)
             results[form] = {"runs_per_s": [round(r, 1) for r in rates], "median": float(np.median(rates))}
         except Exception as error:  # a form this build of onnxruntime cannot capture is a finding too
             results[form] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    if library is not None and "median" in results.get("lora_add", {}):  # the same weights as matmul's
+        reference = args.work / "matmul.onnx"
+        if not reference.is_file():
+            build(
+                "matmul", args.layers, args.hidden, args.intermediate, args.rank, args.block_size, reference
+            )
+        expected = output_of(reference, args.hidden, None)
+        got = output_of(args.work / "lora_add.onnx", args.hidden, library)
+        scale = float(np.abs(expected).max()) or 1.0
+        results["lora_add"]["max_abs_difference_vs_matmul"] = float(np.abs(got - expected).max())
+        results["lora_add"]["relative_to_output_scale"] = float(np.abs(got - expected).max()) / scale
     branches = 2 * args.layers
     base = results.get("none", {}).get("median")
     print(f"{'form':<10} {'steps/s':>9} {'µs/step':>9} {'µs/branch':>10}")
@@ -204,6 +247,10 @@ def main() -> None:
         row["us_per_branch"] = (per_step - 1e6 / base) / branches if base else None
         extra = f"{row['us_per_branch']:10.2f}" if row["us_per_branch"] is not None else ""
         print(f"{form:<10} {row['median']:9.1f} {per_step:9.1f} {extra}")
+    if "relative_to_output_scale" in results.get("lora_add", {}):
+        print(
+            f"lora_add against matmul: max difference {results['lora_add']['relative_to_output_scale']:.2e} of the output's scale"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

@@ -1,0 +1,63 @@
+"""The LoraAdd CUDA operator (``kernels/lora_add.cu``): one LoRA branch in one kernel, built on the GPU machine.
+
+Why: on a GPU at batch 1, the export's branch (MatMul by A, MatMul by B, Add) costs three dependent kernels,
+~12 µs, against ~4 µs for one (``benchmarks/lora_branch_forms.py``). ONNX Runtime has no operator that does
+it in one, so this library registers ``olivepress.LoraAdd`` for the CUDA execution provider.
+
+Building needs ``nvcc`` and ONNX Runtime's C API header ``onnxruntime_c_api.h`` (it ships with the release
+archives, not with the Python wheels): ``ort_include`` or ``$OLIVEPRESS_ORT_INCLUDE`` names its folder. The
+library is built once per source and header, into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from importlib.resources import files
+from pathlib import Path
+
+from olivepress.errors import UserError
+
+SOURCE = Path(str(files("olivepress") / "kernels" / "lora_add.cu"))
+# Ampere and Hopper machine code, and PTX the driver can compile for newer GPUs
+ARCHITECTURES = [
+    "-gencode",
+    "arch=compute_80,code=sm_80",
+    "-gencode",
+    "arch=compute_90,code=[sm_90,compute_90]",
+]
+
+
+def ort_include_dir(ort_include: Path | None = None) -> Path:
+    folder = ort_include or (
+        Path(os.environ["OLIVEPRESS_ORT_INCLUDE"]) if "OLIVEPRESS_ORT_INCLUDE" in os.environ else None
+    )
+    if folder is None or not (folder / "onnxruntime_c_api.h").is_file():
+        raise UserError(
+            "building the LoraAdd operator needs ONNX Runtime's C API header: set OLIVEPRESS_ORT_INCLUDE to the "
+            "include/ folder of an onnxruntime release archive (onnxruntime_c_api.h)"
+        )
+    return folder
+
+
+def build_lora_add(out_dir: Path, ort_include: Path | None = None) -> Path:
+    """``out_dir/liblora_add-<digest>.so``, compiled with nvcc unless already there."""
+    include = ort_include_dir(ort_include)
+    digest = hashlib.sha256(SOURCE.read_bytes() + (include / "onnxruntime_c_api.h").read_bytes()).hexdigest()[
+        :16
+    ]
+    library = out_dir / f"liblora_add-{digest}.so"
+    if library.is_file():
+        return library
+    nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = library.with_suffix(".so.partial")
+    command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *ARCHITECTURES]
+    command += ["-I", str(include), str(SOURCE), "-o", str(partial)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvcc could not build {SOURCE.name}:\n{done.stderr[-3000:]}")
+    partial.replace(library)
+    return library
