@@ -33,7 +33,68 @@ __device__ float warp_sum(float value) {
   return value;
 }
 
-// grid: (ceil(N / kThreads), M); dynamic shared memory: r floats (x @ A of this block's row)
+// The kernel for a rank the library was compiled for (R a multiple of 8; A's rows 16-byte aligned). B's
+// column and y are loaded first: they do not depend on x @ A, so their latency hides behind it. A's rows
+// are read 16 bytes at a time, and every loop is unrolled so that the loads are in flight together.
+// grid: (ceil(N / kThreads), M)
+template <int R>
+__global__ void lora_add_fixed_rank(const half* __restrict__ y, const half* __restrict__ x,
+                                    const half* __restrict__ a, const half* __restrict__ b,
+                                    half* __restrict__ out, int k, int n) {
+  __shared__ float partial[kWarps][R];
+  __shared__ float xa[R];
+  const int row = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int column = blockIdx.x * kThreads + tid;
+  const bool writes = column < n;
+  const int64_t at = static_cast<int64_t>(row) * n + column;
+
+  float b_column[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) b_column[j] = writes ? __half2float(b[static_cast<int64_t>(j) * n + column]) : 0.f;
+  const float y_value = writes ? __half2float(y[at]) : 0.f;
+
+  float sums[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) sums[j] = 0.f;
+  const half* x_row = x + static_cast<int64_t>(row) * k;
+#pragma unroll 4
+  for (int i = tid; i < k; i += kThreads) {
+    const float xi = __half2float(x_row[i]);
+    const uint4* a_row = reinterpret_cast<const uint4*>(a + static_cast<int64_t>(i) * R);
+#pragma unroll
+    for (int v = 0; v < R / 8; ++v) {
+      const uint4 packed = a_row[v];
+      const half2* pairs = reinterpret_cast<const half2*>(&packed);
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const float2 values = __half22float2(pairs[p]);
+        sums[v * 8 + 2 * p] += xi * values.x;
+        sums[v * 8 + 2 * p + 1] += xi * values.y;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    const float total = warp_sum(sums[j]);
+    if (tid % 32 == 0) partial[tid / 32][j] = total;
+  }
+  __syncthreads();
+  if (tid < R) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += partial[w][tid];
+    xa[tid] = total;
+  }
+  __syncthreads();
+  if (!writes) return;
+  float delta = 0.f;
+#pragma unroll
+  for (int j = 0; j < R; ++j) delta += xa[j] * b_column[j];
+  out[at] = __float2half(y_value + delta);
+}
+
+// Any other rank (0 included: out = y): x @ A in chunks of kRankChunk ranks, r floats of shared memory.
 __global__ void lora_add_kernel(const half* __restrict__ y, const half* __restrict__ x,
                                 const half* __restrict__ a, const half* __restrict__ b,
                                 half* __restrict__ out, int k, int n, int r) {
@@ -132,10 +193,23 @@ OrtStatus* ORT_API_CALL Compute(void* /*kernel*/, OrtKernelContext* context) {
   RETURN_IF_ERROR(g_api->KernelContext_GetGPUComputeStream(context, &stream));
 
   const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>(rows));
-  lora_add_kernel<<<grid, kThreads, r * sizeof(float), static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const half*>(data[0]), static_cast<const half*>(data[1]), static_cast<const half*>(data[2]),
-      static_cast<const half*>(data[3]), static_cast<half*>(data[4]), static_cast<int>(k), static_cast<int>(n),
-      static_cast<int>(r));
+  const auto on = static_cast<cudaStream_t>(stream);
+  const auto* y = static_cast<const half*>(data[0]);
+  const auto* x = static_cast<const half*>(data[1]);
+  const auto* a = static_cast<const half*>(data[2]);
+  const auto* b = static_cast<const half*>(data[3]);
+  auto* out = static_cast<half*>(data[4]);
+  const int k32 = static_cast<int>(k), n32 = static_cast<int>(n);
+  const bool aligned = reinterpret_cast<uintptr_t>(a) % 16 == 0;
+  switch (aligned ? r : -1) {
+    case 8: lora_add_fixed_rank<8><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
+    case 16: lora_add_fixed_rank<16><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
+    case 32: lora_add_fixed_rank<32><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
+    case 48: lora_add_fixed_rank<48><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
+    case 64: lora_add_fixed_rank<64><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
+    default:
+      lora_add_kernel<<<grid, kThreads, r * sizeof(float), on>>>(y, x, a, b, out, k32, n32, static_cast<int>(r));
+  }
   const cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return g_api->CreateStatus(ORT_FAIL, cudaGetErrorString(launched));
   return nullptr;
