@@ -8,7 +8,15 @@ from olivepress import cache_keys
 from olivepress.config import RunConfig, load_config
 from olivepress.tasks import evaluate, finetune, optimize, quantize, validate
 
-STEPS = [validate.STEP, quantize.STEP, finetune.STEP, optimize.STEP, evaluate.STEP]
+STEPS = [
+    validate.STEP,
+    quantize.STEP,
+    finetune.STEP,
+    optimize.STEP,
+    optimize.ADAPTER_STEP,  # export_adapter: a further dataset's adapter against the base export
+    evaluate.STEP,
+    evaluate.ADAPTER_STEP,  # evaluate_adapter: one dataset's adapter on its held-out split
+]
 NAMES = [step.name for step in STEPS]
 
 
@@ -57,10 +65,11 @@ def test_a_step_covers_the_modules_it_imports_lazy_ones_included():
     assert "olivepress.tasks.optimize" in modules["evaluate"]
     assert "olivepress.genai" in modules["evaluate"] and "olivepress.genai" in modules["optimize"]
     assert {"olivepress.int4", "olivepress.prompts"} <= modules["quantize"] & modules["finetune"]
-    for name, covered in modules.items():
-        assert f"olivepress.tasks.{name}" in covered
-        assert "olivepress.chat" not in covered, name
-        assert not covered & cache_keys.NOT_OUTPUT_CODE, name
+    for step in STEPS:
+        covered = modules[step.name]
+        assert step.module in covered
+        assert "olivepress.chat" not in covered, step.name
+        assert not covered & cache_keys.NOT_OUTPUT_CODE, step.name
 
 
 # module edited → the steps whose code version changes (the table in the README's "Caching")
@@ -68,14 +77,21 @@ INVALIDATION = {
     "olivepress.tasks.validate": ["validate"],
     "olivepress.tasks.quantize": ["quantize"],
     "olivepress.tasks.finetune": ["finetune"],
-    "olivepress.tasks.optimize": ["optimize", "evaluate"],
-    "olivepress.tasks.evaluate": ["evaluate"],
+    "olivepress.tasks.optimize": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
+    "olivepress.tasks.evaluate": ["evaluate", "evaluate_adapter"],
     "olivepress.tasks.report": ["validate"],  # validate publishes a failure's report with it
     "olivepress.int4": ["quantize", "finetune"],
-    "olivepress.prompts": ["quantize", "finetune", "optimize", "evaluate"],
-    "olivepress.genai": ["optimize", "evaluate"],
-    "olivepress.lora_graph": ["optimize", "evaluate"],
-    "olivepress.gpu_memory": ["evaluate"],
+    "olivepress.prompts": [
+        "quantize",
+        "finetune",
+        "optimize",
+        "export_adapter",
+        "evaluate",
+        "evaluate_adapter",
+    ],
+    "olivepress.genai": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
+    "olivepress.lora_graph": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
+    "olivepress.gpu_memory": ["evaluate", "evaluate_adapter"],
     "olivepress.files": ["validate"],
     "olivepress.chat": [],
     "olivepress.registry": [],
@@ -99,7 +115,7 @@ def test_editing_build_base_model_invalidates_evaluate_which_calls_it(monkeypatc
         old='"""The unquantized model through the same builder',
         new='"""The unquantized model (edited) through the same builder',
     )
-    assert changed == ["optimize", "evaluate"]
+    assert changed == ["optimize", "export_adapter", "evaluate", "evaluate_adapter"]
 
 
 def test_a_new_import_brings_its_module_into_the_code_version(monkeypatch):
@@ -133,12 +149,15 @@ SETTINGS = {
     "validation.max_chars": (100, ["validate"]),
     "quantize.calibration_samples": (8, ["quantize"]),
     "finetune.max_steps": (7, ["finetune"]),
-    "optimize.cuda_graph": (False, ["optimize", "evaluate"]),
-    "evaluate.max_new_tokens": (9, ["evaluate"]),
+    "optimize.cuda_graph": (False, ["optimize", "evaluate", "evaluate_adapter"]),
+    "evaluate.max_new_tokens": (9, ["evaluate", "evaluate_adapter"]),
     "seed": (5, ["quantize", "finetune"]),
-    "device": ("gpu", ["finetune", "optimize", "evaluate"]),
-    "text_template": ("U:{prompt} A:{response}", ["quantize", "finetune", "optimize", "evaluate"]),
-    "trust_remote_code": (True, ["quantize", "finetune", "optimize", "evaluate"]),
+    "device": ("gpu", ["finetune", "optimize", "evaluate", "evaluate_adapter"]),
+    "text_template": (
+        "U:{prompt} A:{response}",
+        ["quantize", "finetune", "optimize", "evaluate", "evaluate_adapter"],
+    ),
+    "trust_remote_code": (True, ["quantize", "finetune", "optimize", "evaluate", "evaluate_adapter"]),
     "gate.min_speedup": (0.5, []),
     "retries.step_attempts": (1, []),
     "registry.name": ("travel", []),
