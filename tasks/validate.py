@@ -482,7 +482,7 @@ def validate_task(
             report_path = write_report(report, run_dir)
             publish_validation_failure(report)
             raise InvalidData(
-                f"{data_name} has {len(report.errors)} bad line(s); nothing was trained "
+                f"{data_name} has {len(report.errors)} bad line(s); nothing was trained on it "
                 f"(report: {report_path}):\n{report.to_text()}"
             )
 
