@@ -159,13 +159,14 @@ def run_datasets(run: Run, model: ResolvedModel) -> dict:
     report_dir = run.report_adapters([b.outcome() for b in branches])
     registration = None
     if passed:
+        in_model = trained[0].name if trained[0].failure is None else None
         parts = {
-            "model": registered_model(run, onnx.folder, keep_adapter=trained[0].failure is None),
+            "model": registered_model(run, onnx.folder, keep_adapter=in_model is not None),
             ADAPTERS_DIR: link_adapters(
                 run.dir / ADAPTERS_DIR, {b.name: b.exported.folder / ADAPTER_FILE for b in passed}
             ),
         }
-        lineage = adapters_lineage(run, branches, calibrated)
+        lineage = adapters_lineage(run, branches, calibrated, in_model)
         registration = run.register(model, report_dir, passed[0].evaluation, parts, lineage)
         run.announce(registration, trained_pairs=sum(len(b.train) for b in passed))
     if failed := [b for b in branches if b.failure]:
@@ -262,9 +263,12 @@ def registered_model(run: Run, onnx: Path, *, keep_adapter: bool) -> Path:
     return folder
 
 
-def adapters_lineage(run: Run, branches: list[Branch], calibrated: list[Branch]) -> dict[str, Any]:
+def adapters_lineage(
+    run: Run, branches: list[Branch], calibrated: list[Branch], in_model: str | None
+) -> dict[str, Any]:
     """Per adapter: its file in the entry, its data, its measurements and gate; the failed datasets; every
-    dataset's file and hash, and which ones AWQ calibrated on (``data.sha256`` is their joint hash)."""
+    dataset's file and hash, and which ones AWQ calibrated on (``data.sha256`` is their joint hash);
+    ``model_adapter``: the adapter whose files (and merged graph) the entry's model folder holds, if any."""
     from olivepress.files import file_sha256
 
     adapters, failed = {}, {}
@@ -289,4 +293,4 @@ def adapters_lineage(run: Run, branches: list[Branch], calibrated: list[Branch])
         "calibration_datasets": [b.name for b in calibrated],
         "datasets": {b.name: {"path": b.source, "sha256": b.data_sha256} for b in branches},
     }
-    return {"data": data, "adapters": adapters, "failed_adapters": failed}
+    return {"data": data, "adapters": adapters, "failed_adapters": failed, "model_adapter": in_model}

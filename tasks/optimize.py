@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -167,6 +168,7 @@ def run_model_builder(
     chatter = io.StringIO()
     with (
         tempfile.TemporaryDirectory(prefix="olivepress-builder-") as cache_dir,
+        builder_outside_any_git_repository(),
         quiet_logger("onnxruntime.quantization"),
         contextlib.redirect_stdout(chatter),
         contextlib.redirect_stderr(chatter),
@@ -192,6 +194,23 @@ def run_model_builder(
             ) from error
     if cuda_graph:
         prepare_cuda_graph(out_dir)
+
+
+@contextlib.contextmanager
+def builder_outside_any_git_repository():
+    """The builder stamps each ONNX model with ``git rev-parse HEAD`` run from a folder above its package,
+    which finds the repository a virtual environment sits in (this project's own, in development): the
+    export's bytes, and every key after optimize, would change with each commit there. With ``GIT_DIR``
+    pointing nowhere, git fails and the builder stamps its own package's commit."""
+    saved = os.environ.get("GIT_DIR")
+    os.environ["GIT_DIR"] = os.devnull
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("GIT_DIR", None)
+        else:
+            os.environ["GIT_DIR"] = saved
 
 
 CONTROL_FLOW_OPS = ("If", "Loop", "Scan")

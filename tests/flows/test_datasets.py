@@ -191,6 +191,7 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
     [_, second] = LocalRegistry(config.registry.path).entries()
     lineage = second.lineage
     assert set(lineage["adapters"]) == {"travel", "cooking", "hiking"}
+    assert lineage["model_adapter"] == "travel"  # the first dataset's adapter is the one inside model/
     assert "line 2" in lineage["failed_adapters"]["broken"]["failure"]
     assert sorted(p.name for p in (second.path / "adapters").iterdir()) == [
         "cooking.onnx_adapter",
@@ -212,3 +213,4 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
     assert not (third.path / "model" / "adapter_weights.onnx_adapter").exists()
     assert (third.path / "model" / "model.onnx").is_file()
     assert list(third.lineage["failed_adapters"]) == ["travel"]
+    assert third.lineage["model_adapter"] is None

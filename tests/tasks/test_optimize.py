@@ -50,6 +50,21 @@ def test_folder_holds_what_the_runtime_loads(exported):
     assert decoder["session_options"]["provider_options"] == []  # the CPU execution provider
 
 
+def test_the_export_does_not_depend_on_the_repository_around_the_environment(exported):
+    """The builder stamps the model with a git commit; found from inside a checkout (a development venv,
+    CI's clone) it would be that checkout's HEAD, and each commit would change the export's bytes."""
+    import subprocess
+
+    import onnx
+    import onnxruntime_genai as og
+
+    stamp = onnx.load(exported.model_dir / "model.onnx", load_external_data=False).producer_version
+    commit = getattr(og, "__commit__", None)
+    assert stamp == og.__version__ + (f"+{commit[:7]}" if commit else "")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert not head or head[:7] not in stamp
+
+
 def builder_stem(layer: int, block: str, module: str) -> str:
     return f"model.layers.{layer}.{block}.{module}.MatMulNBits"
 
