@@ -102,6 +102,9 @@ class ProgressDisplay:
         self, step: str, label: str, done: int | None = None, total: int | None = None, **extras: object
     ) -> None:
         with self.lock:
+            if self.step is not None and " " in self.step and self.step.split(" ")[0].startswith(step):
+                # one dataset's step ("finetune travel", "evaluate_adapter travel") reports as its step
+                step = self.step
             if step != self.step or self.ended:
                 self.begin(step)
             now = self.clock()
