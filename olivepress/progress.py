@@ -102,11 +102,11 @@ class ProgressDisplay:
         self, step: str, label: str, done: int | None = None, total: int | None = None, **extras: object
     ) -> None:
         with self.lock:
-            if self.step is not None and " " in self.step and self.step.split(" ")[0].startswith(step):
-                # one dataset's step ("finetune travel", "evaluate_adapter travel") reports as its step
-                step = self.step
-            if step != self.step or self.ended:
+            # a step's code reports on the line the flow opened for it, under whatever name that line has
+            # ("finetune travel" for a dataset's training); ``step`` names a line only when none is open
+            if self.step is None or self.ended:
                 self.begin(step)
+            step = self.step
             now = self.clock()
             eta = None
             if done is not None and total is not None:
