@@ -307,14 +307,23 @@ def ratio(rows: dict, top: str, bottom: str, key: str = "decode_tokens_per_s") -
 
 def with_cuda_graph(source: Path, target: Path, enabled: bool) -> Path:
     """``source`` as a folder of links with its own genai_config.json, CUDA graphs switched on or off."""
+
+    def switch(config: dict) -> None:
+        providers = config["model"]["decoder"]["session_options"]["provider_options"]
+        cuda = [options["cuda"] for options in providers if "cuda" in options]
+        if not cuda:
+            raise ValueError(f"{source} is not a CUDA export: genai_config.json names no cuda provider")
+        cuda[0]["enable_cuda_graph"] = "1" if enabled else "0"
+
+    return with_genai_config(source, target, switch)
+
+
+def with_genai_config(source: Path, target: Path, edit) -> Path:
+    """``source`` as a folder of links with its own genai_config.json, as ``edit(config)`` changes it."""
     from olivepress.genai import GENAI_CONFIG
 
     config = json.loads((source / GENAI_CONFIG).read_text())
-    providers = config["model"]["decoder"]["session_options"]["provider_options"]
-    cuda = [options["cuda"] for options in providers if "cuda" in options]
-    if not cuda:
-        raise ValueError(f"{source} is not a CUDA export: genai_config.json names no cuda provider")
-    cuda[0]["enable_cuda_graph"] = "1" if enabled else "0"
+    edit(config)
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     for item in source.iterdir():

@@ -35,6 +35,7 @@ from gpu_lab import (
     known_bandwidth,
     model_bytes,
     prepare_model,
+    with_genai_config,
 )
 
 # the decoder linears a default run adapts, by the architecture's own names
@@ -48,20 +49,14 @@ FPA_INTB_OPTION = "ep.cuda.fpa_intb_gemm"  # session config key; overrides ORT_F
 
 def with_kernel(source: Path, target: Path, fpa_intb: str | None) -> Path:
     """``source`` as a folder of links whose genai_config.json asks for the fpA_intB kernel (or not)."""
-    from olivepress.genai import GENAI_CONFIG
 
-    config = json.loads((source / GENAI_CONFIG).read_text())
-    options = config["model"]["decoder"]["session_options"]
-    options.pop(FPA_INTB_OPTION, None)
-    if fpa_intb is not None:
-        options[FPA_INTB_OPTION] = fpa_intb
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    for item in source.iterdir():
-        if item.name != GENAI_CONFIG:
-            (target / item.name).symlink_to(item.resolve())
-    (target / GENAI_CONFIG).write_text(json.dumps(config, indent=1))
-    return target
+    def choose(config: dict) -> None:
+        options = config["model"]["decoder"]["session_options"]
+        options.pop(FPA_INTB_OPTION, None)
+        if fpa_intb is not None:
+            options[FPA_INTB_OPTION] = fpa_intb
+
+    return with_genai_config(source, target, choose)
 
 
 def exports(model_dir: Path, work: Path, group_size: int, device: str) -> dict[str, tuple[Path, Path | None]]:
