@@ -31,9 +31,8 @@ ARCHITECTURES = [
 
 
 def ort_include_dir(ort_include: Path | None = None) -> Path:
-    folder = ort_include or (
-        Path(os.environ["OLIVEPRESS_ORT_INCLUDE"]) if "OLIVEPRESS_ORT_INCLUDE" in os.environ else None
-    )
+    named = os.environ.get("OLIVEPRESS_ORT_INCLUDE")
+    folder = ort_include or (Path(named) if named else None)
     if folder is None or not (folder / "onnxruntime_c_api.h").is_file():
         raise UserError(
             "building the LoraAdd operator needs ONNX Runtime's C API header: set OLIVEPRESS_ORT_INCLUDE to the "
