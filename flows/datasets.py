@@ -2,9 +2,11 @@
 
 Each dataset is validated; AWQ quantizes the base once, calibrated on a sample drawn evenly from the
 datasets ``calibration_datasets`` names (default: all); a LoRA adapter is fine-tuned per dataset as a Prefect
-fan-out, one at a time (:data:`TRAININGS_AT_ONCE`); the base is exported with the first dataset's adapter (the
-optimize step), every further adapter as its own ``.onnx_adapter`` against that same graph
-(``export_adapter``); each adapter is evaluated on its own dataset's held-out pairs and gated on its own.
+fan-out, each training in a child process of its own, as many at once as ``trainings_at_once`` says (by
+default one per visible GPU, each child pinned to its GPU; one at a time on cpu:
+:mod:`olivepress.tasks.finetune_worker` says why a process each); the base is exported with the first
+dataset's adapter (the optimize step), every further adapter as its own ``.onnx_adapter`` against that same
+graph (``export_adapter``); each adapter is evaluated on its own dataset's held-out pairs and gated on its own.
 
 Every step keeps its content key: a step of one dataset's branch keys on that dataset's data, the shared
 ones (quantize, the base's export) on the calibration datasets', so adding a dataset later (with
@@ -35,6 +37,7 @@ from olivepress.registry import ADAPTER_SUFFIX, ADAPTERS_DIR
 from olivepress.steps import StepOutput
 from olivepress.tasks.evaluate import evaluate_adapter_task
 from olivepress.tasks.finetune import LOSS_FILE, finetune_task
+from olivepress.tasks.finetune_worker import TRAINING_FILE, Trainings, training_slots
 from olivepress.tasks.optimize import export_adapter_task, optimize_task
 from olivepress.tasks.quantize import quantize_task
 from olivepress.tasks.report import AdapterOutcome
@@ -44,12 +47,6 @@ if TYPE_CHECKING:
     from olivepress.model_source import ResolvedModel
     from olivepress.tasks.evaluate import Evaluation
 
-# Trainings in one process cannot overlap: transformers' model loading (accelerate's init_empty_weights)
-# patches torch.nn.Module process-wide, so a second load during the first puts meta tensors into the other
-# training ("Cannot copy out of meta tensor", seen with two at once), and both would share the global RNG
-# and the first GPU. One training per GPU is several processes: workers (or pools) pinned to a GPU each,
-# capped across runs by the "finetune" tag's concurrency limit.
-TRAININGS_AT_ONCE = 1
 BASE_ONLY = "base"  # the run folder's copy of the export without its adapter, when that adapter failed
 
 
@@ -100,21 +97,35 @@ def calibration_pool(trains: list[list[dict]], samples: int, seed: int) -> list[
 
 
 @task(name="adapter", cache_policy=NO_CACHE, task_run_name="adapter-{dataset}", tags=["olivepress"])
-def train_adapter(run: Run, dataset: str, checkpoint: StepOutput, train: list[dict]) -> StepOutput:
-    """One branch of the fan-out: its dataset's fine-tuning, a cached step of its own."""
-    return run.step(finetune_task, dataset=dataset, checkpoint_dir=checkpoint, examples=train)
+def train_adapter(
+    run: Run, dataset: str, checkpoint: StepOutput, train: list[dict], trainings: Trainings
+) -> StepOutput:
+    """One branch of the fan-out: its dataset's fine-tuning, a cached step of its own, trained (when not
+    reused) in a child process on a GPU of ``trainings``; ``training.json`` in the dataset's folder says
+    which GPU and when."""
+    trainer = trainings.trainer(dataset, run.folder(dataset) / TRAINING_FILE)
+    return run.step(
+        finetune_task, dataset=dataset, checkpoint_dir=checkpoint, examples=train, trainer=trainer
+    )
 
 
 def train_adapters(run: Run, branches: list[Branch], quantized: StepOutput) -> None:
-    """Fine-tune every branch's adapter, :data:`TRAININGS_AT_ONCE` at a time; a training that fails fails
-    its branch."""
+    """Fine-tune every branch's adapter, ``trainings_at_once`` at a time (default: one per visible GPU, one
+    on cpu), each in its own process; a training that fails fails its branch."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    with ThreadPoolTaskRunner(max_workers=TRAININGS_AT_ONCE) as runner:
+    trainings = Trainings(training_slots(run.config.device, run.config.trainings_at_once), run.log)
+    with ThreadPoolTaskRunner(max_workers=trainings.at_once) as runner:
         futures = [
             runner.submit(
                 train_adapter,
-                parameters={"run": run, "dataset": b.name, "checkpoint": quantized, "train": b.train},
+                parameters={
+                    "run": run,
+                    "dataset": b.name,
+                    "checkpoint": quantized,
+                    "train": b.train,
+                    "trainings": trainings,
+                },
             )
             for b in branches
         ]

@@ -220,6 +220,14 @@ class RunConfig(Section):
         description="Where to train and which ONNX target to build: cpu, or gpu (CUDA training, CUDA "
         "execution provider in the ONNX model).",
     )
+    trainings_at_once: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="With several datasets, adapters trained at once, each in its own process; default: one "
+        "per visible GPU (CUDA_VISIBLE_DEVICES, else all) with device gpu, each pinned to its GPU (more "
+        "than the GPUs share them in turn), one with device cpu. Part of no cache key.",
+    )
     text_template: str | None = Field(
         None,
         description="Format of a training example, with {prompt} and {response}; default: the chat template.",

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,23 +301,31 @@ STEP = Step(
     __name__,
     inputs=("checkpoint_dir", "examples"),
     settings=("finetune", "device", "seed", "text_template", "trust_remote_code"),
+    context=("trainer",),
     tags=("lora",),
 )
 
 
 @STEP.task
 def finetune_task(
-    store: ArtifactStore, key: str, settings: StepSettings, checkpoint_dir: Path, examples: list[dict]
+    store: ArtifactStore,
+    key: str,
+    settings: StepSettings,
+    checkpoint_dir: Path,
+    examples: list[dict],
+    trainer: Callable[..., FinetuneResult] | None = None,
 ) -> Manifest:
     """The adapter for ``key``. Training checkpoints and Olive's cache live in the store's work folder for
     the key (:meth:`ArtifactStore.work_dir`), so a run that crashed mid-training resumes from its last
     checkpoint; only the run holding the key's lock trains there, and the folder goes once the adapter is
-    stored."""
+    stored. ``trainer``: where the training runs, called as :func:`finetune_lora` (a run with several
+    datasets trains each in a child process, :mod:`olivepress.tasks.finetune_worker`); None: here."""
     work_dir = store.work_dir("finetune", key)
+    train = trainer or finetune_lora
     return store.produce(
         "finetune",
         key,
-        lambda out: finetune_lora(
+        lambda out: train(
             checkpoint_dir,
             examples,
             out,

@@ -10,6 +10,7 @@ from olivepress.flows.datasets import DatasetsFailed, calibration_pool
 from olivepress.flows.pipeline import new_run_dir, olivepress_flow
 from olivepress.registry import LocalRegistry
 from tests.flows.test_pipeline import read_flow_run_artifacts, tiny_config
+from tests.tasks.test_finetune_worker import fake_worker, most_at_once, read_record  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,43 +42,37 @@ def test_calibration_pool_takes_the_datasets_in_turn():
     assert calibration_pool([a], samples=3, seed=0) is a, "one dataset: its pairs as its own run has them"
 
 
-def test_adapters_train_as_a_fan_out_one_at_a_time(monkeypatch):
-    """train_adapters submits one task per branch, at most TRAININGS_AT_ONCE running; a branch whose
-    training raises fails alone."""
-    import threading
-    import time
+@pytest.mark.usefixtures("fake_worker")
+@pytest.mark.parametrize("at_once", [None, 2])
+def test_adapters_train_as_a_fan_out_in_child_processes(monkeypatch, tmp_path, at_once):
+    """train_adapters submits one task per branch, each training in a child process, at most
+    trainings_at_once (on cpu by default 1) at a time; a branch whose child fails fails alone, named with
+    the child's error."""
+    import logging
     from types import SimpleNamespace
 
     from prefect import flow, task
 
     from olivepress.flows import datasets
 
-    lock, running, most = threading.Lock(), [0], [0]
-
     @task
-    def fake_training(run, dataset, checkpoint, train):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.3)
-        with lock:
-            running[0] -= 1
-        if dataset == "bad":
-            raise RuntimeError("out of memory")
-        return f"adapter of {dataset}"
+    def training(run, dataset, checkpoint, train, trainings):
+        trainer = trainings.trainer(dataset, tmp_path / f"{dataset}.json")
+        return trainer(dataset, mode="crash" if dataset == "bad" else "train")["args"]
 
-    monkeypatch.setattr(datasets, "train_adapter", fake_training)
-    branches = [datasets.Branch(name, name, Path(name), "0" * 64) for name in ("a", "b", "bad", "c", "d")]
-    flow(lambda: datasets.train_adapters(SimpleNamespace(), branches, quantized=None))()
-    assert most[0] == datasets.TRAININGS_AT_ONCE == 1
-    assert [b.adapter for b in branches] == [
-        "adapter of a",
-        "adapter of b",
-        None,
-        "adapter of c",
-        "adapter of d",
-    ]
-    assert branches[2].failure == "fine-tuning failed: out of memory"
+    monkeypatch.setattr(datasets, "train_adapter", training)
+    names = ("a", "b", "bad", "c")
+    branches = [datasets.Branch(name, name, Path(name), "0" * 64) for name in names]
+    config = SimpleNamespace(device="cpu", trainings_at_once=at_once)
+    run = SimpleNamespace(config=config, log=logging.getLogger(__name__))
+    flow(lambda: datasets.train_adapters(run, branches, quantized=None))()
+
+    assert [b.adapter for b in branches] == [("a",), ("b",), None, ("c",)]
+    assert branches[2].failure.startswith("fine-tuning failed: its process exited with code 3")
+    assert "  bad: fine-tuning failed: " in datasets.failures_text(branches, "1 of 4 datasets failed")
+    assert "boom: CUDA out of memory" in branches[2].failure, "the end of the child's output"
+    records = [read_record(tmp_path / f"{name}.json") for name in names]
+    assert most_at_once(records) == (at_once or 1)
 
 
 def adapter_logits(onnx_dir: Path, adapter_files: dict[str, Path], ids: list[int]) -> dict[str, np.ndarray]:

@@ -100,6 +100,7 @@ INVALIDATION = {
     "olivepress.progress": [],
     "olivepress.config": [],
     "olivepress.flows.pipeline": [],
+    "olivepress.tasks.finetune_worker": [],  # runs finetune's code in a child process, computes nothing
 }
 
 
@@ -162,6 +163,7 @@ SETTINGS = {
     "retries.step_attempts": (1, []),
     "registry.name": ("travel", []),
     "output": ("elsewhere", []),
+    "trainings_at_once": (2, []),
 }
 
 
