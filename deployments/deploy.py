@@ -15,8 +15,9 @@ is copied, pulled or baked into the deployment.
 Concurrency: each pool's concurrency limit is the number of runs it executes at once, so one training at a
 time per GPU: a Docker GPU pool drives one GPU (``gpu_device``) and has limit 1 (a host with several GPUs
 gets one pool per GPU); a Kubernetes pool's limit is the number of GPUs the cluster gives it, each run's pod
-requesting one ``nvidia.com/gpu``; the process pool runs one at a time on its machine. ``finetune_limit``
-adds a global cap on the ``finetune`` task tag across every pool (a Prefect tag concurrency limit).
+requesting one ``nvidia.com/gpu``; the process pool runs one at a time on its machine (a run with several
+datasets trains one adapter per GPU it sees at once). ``finetune_limit`` adds a global cap on the
+``finetune`` task tag across every pool (a Prefect tag concurrency limit), each of a run's trainings counted.
 """
 
 from __future__ import annotations

@@ -112,14 +112,17 @@ def statuses(run_dir: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, travel_jsonl):
-    """Two datasets give one base and two adapters that load together and differ; adding a third (and a bad
-    one) later reuses the base and both adapters, registers the three good ones and fails naming the bad."""
+    """Two datasets give one base and two adapters (trained at once) that load together and differ; adding a
+    third (and a bad one) later reuses the base and both adapters, registers the three good ones and fails
+    naming the bad."""
     cooking = write_pairs(tmp_path / "cooking.jsonl", "cooking")
     settings = {"finetune.learning_rate": 0.01, "evaluate.speed_samples": 1}
     two = {"travel": travel_jsonl, "cooking": cooking}
-    config = tiny_config(tmp_path, tiny_model_dir, datasets=two, **settings)
+    config = tiny_config(tmp_path, tiny_model_dir, datasets=two, trainings_at_once=2, **settings)
     run_dir = new_run_dir(config)
     result = olivepress_flow(config, run_dir)
+    trainings = [read_record(run_dir / "datasets" / name / "training.json") for name in two]
+    assert most_at_once(trainings) == 2, "the two adapters trained at once, each in its own process"
 
     assert set(result["adapters"]) == {"travel", "cooking"}
     assert statuses(run_dir) == {
