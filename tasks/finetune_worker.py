@@ -110,6 +110,9 @@ class Trainings:
                 env=env,
                 pass_fds=(write_end,),
             )
+        except BaseException:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
         where = f"process {child.pid}" + (f" on GPU {gpu}" if gpu is not None else "")

@@ -4,6 +4,7 @@ real trainings at once on the tiny model."""
 import io
 import json
 import logging
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -164,3 +165,36 @@ def test_two_real_trainings_at_once_in_child_processes(tmp_path, tiny_int4_dir):
     assert any(
         not adapters["a"][key].equal(adapters["b"][key]) for key in adapters["a"] if "lora_B" in key
     ), "two datasets, two adapters"
+
+
+def test_a_training_dies_with_its_parent(tmp_path):
+    """A killed run takes its children with it: none goes on writing into the key's work folder."""
+    import signal
+    import subprocess
+    import time
+
+    child_pid = tmp_path / "child.pid"
+    child = (
+        "import os, sys, time; from olivepress.tasks.finetune_worker import die_with_parent; "
+        f"die_with_parent(os.getppid()); open({str(child_pid)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"]
+    )
+    deadline = time.monotonic() + 30
+    while not child_pid.exists() or not child_pid.read_text():
+        assert time.monotonic() < deadline, "the child did not start"
+        time.sleep(0.05)
+    pid = int(child_pid.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    status = Path(f"/proc/{pid}/status")
+    while time.monotonic() < deadline:
+        try:
+            if "zombie" in status.read_text():  # dead, not reaped yet by whoever adopted it
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the training outlived its parent")
