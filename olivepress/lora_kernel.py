@@ -41,10 +41,13 @@ def ort_include_dir(ort_include: Path | None = None) -> Path:
     return folder
 
 
-def build_lora_add(out_dir: Path, ort_include: Path | None = None) -> Path:
-    """``out_dir/liblora_add-<digest>.so``, compiled with nvcc unless already there."""
+def build_lora_add(out_dir: Path, ort_include: Path | None = None, source: Path | None = None) -> Path:
+    """``out_dir/liblora_add-<digest>.so``, compiled with nvcc unless already there. ``source`` replaces the
+    packaged ``kernels/lora_add.cu`` (a benchmark times an earlier version beside it); the digest covers the
+    source's bytes, so versions do not overwrite each other."""
     include = ort_include_dir(ort_include)
-    digest = hashlib.sha256(SOURCE.read_bytes() + (include / "onnxruntime_c_api.h").read_bytes()).hexdigest()[
+    source = source or SOURCE
+    digest = hashlib.sha256(source.read_bytes() + (include / "onnxruntime_c_api.h").read_bytes()).hexdigest()[
         :16
     ]
     library = out_dir / f"liblora_add-{digest}.so"
@@ -54,9 +57,9 @@ def build_lora_add(out_dir: Path, ort_include: Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(".so.partial")
     command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *ARCHITECTURES]
-    command += ["-I", str(include), str(SOURCE), "-o", str(partial)]
+    command += ["-I", str(include), str(source), "-o", str(partial)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"nvcc could not build {SOURCE.name}:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"nvcc could not build {source.name}:\n{done.stderr[-3000:]}")
     partial.replace(library)
     return library
