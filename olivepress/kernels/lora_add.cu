@@ -1,20 +1,62 @@
 // LoraAdd (domain "olivepress"): out = y + (x @ A) @ B, one LoRA branch in one CUDA kernel.
 //
-// Why: at batch-1 decoding on a GPU every dependent kernel costs ~4 µs however little it reads, and the
-// export's branch is three of them (MatMul by A, MatMul by B, Add; benchmarks/lora_branch_forms.py). This
-// operator does the branch in one: every thread block recomputes the rank-r product x @ A for its rows
-// (A is small and stays in L2), then adds its slice of (x @ A) @ B to y. A and B keep being graph inputs,
-// so an .onnx_adapter file still switches them at run time.
+// Why: at batch-1 decoding on a GPU every dependent kernel costs microseconds however little it reads, and
+// the export's branch is three of them (MatMul by A, MatMul by B, Add; benchmarks/lora_branch_forms.py).
+// This operator does the branch in one launch. A and B stay graph inputs, so an .onnx_adapter file still
+// switches them at run time (r may change from one run to the next).
 //
 // Inputs: y [..., N] (the int4 product), x [..., K] (its input), A [K, r], B [r, N], all float16; r may be
-// 0 (no adapter active: out = y). Output: out, shaped as y. Built against ONNX Runtime's C API header only
-// (no link to onnxruntime): the library's RegisterCustomOps receives the API from the session.
+// 0 (no adapter active: out = y). Output: out, shaped as y. "rows" below is the product of the leading
+// dimensions (1 when decoding one token, the prompt's length when prefilling). Built against ONNX Runtime's
+// C API header only (no link to onnxruntime): the library's RegisterCustomOps receives the API from the
+// session.
+//
+// The kernels (256 threads a block; every sum in fp32):
+//
+// * lora_add_split<R, MR> (rows <= kMaxSplitRows, a compiled rank R in kFixedRanks: 8, 16, 24, 32, 48,
+//   64; A 16-byte aligned): the decode kernel. A kernel where every block recomputed x @ A over all of A (up
+//   to 256 KB, for down_proj) was bound by one SM's bandwidth from L2 (9.6 us a branch on an H100). Here the
+//   G blocks share that product: phase 1, block b reads A's rows in passes b, b + G, ... (A as a flat array
+//   of 16-byte words, consecutive threads on consecutive words), sums them in the block and adds its
+//   [rows, r] part into a global fp32 scratch xa with atomicAdd; then a grid-wide barrier; phase 2, every
+//   block adds its column tiles of xa @ B to y. With one row, B's column and y of the block's first tile are
+//   loaded before phase 1: they do not depend on x @ A.
+//   The barrier and xa live in a SplitState that belongs to one node (the kernel object CreateKernel
+//   returns) and one CUDA stream (launches on one stream never overlap; concurrent runs of a session on
+//   different streams get different states). It is made on the first run on that stream (cudaMalloc, then
+//   cudaMemsetAsync on that stream) and survives CUDA-graph replay because the kernel keeps its own
+//   invariant (kernel arguments are frozen at capture: nothing can count launches for it): arrived is 0
+//   between launches; a launch reads generation g at its start and accumulates into xa[g & 1], the other
+//   buffer being zero; the last block to arrive zeroes xa[(g & 1) ^ 1] for the next launch, resets arrived
+//   and publishes g + 1, which releases the others (the next launch on the stream starts only after every
+//   block of this one has read xa[g & 1]).
+//   A spin barrier deadlocks unless every block is resident at once, so G is at most the number of SMs
+//   and at most what cudaOccupancyMaxActiveBlocksPerMultiprocessor allows (blocks loop over column tiles
+//   when N needs more); when the occupancy is 0, or no state could be made (a stream first seen while it is
+//   being captured), lora_add_rows runs instead. Set OLIVEPRESS_LORA_ADD_SPLIT=0 (read when the session
+//   makes the kernel) to always run it: where another client may hold SMs for as long as it likes (MPS with
+//   a share of the SMs that the device properties do not report, MIG set up oddly), or where several
+//   spin-barrier kernels may run at once (concurrent runs on one GPU: each grid fits alone, but two whose
+//   blocks hold each other's SMs wait forever; at rank 64 a block takes a whole SM's registers).
+// * lora_add_rows<R, MR> (more rows, or the split off): grid (column splits, ceil(rows / MR)); each block
+//   computes x @ A for its MR rows over all of A (the same coalesced loads), then loops over its column
+//   tiles. Prefill runs it once per prompt; A is read once per MR rows and per column split.
+// * lora_add_any_rank (any other r, 0 included, or A not 16-byte aligned): one row a block, x @ A in chunks
+//   of 8 ranks with 2-byte loads, then the block's columns.
+// All three sum a block's partial products with block_sum.
+//
+// OLIVEPRESS_LORA_ADD_TRACE=1 (read when the session makes the kernel) prints every launch's choice to
+// stderr, for tests and benchmarks that need to know which kernel ran.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <climits>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -22,129 +64,410 @@
 
 namespace {
 
-constexpr int kThreads = 256;      // threads per block; each writes one output column
-constexpr int kRankChunk = 16;     // ranks accumulated in registers at a time
+constexpr int kThreads = 256;  // threads per block; in phase 2 each writes one output column
 constexpr int kWarps = kThreads / 32;
+constexpr int kMaxSplitRows = 4;      // rows up to which lora_add_split runs
+constexpr int kMaxFixedRank = 64;     // the largest compiled rank
+constexpr int kRowBlock = 4;          // rows a lora_add_rows block handles when there are several
+constexpr int kPassesPerBlock = 2;    // passes over A a split block aims at (fewer blocks, fewer atomics)
+constexpr int kAnyRankChunk = 8;      // ranks lora_add_any_rank sums at a time
+constexpr int kMaxAnyRank = 12288;    // its xa is r floats of shared memory (48 KB)
 
 const OrtApi* g_api = nullptr;
 
-__device__ float warp_sum(float value) {
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
-  return value;
+// The barrier and scratch of one node's lora_add_split on one stream (see the header).
+struct SplitState {
+  unsigned int arrived;
+  unsigned int generation;
+  float xa[2][kMaxSplitRows * kMaxFixedRank];  // [parity][row * r + rank]
+};
+static_assert(kMaxSplitRows * kMaxFixedRank == kThreads, "the last block zeroes one xa buffer, a float a thread");
+
+__host__ __device__ constexpr int pow2_at_least(int value) {
+  return value <= 1 ? 1 : 2 * pow2_at_least((value + 1) / 2);
 }
 
-// The kernel for a rank the library was compiled for (R a multiple of 8; A's rows 16-byte aligned). B's
-// column and y are loaded first: they do not depend on x @ A, so their latency hides behind it. A's rows
-// are read 16 bytes at a time, and every loop is unrolled so that the loads are in flight together.
-// grid: (ceil(N / kThreads), M)
+// Sums COUNT values per thread over a block's threads. Layout: within each warp, lane = p * V + v, with p
+// below W = 32 / V (an A row among the warp's W) and v below V (the thread's slice); lanes from W * V on hold
+// nothing (r = 24, 40, 48, 56). result[v * COUNT + e] is the sum of value e over the block's threads of
+// slice v. The warp's W rows are summed with a shuffle tree whose steps are multiples of V (so lanes of one
+// slice meet) and bounded by W, then the warps through shared memory. Ends with the block synchronized.
+template <int V, int COUNT>
+__device__ __forceinline__ void block_sum(float (&values)[COUNT], float (&partial)[kWarps][V * COUNT],
+                                          float (&result)[V * COUNT]) {
+  constexpr int W = 32 / V;
+  constexpr int kTop = pow2_at_least(W) / 2;
+  const int lane = threadIdx.x % 32;
+  const int p = lane / V;
+#pragma unroll
+  for (int step = kTop; step > 0; step /= 2) {
+#pragma unroll
+    for (int e = 0; e < COUNT; ++e) {
+      const float other = __shfl_down_sync(0xffffffffu, values[e], step * V);
+      if (p + step < W) values[e] += other;  // lane + step * V is then a lane of the same slice
+    }
+  }
+  if (lane < V) {
+#pragma unroll
+    for (int e = 0; e < COUNT; ++e) partial[threadIdx.x / 32][lane * COUNT + e] = values[e];
+  }
+  __syncthreads();
+  for (int slot = threadIdx.x; slot < V * COUNT; slot += kThreads) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += partial[w][slot];
+    result[slot] = total;
+  }
+  __syncthreads();
+}
+
+// A as a flat array of 16-byte words: row i of A is words i * V .. i * V + V - 1 (V = R / 8). A pass is
+// kWarps * W consecutive rows; thread (warp w, lane p * V + v) reads word v of row pass * rows_per_pass +
+// w * W + p, so a block reads one contiguous span and every thread keeps its slice v of the ranks.
 template <int R>
-__global__ void lora_add_fixed_rank(const half* __restrict__ y, const half* __restrict__ x,
-                                    const half* __restrict__ a, const half* __restrict__ b,
-                                    half* __restrict__ out, int k, int n) {
-  __shared__ float partial[kWarps][R];
-  __shared__ float xa[R];
-  const int row = blockIdx.y;
-  const int tid = threadIdx.x;
-  const int column = blockIdx.x * kThreads + tid;
-  const bool writes = column < n;
-  const int64_t at = static_cast<int64_t>(row) * n + column;
+struct Slicing {
+  static constexpr int V = R / 8;
+  static constexpr int W = 32 / V;
+  static constexpr int kPassRows = kWarps * W;
+};
 
-  float b_column[R];
+// This thread's part of x @ A for rows 0..rows-1 of x (row stride k), over the passes first, first + step,
+// ...: sums[m * 8 + e] is row m, rank v * 8 + e.
+template <int R, int MR>
+__device__ __forceinline__ void accumulate_xa(float (&sums)[MR * 8], const half* __restrict__ x, int rows,
+                                              const uint4* __restrict__ a, int k, int first, int step) {
+  using S = Slicing<R>;
 #pragma unroll
-  for (int j = 0; j < R; ++j) b_column[j] = writes ? __half2float(b[static_cast<int64_t>(j) * n + column]) : 0.f;
-  const float y_value = writes ? __half2float(y[at]) : 0.f;
-
-  float sums[R];
-#pragma unroll
-  for (int j = 0; j < R; ++j) sums[j] = 0.f;
-  const half* x_row = x + static_cast<int64_t>(row) * k;
+  for (int e = 0; e < MR * 8; ++e) sums[e] = 0.f;
+  const int lane = threadIdx.x % 32;
+  const int p = lane / S::V, v = lane % S::V;
+  if (p >= S::W) return;  // no whole row of A left for this lane
+  const int64_t stride = static_cast<int64_t>(step) * S::kPassRows;
 #pragma unroll 4
-  for (int i = tid; i < k; i += kThreads) {
-    const float xi = __half2float(x_row[i]);
-    const uint4* a_row = reinterpret_cast<const uint4*>(a + static_cast<int64_t>(i) * R);
+  for (int64_t i = static_cast<int64_t>(first) * S::kPassRows + (threadIdx.x / 32) * S::W + p; i < k; i += stride) {
+    const uint4 packed = a[i * S::V + v];
+    float xi[MR];
 #pragma unroll
-    for (int v = 0; v < R / 8; ++v) {
-      const uint4 packed = a_row[v];
-      const half2* pairs = reinterpret_cast<const half2*>(&packed);
+    for (int m = 0; m < MR; ++m) xi[m] = m < rows ? __half2float(x[static_cast<int64_t>(m) * k + i]) : 0.f;
+    const half2* pairs = reinterpret_cast<const half2*>(&packed);
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        const float2 values = __half22float2(pairs[p]);
-        sums[v * 8 + 2 * p] += xi * values.x;
-        sums[v * 8 + 2 * p + 1] += xi * values.y;
+    for (int q = 0; q < 4; ++q) {
+      const float2 values = __half22float2(pairs[q]);
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        sums[m * 8 + 2 * q] += xi[m] * values.x;
+        sums[m * 8 + 2 * q + 1] += xi[m] * values.y;
       }
     }
   }
-#pragma unroll
-  for (int j = 0; j < R; ++j) {
-    const float total = warp_sum(sums[j]);
-    if (tid % 32 == 0) partial[tid / 32][j] = total;
-  }
-  __syncthreads();
-  if (tid < R) {
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) total += partial[w][tid];
-    xa[tid] = total;
-  }
-  __syncthreads();
-  if (!writes) return;
-  float delta = 0.f;
-#pragma unroll
-  for (int j = 0; j < R; ++j) delta += xa[j] * b_column[j];
-  out[at] = __float2half(y_value + delta);
 }
 
-// Any other rank (0 included: out = y): x @ A in chunks of kRankChunk ranks, r floats of shared memory.
-__global__ void lora_add_kernel(const half* __restrict__ y, const half* __restrict__ x,
-                                const half* __restrict__ a, const half* __restrict__ b,
-                                half* __restrict__ out, int k, int n, int r) {
-  extern __shared__ float xa[];
-  __shared__ float partial[kWarps][kRankChunk];
-  const int row = blockIdx.y;
-  const int tid = threadIdx.x;
-  const half* x_row = x + static_cast<int64_t>(row) * k;
+// Where block_sum put row m, rank j of the block's x @ A (values laid out as accumulate_xa's sums).
+template <int MR>
+__device__ __forceinline__ int sum_slot(int m, int j) { return (j / 8) * (MR * 8) + m * 8 + j % 8; }
 
-  for (int first = 0; first < r; first += kRankChunk) {
-    float sums[kRankChunk];
+// One output column of a tile: B's column (as half2 pairs: half the registers), loaded ahead of x @ A for
+// the block's first tile when there is one row (y's value with it); with several rows, y is read as each row
+// is written, and the rows are a loop, not unrolled, so that the compiler keeps one row of xa in registers,
+// not all of them (MR * R floats: spills at r = 64).
+template <int R, int MR>
+struct Column {
+  half2 b[R / 2];
+  float y0;  // row 0's y, when loaded ahead
+  int column;
+
+  __device__ __forceinline__ void load(const half* __restrict__ b_in, const half* __restrict__ y_in, int n,
+                                       int tile) {
+    column = tile * kThreads + static_cast<int>(threadIdx.x);
+    const bool inside = column < n;  // false past the last tile and in the last tile's tail
+    const half zero = __float2half(0.f);
 #pragma unroll
-    for (int j = 0; j < kRankChunk; ++j) sums[j] = 0.f;
+    for (int j = 0; j < R / 2; ++j) {
+      const half low = inside ? b_in[static_cast<int64_t>(2 * j) * n + column] : zero;
+      const half high = inside ? b_in[static_cast<int64_t>(2 * j + 1) * n + column] : zero;
+      b[j] = __halves2half2(low, high);
+    }
+    y0 = MR == 1 && inside ? __half2float(y_in[column]) : 0.f;
+  }
+
+  __device__ __forceinline__ void store(half* __restrict__ out, const half* __restrict__ y_in,
+                                        const float (&xa)[MR][R], int n, int rows) const {
+    if (column >= n) return;
+#pragma unroll 1
+    for (int m = 0; m < (MR == 1 ? 1 : rows); ++m) {
+      const int64_t at = static_cast<int64_t>(m) * n + column;
+      const float y_value = MR == 1 ? y0 : __half2float(y_in[at]);
+      float delta = 0.f;
+#pragma unroll
+      for (int j = 0; j < R / 2; ++j) {
+        const float2 pair = __half22float2(b[j]);
+        delta += xa[m][2 * j] * pair.x + xa[m][2 * j + 1] * pair.y;
+      }
+      out[at] = __float2half(y_value + delta);
+    }
+  }
+};
+
+// Phase 2 of a block: its tiles first, first + step, ...; `ahead` is tile `first`, already loaded when
+// Prefetched.
+template <int R, int MR, bool Prefetched>
+__device__ __forceinline__ void add_tiles(const Column<R, MR>& ahead, const half* __restrict__ b,
+                                          const half* __restrict__ y, half* __restrict__ out,
+                                          const float (&xa)[MR][R], int n, int rows, int first, int step) {
+  const int tiles = (n + kThreads - 1) / kThreads;
+  int tile = first;
+  if (Prefetched) {
+    ahead.store(out, y, xa, n, rows);
+    tile += step;
+  }
+  for (; tile < tiles; tile += step) {
+    Column<R, MR> column;
+    column.load(b, y, n, tile);
+    column.store(out, y, xa, n, rows);
+  }
+}
+
+// grid: (G), every block resident at once (see the header); rows <= MR <= kMaxSplitRows.
+template <int R, int MR>
+__global__ void __launch_bounds__(kThreads) lora_add_split(const half* __restrict__ y, const half* __restrict__ x,
+                                                           const uint4* __restrict__ a, const half* __restrict__ b,
+                                                           half* __restrict__ out, int k, int n, int rows,
+                                                           SplitState* state) {
+  using S = Slicing<R>;
+  __shared__ float partial[kWarps][R * MR];
+  __shared__ float block_xa[R * MR];
+  __shared__ float xa[MR][R];
+  __shared__ unsigned int generation;
+  __shared__ bool last;
+  constexpr bool kPrefetch = MR == 1;
+  const int tid = threadIdx.x;
+  if (tid == 0) generation = *reinterpret_cast<volatile unsigned int*>(&state->generation);
+
+  Column<R, MR> first;
+  if (kPrefetch) first.load(b, y, n, blockIdx.x);
+  float sums[MR * 8];
+  accumulate_xa<R, MR>(sums, x, rows, a, k, blockIdx.x, gridDim.x);
+  block_sum<S::V, MR * 8>(sums, partial, block_xa);  // also publishes `generation` to the block
+
+  float* const scratch = state->xa[generation & 1u];
+  if (static_cast<int64_t>(blockIdx.x) * S::kPassRows < k && tid < rows * R)
+    atomicAdd(&scratch[tid], block_xa[sum_slot<MR>(tid / R, tid % R)]);
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&state->arrived, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last) {  // every other block has added its part: prepare the next launch, then release them
+    __threadfence();
+    state->xa[(generation & 1u) ^ 1u][tid] = 0.f;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      atomicExch(&state->arrived, 0u);
+      __threadfence();
+      atomicAdd(&state->generation, 1u);
+    }
+  } else if (tid == 0) {
+    while (*reinterpret_cast<volatile unsigned int*>(&state->generation) == generation) {
+    }
+    __threadfence();
+  }
+  __syncthreads();
+  if (tid < rows * R) xa[tid / R][tid % R] = __ldcg(&scratch[tid]);  // L2: another block's atomics
+  __syncthreads();
+
+  add_tiles<R, MR, kPrefetch>(first, b, y, out, xa, n, rows, blockIdx.x, gridDim.x);
+}
+
+// grid: (column splits, ceil(rows / MR)); block (c, g) handles rows g * MR .. and tiles c, c + splits, ...
+template <int R, int MR>
+__global__ void __launch_bounds__(kThreads) lora_add_rows(const half* __restrict__ y, const half* __restrict__ x,
+                                                          const uint4* __restrict__ a, const half* __restrict__ b,
+                                                          half* __restrict__ out, int k, int n, int rows) {
+  using S = Slicing<R>;
+  __shared__ float partial[kWarps][R * MR];
+  __shared__ float block_xa[R * MR];
+  __shared__ float xa[MR][R];
+  constexpr bool kPrefetch = MR == 1;
+  const int tid = threadIdx.x;
+  const int row0 = blockIdx.y * MR;
+  const int here = rows - row0 < MR ? rows - row0 : MR;
+  y += static_cast<int64_t>(row0) * n;
+  out += static_cast<int64_t>(row0) * n;
+  x += static_cast<int64_t>(row0) * k;
+
+  Column<R, MR> first;
+  if (kPrefetch) first.load(b, y, n, blockIdx.x);
+  float sums[MR * 8];
+  accumulate_xa<R, MR>(sums, x, here, a, k, 0, 1);
+  block_sum<S::V, MR * 8>(sums, partial, block_xa);
+  if (tid < MR * R) xa[tid / R][tid % R] = block_xa[sum_slot<MR>(tid / R, tid % R)];
+  __syncthreads();
+
+  add_tiles<R, MR, kPrefetch>(first, b, y, out, xa, n, here, blockIdx.x, gridDim.x);
+}
+
+// Any r (0 included: out = y), A at any address. grid: (ceil(N / kThreads), rows); r floats of dynamic
+// shared memory.
+__global__ void __launch_bounds__(kThreads) lora_add_any_rank(const half* __restrict__ y, const half* __restrict__ x,
+                                                              const half* __restrict__ a, const half* __restrict__ b,
+                                                              half* __restrict__ out, int k, int n, int r) {
+  extern __shared__ float xa[];
+  __shared__ float partial[kWarps][kAnyRankChunk];
+  __shared__ float chunk[kAnyRankChunk];
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.y;
+  const half* x_row = x + row * k;
+  for (int first = 0; first < r; first += kAnyRankChunk) {
+    float sums[kAnyRankChunk];
+#pragma unroll
+    for (int e = 0; e < kAnyRankChunk; ++e) sums[e] = 0.f;
     for (int i = tid; i < k; i += kThreads) {
       const float xi = __half2float(x_row[i]);
       const half* a_row = a + static_cast<int64_t>(i) * r + first;
 #pragma unroll
-      for (int j = 0; j < kRankChunk; ++j) {
-        if (first + j < r) sums[j] += xi * __half2float(a_row[j]);
+      for (int e = 0; e < kAnyRankChunk; ++e) {
+        if (first + e < r) sums[e] += xi * __half2float(a_row[e]);
       }
     }
-#pragma unroll
-    for (int j = 0; j < kRankChunk; ++j) {
-      const float total = warp_sum(sums[j]);
-      if (tid % 32 == 0) partial[tid / 32][j] = total;
-    }
-    __syncthreads();
-    if (tid < kRankChunk && first + tid < r) {
-      float total = 0.f;
-      for (int w = 0; w < kWarps; ++w) total += partial[w][tid];
-      xa[first + tid] = total;
-    }
-    __syncthreads();
+    block_sum<1, kAnyRankChunk>(sums, partial, chunk);
+    if (tid < kAnyRankChunk && first + tid < r) xa[first + tid] = chunk[tid];
   }
+  __syncthreads();
 
   const int column = blockIdx.x * kThreads + tid;
   if (column >= n) return;
   float delta = 0.f;
   for (int j = 0; j < r; ++j) delta += xa[j] * __half2float(b[static_cast<int64_t>(j) * n + column]);
-  const int64_t at = static_cast<int64_t>(row) * n + column;
+  const int64_t at = row * n + column;
   out[at] = __float2half(__half2float(y[at]) + delta);
 }
 
-#define RETURN_IF_ERROR(expr)            \
-  do {                                   \
-    OrtStatus* _status = (expr);         \
+// ---- the ONNX Runtime side -------------------------------------------------------------------------------
+
+#define RETURN_IF_ERROR(expr)               \
+  do {                                      \
+    OrtStatus* _status = (expr);            \
     if (_status != nullptr) return _status; \
   } while (0)
 
+#define RETURN_IF_CUDA_ERROR(expr)                                                                        \
+  do {                                                                                                    \
+    const cudaError_t _error = (expr);                                                                    \
+    if (_error != cudaSuccess)                                                                            \
+      return g_api->CreateStatus(ORT_FAIL, (std::string("LoraAdd: ") + #expr + ": " +                     \
+                                            cudaGetErrorString(_error)).c_str());                        \
+  } while (0)
+
 OrtStatus* Fail(const std::string& message) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, message.c_str()); }
+
+constexpr int kFixedRanks[] = {8, 16, 24, 32, 48, 64};
+constexpr int kFixedRankCount = sizeof(kFixedRanks) / sizeof(kFixedRanks[0]);
+
+int FixedRankIndex(int64_t r) {
+  for (int i = 0; i < kFixedRankCount; ++i)
+    if (kFixedRanks[i] == r) return i;
+  return -1;
+}
+
+// One stream's split state, with what the launch needs to know of that stream's device.
+struct StreamState {
+  cudaStream_t stream;
+  int device;
+  SplitState* state;
+  int sms;
+  int resident[kFixedRankCount][2];  // blocks of lora_add_split<R, 1> / <R, 4> that fit at once on the device
+};
+
+// The kernel object ONNX Runtime keeps per node: CreateKernel makes it, KernelDestroy frees it.
+struct LoraAddKernel {
+  bool split = true;   // OLIVEPRESS_LORA_ADD_SPLIT != "0"
+  bool trace = false;  // OLIVEPRESS_LORA_ADD_TRACE == "1"
+  std::mutex mutex;
+  std::vector<StreamState> streams;
+};
+
+template <int R, int MR>
+OrtStatus* Resident(int sms, int& blocks) {
+  int per_sm = 0;
+  RETURN_IF_CUDA_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, lora_add_split<R, MR>, kThreads, 0));
+  blocks = per_sm * sms;
+  return nullptr;
+}
+
+template <int R>
+OrtStatus* ResidentFor(StreamState& made, int index) {
+  RETURN_IF_ERROR((Resident<R, 1>(made.sms, made.resident[index][0])));
+  return Resident<R, kMaxSplitRows>(made.sms, made.resident[index][1]);
+}
+
+// The stream's state (a copy: the vector may grow under another thread), made on its first run there;
+// found->state stays null while the stream is being captured and has none yet (no allocation is allowed
+// then): that run takes lora_add_rows.
+OrtStatus* StateFor(LoraAddKernel& kernel, cudaStream_t stream, StreamState* found) {
+  *found = StreamState{};
+  std::lock_guard<std::mutex> lock(kernel.mutex);
+  for (const StreamState& known : kernel.streams) {
+    if (known.stream == stream) {
+      *found = known;
+      return nullptr;
+    }
+  }
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  RETURN_IF_CUDA_ERROR(cudaStreamIsCapturing(stream, &capturing));
+  if (capturing != cudaStreamCaptureStatusNone) return nullptr;
+  StreamState made{};
+  made.stream = stream;
+  RETURN_IF_CUDA_ERROR(cudaGetDevice(&made.device));
+  RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&made.sms, cudaDevAttrMultiProcessorCount, made.device));
+  RETURN_IF_ERROR(ResidentFor<8>(made, 0));
+  RETURN_IF_ERROR(ResidentFor<16>(made, 1));
+  RETURN_IF_ERROR(ResidentFor<24>(made, 2));
+  RETURN_IF_ERROR(ResidentFor<32>(made, 3));
+  RETURN_IF_ERROR(ResidentFor<48>(made, 4));
+  RETURN_IF_ERROR(ResidentFor<64>(made, 5));
+  RETURN_IF_CUDA_ERROR(cudaMalloc(&made.state, sizeof(SplitState)));
+  // on the stream itself: a plain cudaMemset runs on the legacy stream, which ONNX Runtime's non-blocking
+  // stream does not wait for
+  const cudaError_t zeroed = cudaMemsetAsync(made.state, 0, sizeof(SplitState), stream);
+  if (zeroed != cudaSuccess) {
+    cudaFree(made.state);
+    const std::string message = std::string("LoraAdd: cudaMemsetAsync: ") + cudaGetErrorString(zeroed);
+    return g_api->CreateStatus(ORT_FAIL, message.c_str());
+  }
+  kernel.streams.push_back(made);
+  *found = made;
+  return nullptr;
+}
+
+struct Operands {
+  const half* y;
+  const half* x;
+  const half* a;
+  const half* b;
+  half* out;
+  int k, n, rows;
+};
+
+template <int R>
+void LaunchSplit(const Operands& o, int blocks, SplitState* state, cudaStream_t stream) {
+  const auto* a = reinterpret_cast<const uint4*>(o.a);
+  if (o.rows == 1)
+    lora_add_split<R, 1><<<blocks, kThreads, 0, stream>>>(o.y, o.x, a, o.b, o.out, o.k, o.n, o.rows, state);
+  else
+    lora_add_split<R, kMaxSplitRows><<<blocks, kThreads, 0, stream>>>(o.y, o.x, a, o.b, o.out, o.k, o.n, o.rows, state);
+}
+
+template <int R>
+void LaunchRows(const Operands& o, dim3 grid, cudaStream_t stream) {
+  const auto* a = reinterpret_cast<const uint4*>(o.a);
+  if (o.rows == 1)
+    lora_add_rows<R, 1><<<grid, kThreads, 0, stream>>>(o.y, o.x, a, o.b, o.out, o.k, o.n, o.rows);
+  else
+    lora_add_rows<R, kRowBlock><<<grid, kThreads, 0, stream>>>(o.y, o.x, a, o.b, o.out, o.k, o.n, o.rows);
+}
 
 OrtStatus* ShapeOf(const OrtValue* value, std::vector<int64_t>& shape, ONNXTensorElementDataType& type) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
@@ -160,7 +483,8 @@ OrtStatus* ShapeOf(const OrtValue* value, std::vector<int64_t>& shape, ONNXTenso
   return status;
 }
 
-OrtStatus* ORT_API_CALL Compute(void* /*kernel*/, OrtKernelContext* context) {
+OrtStatus* ORT_API_CALL Compute(void* kernel_object, OrtKernelContext* context) {
+  auto& kernel = *static_cast<LoraAddKernel*>(kernel_object);
   const OrtValue* inputs[4];
   std::vector<int64_t> shapes[4];
   for (size_t i = 0; i < 4; ++i) {
@@ -181,7 +505,7 @@ OrtStatus* ORT_API_CALL Compute(void* /*kernel*/, OrtKernelContext* context) {
     if (y_shape[d] != x_shape[d]) return Fail("LoraAdd: y and x differ in a leading dimension");
     rows *= y_shape[d];
   }
-  if (n > INT_MAX || k > INT_MAX || rows > 65535) return Fail("LoraAdd: tensor too large");
+  if (n > INT_MAX / 2 || k > INT_MAX / 2 || rows > 65535 || r > kMaxAnyRank) return Fail("LoraAdd: tensor too large");
 
   OrtValue* output = nullptr;
   RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &output));
@@ -189,35 +513,102 @@ OrtStatus* ORT_API_CALL Compute(void* /*kernel*/, OrtKernelContext* context) {
   void* data[5];
   for (int i = 0; i < 4; ++i) RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(inputs[i]), &data[i]));
   RETURN_IF_ERROR(g_api->GetTensorMutableData(output, &data[4]));
-  void* stream = nullptr;
-  RETURN_IF_ERROR(g_api->KernelContext_GetGPUComputeStream(context, &stream));
+  void* stream_handle = nullptr;
+  RETURN_IF_ERROR(g_api->KernelContext_GetGPUComputeStream(context, &stream_handle));
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
 
-  const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads), static_cast<unsigned>(rows));
-  const auto on = static_cast<cudaStream_t>(stream);
-  const auto* y = static_cast<const half*>(data[0]);
-  const auto* x = static_cast<const half*>(data[1]);
-  const auto* a = static_cast<const half*>(data[2]);
-  const auto* b = static_cast<const half*>(data[3]);
-  auto* out = static_cast<half*>(data[4]);
-  const int k32 = static_cast<int>(k), n32 = static_cast<int>(n);
-  const bool aligned = reinterpret_cast<uintptr_t>(a) % 16 == 0;
-  switch (aligned ? r : -1) {
-    case 8: lora_add_fixed_rank<8><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
-    case 16: lora_add_fixed_rank<16><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
-    case 32: lora_add_fixed_rank<32><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
-    case 48: lora_add_fixed_rank<48><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
-    case 64: lora_add_fixed_rank<64><<<grid, kThreads, 0, on>>>(y, x, a, b, out, k32, n32); break;
-    default:
-      lora_add_kernel<<<grid, kThreads, r * sizeof(float), on>>>(y, x, a, b, out, k32, n32, static_cast<int>(r));
+  Operands o{static_cast<const half*>(data[0]), static_cast<const half*>(data[1]), static_cast<const half*>(data[2]),
+             static_cast<const half*>(data[3]), static_cast<half*>(data[4]),   static_cast<int>(k),
+             static_cast<int>(n),              static_cast<int>(rows)};
+  const int tiles = static_cast<int>((n + kThreads - 1) / kThreads);
+  const bool aligned = reinterpret_cast<uintptr_t>(o.a) % 16 == 0;
+  const int rank = aligned ? FixedRankIndex(r) : -1;
+  const char* chosen = nullptr;
+  dim3 grid;
+
+  if (rank >= 0 && kernel.split && rows <= kMaxSplitRows) {
+    StreamState at;
+    RETURN_IF_ERROR(StateFor(kernel, stream, &at));
+    const int resident = at.state == nullptr ? 0 : at.resident[rank][rows == 1 ? 0 : 1];
+    if (resident > 0) {
+      const int pass_rows = kWarps * (32 / (kFixedRanks[rank] / 8));  // Slicing<R>::kPassRows
+      const int64_t passes = (k + pass_rows - 1) / pass_rows;
+      int64_t blocks = (passes + kPassesPerBlock - 1) / kPassesPerBlock;
+      if (blocks < tiles) blocks = tiles;
+      if (blocks > at.sms) blocks = at.sms;
+      if (blocks > resident) blocks = resident;
+      if (blocks < 1) blocks = 1;
+      grid = dim3(static_cast<unsigned>(blocks));
+      chosen = "split";
+      switch (kFixedRanks[rank]) {
+        case 8: LaunchSplit<8>(o, grid.x, at.state, stream); break;
+        case 16: LaunchSplit<16>(o, grid.x, at.state, stream); break;
+        case 24: LaunchSplit<24>(o, grid.x, at.state, stream); break;
+        case 32: LaunchSplit<32>(o, grid.x, at.state, stream); break;
+        case 48: LaunchSplit<48>(o, grid.x, at.state, stream); break;
+        default: LaunchSplit<64>(o, grid.x, at.state, stream); break;
+      }
+    }
+  }
+  if (chosen == nullptr && rank >= 0) {
+    const int mr = rows == 1 ? 1 : kRowBlock;
+    const int64_t row_blocks = (rows + mr - 1) / mr;
+    int sms = 0, device = 0;
+    RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
+    RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    // enough blocks for two waves, each reading all of A once: more column splits only when rows are few
+    int64_t splits = (2 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks;
+    if (splits > tiles) splits = tiles;
+    if (splits < 1) splits = 1;
+    grid = dim3(static_cast<unsigned>(splits), static_cast<unsigned>(row_blocks));
+    chosen = "rows";
+    switch (kFixedRanks[rank]) {
+      case 8: LaunchRows<8>(o, grid, stream); break;
+      case 16: LaunchRows<16>(o, grid, stream); break;
+      case 24: LaunchRows<24>(o, grid, stream); break;
+      case 32: LaunchRows<32>(o, grid, stream); break;
+      case 48: LaunchRows<48>(o, grid, stream); break;
+      default: LaunchRows<64>(o, grid, stream); break;
+    }
+  }
+  if (chosen == nullptr) {
+    grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(rows));
+    chosen = "any_rank";
+    lora_add_any_rank<<<grid, kThreads, r * sizeof(float), stream>>>(o.y, o.x, o.a, o.b, o.out, o.k, o.n,
+                                                                     static_cast<int>(r));
   }
   const cudaError_t launched = cudaGetLastError();
+  if (kernel.trace)
+    std::fprintf(stderr, "olivepress LoraAdd: rows %lld k %lld n %lld r %lld: %s grid %u x %u\n",
+                 static_cast<long long>(rows), static_cast<long long>(k), static_cast<long long>(n),
+                 static_cast<long long>(r), chosen, grid.x, grid.y);
   if (launched != cudaSuccess) return g_api->CreateStatus(ORT_FAIL, cudaGetErrorString(launched));
   return nullptr;
 }
 
+bool EnvIs(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::strcmp(set, value) == 0;
+}
+
 OrtStatus* ORT_API_CALL CreateKernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** kernel) {
-  *kernel = reinterpret_cast<void*>(1);  // stateless: every shape is read at compute time
+  auto* made = new LoraAddKernel();
+  made->split = !EnvIs("OLIVEPRESS_LORA_ADD_SPLIT", "0");
+  made->trace = EnvIs("OLIVEPRESS_LORA_ADD_TRACE", "1");
+  *kernel = made;
   return nullptr;
+}
+
+void ORT_API_CALL DestroyKernel(void* kernel_object) {
+  auto* kernel = static_cast<LoraAddKernel*>(kernel_object);
+  int current = 0;
+  const bool restore = cudaGetDevice(&current) == cudaSuccess;
+  for (const StreamState& state : kernel->streams) {
+    if (cudaSetDevice(state.device) == cudaSuccess) cudaFree(state.state);  // waits for its kernels
+  }
+  if (restore) cudaSetDevice(current);
+  cudaGetLastError();  // nothing to report from a destructor
+  delete kernel;
 }
 
 OrtStatus* ORT_API_CALL InferShape(const OrtCustomOp*, OrtShapeInferContext* context) {
@@ -235,7 +626,7 @@ OrtCustomOp MakeOp() {
   op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
   op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; };
   op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-  op.KernelDestroy = [](void*) {};
+  op.KernelDestroy = DestroyKernel;
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
   op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
