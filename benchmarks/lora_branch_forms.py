@@ -19,22 +19,46 @@ without branches. The forms:
 * ``lora_add``: olivepress's own ``LoraAdd`` CUDA operator (``olivepress/lora_kernel.py``), the branch in one
   kernel; built with nvcc when ``$OLIVEPRESS_ORT_INCLUDE`` names ONNX Runtime's C API headers. Its output
   is checked against ``matmul``'s.
+* ``lora_add_nosplit``: the same library with ``OLIVEPRESS_LORA_ADD_SPLIT=0`` set while the session is made:
+  decoding without the split kernel (every block computing x @ A over all of A).
+* ``lora_add_baseline``: ``LoraAdd`` built from another source, ``--baseline-source`` (an earlier version of
+  ``kernels/lora_add.cu``), timed in the same run as the current one. Added to the forms when given.
 
     python benchmarks/lora_branch_forms.py --out benchmarks/results/lora_branch_forms.json
+    git show d80d21a:olivepress/kernels/lora_add.cu > /tmp/old.cu
+    python benchmarks/lora_branch_forms.py --forms none,matmul,lora_add,lora_add_nosplit \\
+        --baseline-source /tmp/old.cu --out benchmarks/results/lora_branch_forms.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 SPLIT = 16  # slices of the input for split_k
-FORMS = ("none", "empty", "add_only", "b_only", "matmul", "split_k", "fused_t", "gemm", "lora_add")
+FORMS = (
+    "none",
+    "empty",
+    "add_only",
+    "b_only",
+    "matmul",
+    "split_k",
+    "fused_t",
+    "gemm",
+    "lora_add",
+    "lora_add_nosplit",
+)
+LORA_ADD_FORMS = ("lora_add", "lora_add_nosplit", "lora_add_baseline")  # the LoraAdd operator's graph
+# what each LoraAdd form sets while its session is made (the operator reads it when it makes its kernels)
+LORA_ADD_ENVIRONMENT = {"lora_add_nosplit": {"OLIVEPRESS_LORA_ADD_SPLIT": "0"}}
 
 
 def int4_linear(nodes, inits, name: str, x: str, k: int, n: int, block: int, rng) -> str:
@@ -87,7 +111,7 @@ def branch(form: str, nodes, inits, name: str, x: str, y: str, k: int, n: int, r
         nodes.append(
             helper.make_node("ReduceSum", [f"{name}.pk", f"{name}.axis"], [f"{name}.xa"], keepdims=1)
         )
-    if form == "lora_add":
+    if form in LORA_ADD_FORMS:
         inits.append(numpy_helper.from_array(a, f"{name}.A"))
         nodes.append(
             helper.make_node(
@@ -147,28 +171,45 @@ def build(form: str, layers: int, hidden: int, intermediate: int, rank: int, blo
     onnx.save(model, path, save_as_external_data=True, location=f"{path.name}.data")
 
 
-def session_for(path: Path, library: Path | None, cuda_graph: bool):
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def session_for(path: Path, library: Path | None, cuda_graph: bool, env: dict[str, str] | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if library is not None:
         options.register_custom_ops_library(str(library))
     providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"})]
-    return ort.InferenceSession(str(path), options, providers=providers)
+    with environment(env or {}):
+        return ort.InferenceSession(str(path), options, providers=providers)
 
 
-def output_of(path: Path, hidden: int, library: Path | None) -> np.ndarray:
+def output_of(path: Path, hidden: int, library: Path | None, env: dict[str, str] | None = None) -> np.ndarray:
     """The stack's output for a fixed input, without graph capture."""
-    session = session_for(path, library, cuda_graph=False)
+    session = session_for(path, library, cuda_graph=False, env=env)
     x = np.linspace(-1, 1, hidden, dtype=np.float32).astype(np.float16).reshape(1, 1, hidden)
     return session.run(["y"], {"x": x})[0].astype(np.float32)
 
 
-def tokens_per_second(path: Path, hidden: int, steps: int, repeats: int, library: Path | None) -> list[float]:
+def tokens_per_second(
+    path: Path, hidden: int, steps: int, repeats: int, library: Path | None, env: dict[str, str] | None = None
+) -> list[float]:
     """Runs per second of one captured-graph replay (one decode step's worth), ``repeats`` times."""
     import onnxruntime as ort
 
-    session = session_for(path, library, cuda_graph=True)
+    session = session_for(path, library, cuda_graph=True, env=env)
     x = ort.OrtValue.ortvalue_from_numpy(np.full((1, 1, hidden), 0.01, dtype=np.float16), "cuda", 0)
     y = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, hidden), np.float16, "cuda", 0)
     binding = session.io_binding()
@@ -203,6 +244,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--forms", default=",".join(FORMS))
+    parser.add_argument(
+        "--baseline-source",
+        type=Path,
+        help="another lora_add.cu to time beside the current one, as the form lora_add_baseline",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/lora-branch-forms"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lora_branch_forms.json"))
     args = parser.parse_args()
@@ -211,45 +257,60 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     forms = args.forms.split(",")
-    library = None
-    if "lora_add" in forms:
+    if args.baseline_source is not None and "lora_add_baseline" not in forms:
+        forms.append("lora_add_baseline")
+    libraries: dict[str, Path] = {}  # form -> the LoraAdd library its sessions register
+    if any(form in LORA_ADD_FORMS for form in forms):
         from olivepress.lora_kernel import build_lora_add
 
-        library = build_lora_add(args.work / "kernels")
+        current = build_lora_add(args.work / "kernels")
+        libraries = {"lora_add": current, "lora_add_nosplit": current}
+        if "lora_add_baseline" in forms:
+            if args.baseline_source is None:
+                parser.error("the form lora_add_baseline needs --baseline-source")
+            libraries["lora_add_baseline"] = build_lora_add(
+                args.work / "kernels", source=args.baseline_source
+            )
     results = {}
     for form in forms:
         path = args.work / f"{form}.onnx"
         build(form, args.layers, args.hidden, args.intermediate, args.rank, args.block_size, path)
+        library, env = libraries.get(form), LORA_ADD_ENVIRONMENT.get(form)
         try:
-            rates = tokens_per_second(path, args.hidden, args.steps, args.repeats, library)
+            rates = tokens_per_second(path, args.hidden, args.steps, args.repeats, library, env)
             results[form] = {"runs_per_s": [round(r, 1) for r in rates], "median": float(np.median(rates))}
         except Exception as error:  # a form this build of onnxruntime cannot capture is a finding too
             results[form] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-    if library is not None and "median" in results.get("lora_add", {}):  # the same weights as matmul's
+    checked = [form for form in LORA_ADD_FORMS if "median" in results.get(form, {})]
+    if checked:  # the same weights as matmul's
         reference = args.work / "matmul.onnx"
         if not reference.is_file():
             build(
                 "matmul", args.layers, args.hidden, args.intermediate, args.rank, args.block_size, reference
             )
         expected = output_of(reference, args.hidden, None)
-        got = output_of(args.work / "lora_add.onnx", args.hidden, library)
         scale = float(np.abs(expected).max()) or 1.0
-        results["lora_add"]["max_abs_difference_vs_matmul"] = float(np.abs(got - expected).max())
-        results["lora_add"]["relative_to_output_scale"] = float(np.abs(got - expected).max()) / scale
+        for form in checked:
+            got = output_of(
+                args.work / f"{form}.onnx", args.hidden, libraries[form], LORA_ADD_ENVIRONMENT.get(form)
+            )
+            results[form]["max_abs_difference_vs_matmul"] = float(np.abs(got - expected).max())
+            results[form]["relative_to_output_scale"] = float(np.abs(got - expected).max()) / scale
     branches = 2 * args.layers
     base = results.get("none", {}).get("median")
-    print(f"{'form':<10} {'steps/s':>9} {'µs/step':>9} {'µs/branch':>10}")
+    width = max(10, *(len(form) for form in results))
+    print(f"{'form':<{width}} {'steps/s':>9} {'µs/step':>9} {'µs/branch':>10}")
     for form, row in results.items():
         if "median" not in row:
-            print(f"{form:<10} {row['error']}")
+            print(f"{form:<{width}} {row['error']}")
             continue
         per_step = 1e6 / row["median"]
         row["us_per_branch"] = (per_step - 1e6 / base) / branches if base else None
         extra = f"{row['us_per_branch']:10.2f}" if row["us_per_branch"] is not None else ""
-        print(f"{form:<10} {row['median']:9.1f} {per_step:9.1f} {extra}")
-    if "relative_to_output_scale" in results.get("lora_add", {}):
+        print(f"{form:<{width}} {row['median']:9.1f} {per_step:9.1f} {extra}")
+    for form in checked:
         print(
-            f"lora_add against matmul: max difference {results['lora_add']['relative_to_output_scale']:.2e} of the output's scale"
+            f"{form} against matmul: max difference {results[form]['relative_to_output_scale']:.2e} of the output's scale"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
