@@ -320,6 +320,7 @@ def with_cuda_graph(source: Path, target: Path, enabled: bool) -> Path:
 
 def with_genai_config(source: Path, target: Path, edit) -> Path:
     """``source`` as a folder of links with its own genai_config.json, as ``edit(config)`` changes it."""
+    from olivepress.files import link_into
     from olivepress.genai import GENAI_CONFIG
 
     config = json.loads((source / GENAI_CONFIG).read_text())
@@ -328,7 +329,7 @@ def with_genai_config(source: Path, target: Path, edit) -> Path:
     target.mkdir(parents=True)
     for item in source.iterdir():
         if item.name != GENAI_CONFIG:
-            (target / item.name).symlink_to(item.resolve())
+            link_into(target, item)
     (target / GENAI_CONFIG).write_text(json.dumps(config, indent=1))
     return target
 
@@ -402,9 +403,20 @@ def model_bytes(model_dir: Path) -> int:
     return sum((model_dir / name).stat().st_size for name in MODEL_FILES if (model_dir / name).exists())
 
 
+def uses_lora_add(onnx_dir: Path) -> bool:
+    """Whether the export's branches are olivepress's LoraAdd (optimize.lora_kernel): its config names the
+    operator's library."""
+    from olivepress.genai import GENAI_CONFIG
+    from olivepress.lora_kernel import CUSTOM_OPS_LIBRARY
+
+    config = json.loads((onnx_dir / GENAI_CONFIG).read_text())
+    return CUSTOM_OPS_LIBRARY in config["model"]["decoder"]["session_options"]
+
+
 def decode_benchmark(
     model_dir: Path,
     checkpoint_dir: Path,
+    adapter_dir: Path,
     onnx_dir: Path,
     work: Path,
     args: argparse.Namespace,
@@ -434,6 +446,15 @@ def decode_benchmark(
         "int4+adapter": (onnx_dir, adapter),
         "int4+run-time adapter": (onnx_dir, adapter),
     }
+    if uses_lora_add(onnx_dir):  # the same adapter with ONNX Runtime's MatMul, MatMul, Add per branch
+        stock_dir = work / "int4-stock-branches"
+        if not (stock_dir / "genai_config.json").is_file():
+            shutil.rmtree(stock_dir, ignore_errors=True)
+            export_onnx(
+                checkpoint_dir, adapter_dir, stock_dir, device="gpu", cuda_graph=True, lora_kernel="off"
+            )
+        plain["int4 [stock branches]"] = (stock_dir, None)
+        plain["int4+adapter [stock branches]"] = (stock_dir, stock_dir / ADAPTER_FILE)
     variants: dict[str, tuple[Path, Path | None, bool, dict]] = {}
     for label, (folder, adapter_file) in plain.items():
         variants[label] = (folder, adapter_file, False, {})
@@ -512,8 +533,10 @@ def benchmark_model(name: str, args: argparse.Namespace, bandwidth: float | None
         result["error"] = "the run left no ONNX folder"
         return result
     print(f"{name}: decode micro-benchmark, {args.decode_tokens} tokens", flush=True)
-    checkpoint_dir = (run_dir / "quantized").resolve()
-    decode = decode_benchmark(model_dir, checkpoint_dir, onnx_dir.resolve(), work, args, bandwidth)
+    checkpoint_dir, adapter_dir = (run_dir / "quantized").resolve(), (run_dir / "adapter").resolve()
+    decode = decode_benchmark(
+        model_dir, checkpoint_dir, adapter_dir, onnx_dir.resolve(), work, args, bandwidth
+    )
     result["decode"] = {
         "prompt": args.prompt,
         "new_tokens": args.decode_tokens,
@@ -527,6 +550,9 @@ def benchmark_model(name: str, args: argparse.Namespace, bandwidth: float | None
     result["empty_branches_speed_ratio"] = ratio(decode, f"int4{shipped}", f"int4 no branches{shipped}")
     result["run_time_adapter_speed_ratio"] = ratio(
         decode, f"int4+run-time adapter{shipped}", f"int4{shipped}"
+    )
+    result["stock_branches_adapter_speed_ratio"] = ratio(
+        decode, f"int4+adapter [stock branches]{shipped}", f"int4{shipped}"
     )
     return result
 
@@ -572,6 +598,7 @@ def print_tables(results: dict) -> None:
                 f"adapter_speed_ratio {model['adapter_speed_ratio']}  speedup_vs_base {model['speedup_vs_base']}"
                 f"  empty_branches_speed_ratio {model['empty_branches_speed_ratio']}"
                 f"  run_time_adapter_speed_ratio {model['run_time_adapter_speed_ratio']}"
+                f"  stock_branches_adapter_speed_ratio {model.get('stock_branches_adapter_speed_ratio')}"
             )
 
 

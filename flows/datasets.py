@@ -31,6 +31,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from olivepress.errors import UserError
+from olivepress.files import link_into
 from olivepress.flows.runs import Run, current_flow_run_id
 from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE
 from olivepress.registry import ADAPTER_SUFFIX, ADAPTERS_DIR
@@ -270,7 +271,7 @@ def registered_model(run: Run, onnx: Path, *, keep_adapter: bool) -> Path:
     folder.mkdir()
     for path in onnx.iterdir():
         if path.name not in (ADAPTER_FILE, MERGED_MODEL_FILE):
-            (folder / path.name).symlink_to(path.resolve(), target_is_directory=path.is_dir())
+            link_into(folder, path)
     return folder
 
 

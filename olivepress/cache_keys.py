@@ -147,14 +147,22 @@ def code_modules(module: str) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
+# Source files that a module compiles or reads as code, beside its own, relative to its folder: part of the
+# code version of every step that imports the module (the LoraAdd kernel is built into optimize's output).
+MODULE_DATA = {"olivepress.lora_kernel": ("kernels/lora_add.cu",)}
+
+
 @cache
 def code_version(module: str) -> str:
-    """Hash of the sources of :func:`code_modules` of ``module`` (a step's module, e.g. its ``__name__``)."""
+    """Hash of the sources of :func:`code_modules` of ``module`` (a step's module, e.g. its ``__name__``),
+    with the files :data:`MODULE_DATA` names."""
     digest = hashlib.sha256()
     for name in code_modules(module):
         path = module_file(name)
         assert path is not None, name
         digest.update(name.encode() + b"\0" + hashlib.sha256(source_bytes(path)).digest())
+        for data in MODULE_DATA.get(name, ()):
+            digest.update(data.encode() + b"\0" + hashlib.sha256(source_bytes(path.parent / data)).digest())
     return digest.hexdigest()
 
 

@@ -93,6 +93,14 @@ class OptimizeSettings(Section):
         "each token replays one captured graph instead of launching every kernel, which batch-1 decoding is "
         "bound by. Applies to the base model measured by evaluate too. Ignored on cpu.",
     )
+    lora_kernel: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="With device gpu, each LoRA branch as olivepress's own LoraAdd CUDA operator, one kernel "
+        "instead of three (MatMul, MatMul, Add), built with nvcc into the model folder. It needs nvcc and "
+        "ONNX Runtime's C API header ($OLIVEPRESS_ORT_INCLUDE; the GPU image has both): auto uses it when "
+        "both are there and warns otherwise, on fails without them, off keeps ONNX Runtime's own operators. "
+        "Ignored on cpu.",
+    )
 
 
 class EvaluateSettings(Section):

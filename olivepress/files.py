@@ -87,6 +87,21 @@ def folder_bytes(path: Path) -> int:
     return sum(file.stat().st_size for _, file in folder_files(path))
 
 
+def link_into(folder: Path, source: Path) -> Path:
+    """``folder/<source's name>`` standing for ``source`` without copying it: a symbolic link to it, except
+    a shared library, which is hard-linked (copied across file systems). Why: ONNX Runtime GenAI resolves a
+    model's ``custom_ops_library`` to its real path and loads it only from inside the model folder."""
+    target = folder / source.name
+    if source.suffix != ".so":
+        target.symlink_to(source.resolve(), target_is_directory=source.is_dir())
+        return target
+    try:
+        os.link(source.resolve(), target)
+    except OSError:
+        shutil.copy2(source, target)
+    return target
+
+
 # --- whole-or-absent writes ----------------------------------------------------------------------------
 
 

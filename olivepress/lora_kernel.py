@@ -12,6 +12,7 @@ library is built once per source and header, into ``out_dir``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +22,10 @@ from pathlib import Path
 from olivepress.errors import UserError
 
 SOURCE = Path(str(files("olivepress") / "kernels" / "lora_add.cu"))
+LORA_ADD_DOMAIN = "olivepress"  # the operator's ONNX domain: olivepress.LoraAdd
+# genai_config.json's session option naming the library, which ONNX Runtime GenAI resolves to its real path
+# and loads only from inside the model folder (or the working directory)
+CUSTOM_OPS_LIBRARY = "custom_ops_library"
 # Ampere and Hopper machine code, and PTX the driver can compile for newer GPUs
 ARCHITECTURES = [
     "-gencode",
@@ -54,6 +59,10 @@ def build_lora_add(out_dir: Path, ort_include: Path | None = None, source: Path 
     if library.is_file():
         return library
     nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    if not Path(nvcc).is_file():
+        raise UserError(
+            "building the LoraAdd operator needs nvcc (the CUDA toolkit) on PATH or in $CUDA_HOME"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = library.with_suffix(".so.partial")
     command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *ARCHITECTURES]
@@ -63,3 +72,16 @@ def build_lora_add(out_dir: Path, ort_include: Path | None = None, source: Path 
         raise RuntimeError(f"nvcc could not build {source.name}:\n{done.stderr[-3000:]}")
     partial.replace(library)
     return library
+
+
+def register_in_genai_config(model_dir: Path, library: Path) -> None:
+    """Name ``library``, a file of ``model_dir``, in its genai_config.json, so that every session ONNX
+    Runtime GenAI opens on the model registers LoraAdd first. The name is relative: the folder can move.
+    Written in place: the model folder is the step's own until it is published."""
+    from olivepress.genai import GENAI_CONFIG
+
+    config_path = model_dir / GENAI_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    session_options = config["model"]["decoder"]["session_options"]
+    session_options[CUSTOM_OPS_LIBRARY] = library.relative_to(model_dir).as_posix()
+    config_path.write_text(json.dumps(config, indent=4), encoding="utf-8")

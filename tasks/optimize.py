@@ -8,7 +8,9 @@ and the quantized loader's model is not a torch module ('OliveModel' object has 
 added to the built graph here (:mod:`olivepress.lora_graph`: float ``MatMul``s, one branch per group of
 linears that read the same activation, whose matrices are graph inputs with empty defaults): with no
 adapter active the branches add zeros; with one active, ONNX Runtime GenAI feeds the matrices from
-``adapter_weights.onnx_adapter``.
+``adapter_weights.onnx_adapter``. On CUDA each branch is one ``olivepress.LoraAdd`` node when the operator
+can be built (``optimize.lora_kernel``; :mod:`olivepress.lora_kernel`): its library ships in the folder and
+genai_config.json names it.
 """
 
 from __future__ import annotations
@@ -59,12 +61,14 @@ def export_onnx(
     accuracy_level: int | None = None,
     cuda_graph: bool = False,
     trust_remote_code: bool = False,
+    lora_kernel: Literal["auto", "on", "off"] = "off",
 ) -> ExportResult:
     """Write genai_config.json, the int4 model, tokenizer files and (given an adapter) the adapter file.
 
     ``accuracy_level`` is MatMulNBits' compute type; None keeps the builder's default for the device: on
     CPU 4, int8 activations, the fastest; 1 computes in float32, the dequantized PyTorch model's math.
-    ``cuda_graph`` (device gpu only) has the runtime capture decoding in CUDA graphs.
+    ``cuda_graph`` (device gpu only) has the runtime capture decoding in CUDA graphs. ``lora_kernel``
+    (device gpu only) is ``optimize.lora_kernel``: whether the branches are LoraAdd nodes.
     """
     if device not in EXECUTION_PROVIDERS:
         raise UserError(f"device must be one of {sorted(EXECUTION_PROVIDERS)}, not {device!r}")
@@ -83,8 +87,13 @@ def export_onnx(
     if lora:
         model, branches = graph_and_branches(out_dir, checkpoint_dir, lora)
         adapter_file = out_dir / ADAPTER_FILE
+        library = lora_add_library(out_dir, lora_kernel) if device == "gpu" else None
         progress.update("optimize", "adding the LoRA adapter")
-        add_lora_branches(model, branches, out_dir)
+        add_lora_branches(model, branches, out_dir, lora_add=library is not None)
+        if library is not None:
+            from olivepress.lora_kernel import register_in_genai_config
+
+            register_in_genai_config(out_dir, library)
     model_files = [out_dir / MODEL_FILE, *out_dir.glob(f"{MODEL_FILE}.data")]
     return ExportResult(
         model_dir=out_dir,
@@ -504,15 +513,32 @@ def export_adapter(checkpoint_dir: Path, adapter_dir: Path, model_dir: Path, tar
     return target
 
 
-def add_lora_branches(model, branches: list[Branch], out_dir: Path) -> None:
-    """Graft the branches onto ``model`` and save it, write their matrices (in the graph's float type) as
-    the adapter file, and the graph with them merged beside it
+def lora_add_library(out_dir: Path, lora_kernel: Literal["auto", "on", "off"]) -> Path | None:
+    """The LoraAdd library built into ``out_dir``, or None for ONNX Runtime's own operators: with
+    ``lora_kernel`` off, or auto where nvcc or ONNX Runtime's header is missing (a warning says which)."""
+    if lora_kernel == "off":
+        return None
+    from olivepress.lora_kernel import build_lora_add
+
+    progress.update("optimize", "building the LoraAdd CUDA operator")
+    try:
+        return build_lora_add(out_dir)
+    except UserError as missing:
+        if lora_kernel == "on":
+            raise
+        log.warning("LoRA branches use three ONNX Runtime kernels each, not LoraAdd: %s", missing)
+        return None
+
+
+def add_lora_branches(model, branches: list[Branch], out_dir: Path, *, lora_add: bool = False) -> None:
+    """Graft the branches onto ``model`` (as LoraAdd nodes with ``lora_add``) and save it, write their
+    matrices (in the graph's float type) as the adapter file, and the graph with them merged beside it
     (:func:`olivepress.lora_graph.write_merged_model`). The external weight data is not touched."""
     import onnx
 
     from olivepress.lora_graph import graft_branches, write_adapter, write_merged_model
 
-    parameters = graft_branches(model.graph, branches)
+    parameters = graft_branches(model, branches, lora_add=lora_add)
     onnx.save(model, str(out_dir / MODEL_FILE))
     write_adapter(parameters, out_dir / ADAPTER_FILE)
     write_merged_model(model, parameters, out_dir / MERGED_MODEL_FILE)
@@ -541,6 +567,7 @@ def optimize_task(
             device=settings.device,
             cuda_graph=settings.optimize.cuda_graph,
             trust_remote_code=settings.trust_remote_code,
+            lora_kernel=settings.optimize.lora_kernel,
         )
         save_prompt_format(out, settings.text_template)
 

@@ -38,11 +38,23 @@ def cuda_adapter_dir(tiny_int4_dir, tmp_path_factory) -> Path:
     return make_lora_adapter(tiny_int4_dir, tmp_path_factory.mktemp("cuda-lora"))
 
 
-@pytest.fixture(scope="session", params=[False, True], ids=["eager", "cuda-graph"])
+@pytest.fixture(
+    scope="session",
+    params=[(False, "off"), (True, "off"), (True, "on")],
+    ids=["eager", "cuda-graph", "cuda-graph-lora-add"],
+)
 def cuda_export_dir(request, tiny_int4_dir, cuda_adapter_dir, tmp_path_factory) -> Path:
     """The tiny int4 model and its adapter exported for CUDA as the optimize step exports them, without and
-    with CUDA graphs (optimize.cuda_graph, on by default with device gpu)."""
+    with CUDA graphs (optimize.cuda_graph, on by default with device gpu), and with the branches as
+    olivepress's LoraAdd operator (optimize.lora_kernel)."""
+    import os
+
     from olivepress.tasks.optimize import export_onnx
 
+    cuda_graph, lora_kernel = request.param
+    if lora_kernel == "on" and not os.environ.get("OLIVEPRESS_ORT_INCLUDE"):
+        pytest.skip("LoraAdd needs $OLIVEPRESS_ORT_INCLUDE (ONNX Runtime's C API header) to be built")
     out = tmp_path_factory.mktemp("onnx-cuda")
-    return export_onnx(tiny_int4_dir, cuda_adapter_dir, out, device="gpu", cuda_graph=request.param).model_dir
+    return export_onnx(
+        tiny_int4_dir, cuda_adapter_dir, out, device="gpu", cuda_graph=cuda_graph, lora_kernel=lora_kernel
+    ).model_dir

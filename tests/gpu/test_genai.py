@@ -36,3 +36,6 @@ def test_the_adapter_changes_the_cuda_logits_as_it_changes_pytorchs(
     np.testing.assert_allclose(off, torch_logits(base, ids), atol=0.05)
     tuned = PeftModel.from_pretrained(base, cuda_adapter_dir).eval()
     np.testing.assert_allclose(on, torch_logits(tuned, ids), atol=0.05)
+    # the same adapter fed at run time (og.Adapters) instead of held in the merged graph
+    run_time = open_model(cuda_export_dir, cuda_export_dir / ADAPTER_FILE, run_time_adapter=True)
+    np.testing.assert_allclose(sequence_logits(run_time, ids).astype(np.float32), on, atol=0.02)

@@ -91,6 +91,7 @@ INVALIDATION = {
     ],
     "olivepress.genai": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
     "olivepress.lora_graph": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
+    "olivepress.lora_kernel": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
     "olivepress.gpu_memory": ["evaluate", "evaluate_adapter"],
     "olivepress.files": ["validate"],
     "olivepress.chat": [],
@@ -102,6 +103,18 @@ INVALIDATION = {
     "olivepress.flows.pipeline": [],
     "olivepress.tasks.finetune_worker": [],  # runs finetune's code in a child process, computes nothing
 }
+
+
+def test_an_edited_cuda_kernel_invalidates_the_steps_that_build_it(monkeypatch):
+    """The LoraAdd library is compiled into optimize's output from a .cu file, no Python module."""
+    kernel = cache_keys.module_file("olivepress.lora_kernel").parent / "kernels" / "lora_add.cu"
+    original = cache_keys.source_bytes
+    before = code_versions()
+    monkeypatch.setattr(
+        cache_keys, "source_bytes", lambda path: original(path) + (b"// edited" if path == kernel else b"")
+    )
+    after = code_versions()
+    assert [name for name in NAMES if before[name] != after[name]] == INVALIDATION["olivepress.lora_kernel"]
 
 
 @pytest.mark.parametrize("module", INVALIDATION)

@@ -269,3 +269,60 @@ def test_dora_adapter_is_refused(tiny_int4_dir, tmp_path):
     adapter = make_lora_adapter(tiny_int4_dir, tmp_path / "dora", use_dora=True)
     with pytest.raises(UserError, match="use_dora"):
         export_onnx(tiny_int4_dir, adapter, tmp_path / "onnx")
+
+
+def test_cuda_branches_become_one_lora_add_node_per_int4_node(tiny_int4_dir, adapter_dir, tmp_path):
+    """The CUDA export's graph (built here without a GPU) with LoraAdd in place of MatMul, MatMul, Add:
+    each node reads its int4 node's output and input and its group's A and its own B, and whatever read
+    the int4 output now reads the sum."""
+
+    from olivepress.lora_graph import graft_branches
+    from olivepress.tasks.optimize import graph_and_branches
+
+    model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", device="gpu").model_dir
+    model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
+    int4_nodes = {node.output[0]: node for node in model.graph.node if node.op_type == "MatMulNBits"}
+    parameters = graft_branches(model, branches, lora_add=True)
+
+    fused = [node for node in model.graph.node if node.op_type == "LoraAdd"]
+    assert fused and all(node.domain == "olivepress" for node in fused)
+    assert {"MatMul", "Add"}.isdisjoint(node.op_type for node in model.graph.node if "_lora/" in node.name), (
+        "no branch keeps ONNX Runtime's own operators"
+    )
+    assert len(fused) == sum(len(branch.b_per_node) for branch in branches)
+    graph_inputs = {value.name for value in model.graph.input}
+    readers = {name: node for node in model.graph.node for name in node.input if node.op_type != "LoraAdd"}
+    for node in fused:
+        y, x, a, b = node.input
+        assert x == int4_nodes[y].input[0]  # the int4 node's own activations
+        assert {a, b} <= graph_inputs and a in parameters and b in parameters
+        assert parameters[a].shape[1] == parameters[b].shape[0]
+        assert y not in readers and node.output[0] in readers  # the sum replaced the int4 output
+    assert ("olivepress", 1) in {(o.domain, o.version) for o in model.opset_import}
+    # still in topological order (onnx's checker refuses the builder's own contrib operators)
+    known = graph_inputs | {initializer.name for initializer in model.graph.initializer} | {""}
+    for node in model.graph.node:
+        assert set(node.input) <= known, f"{node.name} reads a value made after it"
+        known |= set(node.output)
+
+
+def read_lora_of(adapter_dir):
+    from olivepress.tasks.optimize import read_lora
+
+    return read_lora(adapter_dir)
+
+
+def test_lora_kernel_off_or_missing_keeps_onnx_runtimes_operators(
+    tiny_int4_dir, adapter_dir, tmp_path, monkeypatch, caplog
+):
+    """auto without ONNX Runtime's header warns and exports the three-operator branches; on refuses."""
+    monkeypatch.delenv("OLIVEPRESS_ORT_INCLUDE", raising=False)
+    with pytest.raises(UserError, match="OLIVEPRESS_ORT_INCLUDE"):
+        export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "on", device="gpu", lora_kernel="on")
+    out = export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "auto", device="gpu", lora_kernel="auto")
+    assert "not LoraAdd" in caplog.text
+    graph = load_graph(out.model_dir).graph
+    assert "LoraAdd" not in {node.op_type for node in graph.node}
+    assert not list(out.model_dir.glob("*.so"))
+    options = json.loads((out.model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    assert "custom_ops_library" not in options["session_options"]
