@@ -49,7 +49,17 @@ def ort_include_dir(ort_include: Path | None = None) -> Path:
 def build_lora_add(out_dir: Path, ort_include: Path | None = None, source: Path | None = None) -> Path:
     """``out_dir/liblora_add-<digest>.so``, compiled with nvcc unless already there. ``source`` replaces the
     packaged ``kernels/lora_add.cu`` (a benchmark times an earlier version beside it); the digest covers the
-    source's bytes, so versions do not overwrite each other."""
+    source's bytes, so versions do not overwrite each other.
+
+    ``$OLIVEPRESS_LORA_ADD_LIBRARY`` names a library built from the packaged source beforehand (the GPU
+    image builds one where nvcc is, and runs without it): copied into ``out_dir`` instead."""
+    prebuilt = os.environ.get("OLIVEPRESS_LORA_ADD_LIBRARY")
+    if prebuilt and source is None:
+        built = Path(prebuilt).resolve()  # the image's link names the digest-named file
+        if not built.is_file():
+            raise UserError(f"OLIVEPRESS_LORA_ADD_LIBRARY names {prebuilt}, which is no file")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy2(built, out_dir / built.name))
     include = ort_include_dir(ort_include)
     source = source or SOURCE
     digest = hashlib.sha256(source.read_bytes() + (include / "onnxruntime_c_api.h").read_bytes()).hexdigest()[

@@ -36,3 +36,16 @@ def test_the_genai_config_names_the_library_relative_to_the_model(tmp_path):
     register_in_genai_config(tmp_path, library)
     options = json.loads((tmp_path / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
     assert options == {"provider_options": [{"cuda": {}}], "custom_ops_library": "liblora_add-0123.so"}
+
+
+def test_a_prebuilt_library_is_copied_into_the_model_folder(tmp_path, monkeypatch):
+    """The GPU image builds LoraAdd where nvcc is and runs where it is not."""
+    prebuilt = tmp_path / "liblora_add-0123.so"
+    prebuilt.write_bytes(b"\x7fELF")
+    monkeypatch.setenv("OLIVEPRESS_LORA_ADD_LIBRARY", str(prebuilt))
+    monkeypatch.delenv("OLIVEPRESS_ORT_INCLUDE", raising=False)
+    library = build_lora_add(tmp_path / "model")
+    assert library == tmp_path / "model" / prebuilt.name and library.read_bytes() == b"\x7fELF"
+    monkeypatch.setenv("OLIVEPRESS_LORA_ADD_LIBRARY", str(tmp_path / "missing.so"))
+    with pytest.raises(UserError, match="OLIVEPRESS_LORA_ADD_LIBRARY"):
+        build_lora_add(tmp_path / "other")
