@@ -1,15 +1,26 @@
-// LoraAdd (domain "olivepress"): out = y + (x @ A) @ B, one LoRA branch in one CUDA kernel.
+// LoraAdd (domain "olivepress"): out_i = y_i + (x @ A) @ B_i for one to three (y_i, B_i) pairs that share x
+// and A, in one CUDA kernel.
 //
 // Why: at batch-1 decoding on a GPU every dependent kernel costs microseconds however little it reads, and
 // the export's branch is three of them (MatMul by A, MatMul by B, Add; benchmarks/lora_branch_forms.py).
-// This operator does the branch in one launch. A and B stay graph inputs, so an .onnx_adapter file still
-// switches them at run time (r may change from one run to the next).
+// This operator does the branch in one launch, and the branches of linears that read the same x (q, k and v;
+// gate and up), whose A matrices the export concatenates into the group's A, in one launch too: x @ A once,
+// then every pair's columns. A and B stay graph inputs, so an .onnx_adapter file still switches them at run
+// time (r may change from one run to the next).
 //
-// Inputs: y [..., N] (the int4 product), x [..., K] (its input), A [K, r], B [r, N], all float16; r may be
-// 0 (no adapter active: out = y). Output: out, shaped as y. "rows" below is the product of the leading
-// dimensions (1 when decoding one token, the prompt's length when prefilling). Built against ONNX Runtime's
-// C API header only (no link to onnxruntime): the library's RegisterCustomOps receives the API from the
-// session.
+// Inputs, in order: y1, x, A, B1, then optionally y2, B2, then y3, B3 (a node lists 4, 6 or 8 inputs and
+// 1, 2 or 3 outputs: out1, out2, out3; never "" for a skipped one, which ONNX Runtime's shape inference of
+// custom ops cannot take). y_i [..., N_i] (pair i's int4 product), x [..., K] (their input), with the same
+// leading dimensions; A [K, r]; B_i [r, N_i]; all float16. N_i may differ. r may be 0 (no adapter active:
+// out_i = y_i). out_i is shaped as y_i. The pairs are those whose y and B are both present, from the first
+// on; one without the other, a pair after a missing one, or outputs not one per pair is an error. Nodes of
+// one pair are the operator as it was before pairs (inputs y, x, A, B; output out). "rows" below is the
+// product of the leading dimensions (1 when decoding one token, the prompt's length when prefilling). Built
+// against ONNX Runtime's C API header only (no link to onnxruntime): the library's RegisterCustomOps
+// receives the API from the session.
+//
+// Every kernel below takes the pairs as one Pairs argument and walks column tiles of 256 columns over all
+// pairs' columns, pair after pair (a tile never spans two outputs: pair i has ceil(N_i / 256) of them).
 //
 // The kernels (256 threads a block; every sum in fp32):
 //
@@ -19,8 +30,8 @@
 //   G blocks share that product: phase 1, block b reads A's rows in passes b, b + G, ... (A as a flat array
 //   of 16-byte words, consecutive threads on consecutive words), sums them in the block and adds its
 //   [rows, r] part into a global fp32 scratch xa with atomicAdd; then a grid-wide barrier; phase 2, every
-//   block adds its column tiles of xa @ B to y. With one row, B's column and y of the block's first tile are
-//   loaded before phase 1: they do not depend on x @ A.
+//   block adds its column tiles of xa @ B_i to y_i, over every pair's tiles. With one row, B's column and
+//   y of the block's first tile are loaded before phase 1: they do not depend on x @ A.
 //   The barrier and xa live in a SplitState that belongs to one node (the kernel object CreateKernel
 //   returns) and one CUDA stream (launches on one stream never overlap; concurrent runs of a session on
 //   different streams get different states). It is made on the first run on that stream (cudaMalloc, then
@@ -32,8 +43,8 @@
 //   block of this one has read xa[g & 1]).
 //   A spin barrier deadlocks unless every block is resident at once, so G is at most the number of SMs
 //   and at most what cudaOccupancyMaxActiveBlocksPerMultiprocessor allows (blocks loop over column tiles
-//   when N needs more); when the occupancy is 0, or no state could be made (a stream first seen while it is
-//   being captured), lora_add_rows runs instead. Set OLIVEPRESS_LORA_ADD_SPLIT=0 (read when the session
+//   when the pairs' N need more); when the occupancy is 0, or no state could be made (a stream first seen
+//   while it is being captured), lora_add_rows runs instead. Set OLIVEPRESS_LORA_ADD_SPLIT=0 (read when the session
 //   makes the kernel) to always run it: where another client may hold SMs for as long as it likes (MPS with
 //   a share of the SMs that the device properties do not report, MIG set up oddly), or where several
 //   spin-barrier kernels may run at once (concurrent runs on one GPU: each grid fits alone, but two whose
@@ -41,12 +52,12 @@
 // * lora_add_rows<R, MR> (more rows, or the split off): grid (column splits, ceil(rows / MR)); each block
 //   computes x @ A for its MR rows over all of A (the same coalesced loads), then loops over its column
 //   tiles. Prefill runs it once per prompt; A is read once per MR rows and per column split.
-// * lora_add_any_rank (any other r, 0 included, or A not 16-byte aligned): one row a block, x @ A in chunks
-//   of 8 ranks with 2-byte loads, then the block's columns.
+// * lora_add_any_rank (any other r, 0 included, or A not 16-byte aligned): one row and one column tile a
+//   block, x @ A in chunks of 8 ranks with 2-byte loads, then the tile's columns.
 // All three sum a block's partial products with block_sum.
 //
 // OLIVEPRESS_LORA_ADD_TRACE=1 (read when the session makes the kernel) prints every launch's choice to
-// stderr, for tests and benchmarks that need to know which kernel ran.
+// stderr ("n 3072+1024+1024": each pair's N), for tests and benchmarks that need to know which kernel ran.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -72,6 +83,7 @@ constexpr int kRowBlock = 4;          // rows a lora_add_rows block handles when
 constexpr int kPassesPerBlock = 2;    // passes over A a split block aims at (fewer blocks, fewer atomics)
 constexpr int kAnyRankChunk = 8;      // ranks lora_add_any_rank sums at a time
 constexpr int kMaxAnyRank = 12288;    // its xa is r floats of shared memory (48 KB)
+constexpr int kMaxPairs = 3;          // (y, B) pairs of one node, sharing x and A
 
 const OrtApi* g_api = nullptr;
 
@@ -166,72 +178,115 @@ __device__ __forceinline__ void accumulate_xa(float (&sums)[MR * 8], const half*
 template <int MR>
 __device__ __forceinline__ int sum_slot(int m, int j) { return (j / 8) * (MR * 8) + m * 8 + j % 8; }
 
-// One output column of a tile: B's column (as half2 pairs: half the registers), loaded ahead of x @ A for
-// the block's first tile when there is one row (y's value with it); with several rows, y is read as each row
-// is written, and the rows are a loop, not unrolled, so that the compiler keeps one row of xa in registers,
-// not all of them (MR * R floats: spills at r = 64).
+// The (y, B, out) pairs of one launch, by value: pair p's N is n[p], its column tiles (kThreads columns each,
+// never spanning two pairs) are the launch's tiles tile_end[p - 1] .. tile_end[p] - 1 (from 0 for p = 0).
+// Pairs past the node's last have n 0 and tile_end the total, so that a tile past the total falls in pair
+// kMaxPairs - 1 with a column past its n. Members are only read with constant indices (of_pair, pair_of): a
+// kernel parameter indexed at run time would be copied to local memory.
+struct Pairs {
+  const half* y[kMaxPairs];
+  const half* b[kMaxPairs];
+  half* out[kMaxPairs];
+  int n[kMaxPairs];
+  int tile_end[kMaxPairs];
+};
+static_assert(kMaxPairs == 3, "of_pair and pair_of select among three pairs");
+
+template <typename T>
+__device__ __forceinline__ T of_pair(const T (&values)[kMaxPairs], int pair) {
+  return pair == 0 ? values[0] : pair == 1 ? values[1] : values[2];
+}
+
+__device__ __forceinline__ int pair_of(const Pairs& pairs, int tile) {
+  return tile < pairs.tile_end[0] ? 0 : tile < pairs.tile_end[1] ? 1 : 2;
+}
+
+// This thread's column of the launch's tile `tile`: its pair, and its column there (the pair's N or more
+// past the pair's last tile, in a tile's tail, or past the launch's tiles).
+struct Place {
+  int pair;
+  int column;
+};
+
+__device__ __forceinline__ Place place_of(const Pairs& pairs, int tile) {
+  const int pair = pair_of(pairs, tile);
+  const int start = pair == 0 ? 0 : pair == 1 ? pairs.tile_end[0] : pairs.tile_end[1];
+  return Place{pair, (tile - start) * kThreads + static_cast<int>(threadIdx.x)};
+}
+
+// One output column of a tile (tile: the launch's, over all pairs): B's column (as half2 pairs: half the
+// registers), loaded ahead of x @ A for the block's first tile when there is one row (y's value with it);
+// with several rows, y is read as each row is written, and the rows are a loop, not unrolled, so that the
+// compiler keeps one row of xa in registers, not all of them (MR * R floats: spills at r = 64). The tile's
+// place is recomputed in store (a few comparisons) rather than kept in registers across x @ A. B and y are
+// read through the read-only cache: the kernel writes neither (ONNX Runtime gives outputs their own buffers).
+// row0: the block's first row of x (and of every y and out).
 template <int R, int MR>
 struct Column {
   half2 b[R / 2];
   float y0;  // row 0's y, when loaded ahead
-  int column;
 
-  __device__ __forceinline__ void load(const half* __restrict__ b_in, const half* __restrict__ y_in, int n,
-                                       int tile) {
-    column = tile * kThreads + static_cast<int>(threadIdx.x);
-    const bool inside = column < n;  // false past the last tile and in the last tile's tail
+  __device__ __forceinline__ void load(const Pairs& pairs, int tile, int64_t row0) {
+    const Place place = place_of(pairs, tile);
+    const int n = of_pair(pairs.n, place.pair);
+    const int column = place.column;
+    const bool inside = column < n;  // false past the last tile and in a tile's tail
+    const half* b_in = of_pair(pairs.b, place.pair);
     const half zero = __float2half(0.f);
 #pragma unroll
     for (int j = 0; j < R / 2; ++j) {
-      const half low = inside ? b_in[static_cast<int64_t>(2 * j) * n + column] : zero;
-      const half high = inside ? b_in[static_cast<int64_t>(2 * j + 1) * n + column] : zero;
+      const half low = inside ? __ldg(&b_in[static_cast<int64_t>(2 * j) * n + column]) : zero;
+      const half high = inside ? __ldg(&b_in[static_cast<int64_t>(2 * j + 1) * n + column]) : zero;
       b[j] = __halves2half2(low, high);
     }
-    y0 = MR == 1 && inside ? __half2float(y_in[column]) : 0.f;
+    y0 = MR == 1 && inside ? __half2float(__ldg(&of_pair(pairs.y, place.pair)[row0 * n + column])) : 0.f;
   }
 
-  __device__ __forceinline__ void store(half* __restrict__ out, const half* __restrict__ y_in,
-                                        const float (&xa)[MR][R], int n, int rows) const {
+  __device__ __forceinline__ void store(const Pairs& pairs, int tile, const float (&xa)[MR][R], int rows,
+                                        int64_t row0) const {
+    const Place place = place_of(pairs, tile);
+    const int n = of_pair(pairs.n, place.pair);
+    const int column = place.column;
     if (column >= n) return;
+    const half* y_in = of_pair(pairs.y, place.pair);
+    half* out = of_pair(pairs.out, place.pair);
 #pragma unroll 1
     for (int m = 0; m < (MR == 1 ? 1 : rows); ++m) {
-      const int64_t at = static_cast<int64_t>(m) * n + column;
-      const float y_value = MR == 1 ? y0 : __half2float(y_in[at]);
+      const int64_t at = (row0 + m) * n + column;
+      const float y_value = MR == 1 ? y0 : __half2float(__ldg(&y_in[at]));
       float delta = 0.f;
 #pragma unroll
       for (int j = 0; j < R / 2; ++j) {
-        const float2 pair = __half22float2(b[j]);
-        delta += xa[m][2 * j] * pair.x + xa[m][2 * j + 1] * pair.y;
+        const float2 pair_values = __half22float2(b[j]);
+        delta += xa[m][2 * j] * pair_values.x + xa[m][2 * j + 1] * pair_values.y;
       }
       out[at] = __float2half(y_value + delta);
     }
   }
 };
 
-// Phase 2 of a block: its tiles first, first + step, ...; `ahead` is tile `first`, already loaded when
-// Prefetched.
+// Phase 2 of a block: the launch's tiles first, first + step, ... below tile_end[kMaxPairs - 1]; `ahead` is
+// tile `first`, already loaded when Prefetched.
 template <int R, int MR, bool Prefetched>
-__device__ __forceinline__ void add_tiles(const Column<R, MR>& ahead, const half* __restrict__ b,
-                                          const half* __restrict__ y, half* __restrict__ out,
-                                          const float (&xa)[MR][R], int n, int rows, int first, int step) {
-  const int tiles = (n + kThreads - 1) / kThreads;
+__device__ __forceinline__ void add_tiles(const Column<R, MR>& ahead, const Pairs& pairs, const float (&xa)[MR][R],
+                                          int rows, int64_t row0, int first, int step) {
+  const int tiles = pairs.tile_end[kMaxPairs - 1];
   int tile = first;
   if (Prefetched) {
-    ahead.store(out, y, xa, n, rows);
+    ahead.store(pairs, tile, xa, rows, row0);
     tile += step;
   }
   for (; tile < tiles; tile += step) {
     Column<R, MR> column;
-    column.load(b, y, n, tile);
-    column.store(out, y, xa, n, rows);
+    column.load(pairs, tile, row0);
+    column.store(pairs, tile, xa, rows, row0);
   }
 }
 
 // grid: (G), every block resident at once (see the header); rows <= MR <= kMaxSplitRows.
 template <int R, int MR>
-__global__ void __launch_bounds__(kThreads) lora_add_split(const half* __restrict__ y, const half* __restrict__ x,
-                                                           const uint4* __restrict__ a, const half* __restrict__ b,
-                                                           half* __restrict__ out, int k, int n, int rows,
+__global__ void __launch_bounds__(kThreads) lora_add_split(const Pairs pairs, const half* __restrict__ x,
+                                                           const uint4* __restrict__ a, int k, int rows,
                                                            SplitState* state) {
   using S = Slicing<R>;
   __shared__ float partial[kWarps][R * MR];
@@ -244,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) lora_add_split(const half* __restric
   if (tid == 0) generation = *reinterpret_cast<volatile unsigned int*>(&state->generation);
 
   Column<R, MR> first;
-  if (kPrefetch) first.load(b, y, n, blockIdx.x);
+  if (kPrefetch) first.load(pairs, blockIdx.x, 0);
   float sums[MR * 8];
   accumulate_xa<R, MR>(sums, x, rows, a, k, blockIdx.x, gridDim.x);
   block_sum<S::V, MR * 8>(sums, partial, block_xa);  // also publishes `generation` to the block
@@ -278,14 +333,14 @@ __global__ void __launch_bounds__(kThreads) lora_add_split(const half* __restric
   if (tid < rows * R) xa[tid / R][tid % R] = __ldcg(&scratch[tid]);  // L2: another block's atomics
   __syncthreads();
 
-  add_tiles<R, MR, kPrefetch>(first, b, y, out, xa, n, rows, blockIdx.x, gridDim.x);
+  add_tiles<R, MR, kPrefetch>(first, pairs, xa, rows, 0, blockIdx.x, gridDim.x);
 }
 
-// grid: (column splits, ceil(rows / MR)); block (c, g) handles rows g * MR .. and tiles c, c + splits, ...
+// grid: (column splits, ceil(rows / MR)); block (c, g) handles rows g * MR .. and the launch's tiles c,
+// c + splits, ...
 template <int R, int MR>
-__global__ void __launch_bounds__(kThreads) lora_add_rows(const half* __restrict__ y, const half* __restrict__ x,
-                                                          const uint4* __restrict__ a, const half* __restrict__ b,
-                                                          half* __restrict__ out, int k, int n, int rows) {
+__global__ void __launch_bounds__(kThreads) lora_add_rows(const Pairs pairs, const half* __restrict__ x,
+                                                          const uint4* __restrict__ a, int k, int rows) {
   using S = Slicing<R>;
   __shared__ float partial[kWarps][R * MR];
   __shared__ float block_xa[R * MR];
@@ -294,26 +349,23 @@ __global__ void __launch_bounds__(kThreads) lora_add_rows(const half* __restrict
   const int tid = threadIdx.x;
   const int row0 = blockIdx.y * MR;
   const int here = rows - row0 < MR ? rows - row0 : MR;
-  y += static_cast<int64_t>(row0) * n;
-  out += static_cast<int64_t>(row0) * n;
   x += static_cast<int64_t>(row0) * k;
 
   Column<R, MR> first;
-  if (kPrefetch) first.load(b, y, n, blockIdx.x);
+  if (kPrefetch) first.load(pairs, blockIdx.x, row0);
   float sums[MR * 8];
   accumulate_xa<R, MR>(sums, x, here, a, k, 0, 1);
   block_sum<S::V, MR * 8>(sums, partial, block_xa);
   if (tid < MR * R) xa[tid / R][tid % R] = block_xa[sum_slot<MR>(tid / R, tid % R)];
   __syncthreads();
 
-  add_tiles<R, MR, kPrefetch>(first, b, y, out, xa, n, here, blockIdx.x, gridDim.x);
+  add_tiles<R, MR, kPrefetch>(first, pairs, xa, here, row0, blockIdx.x, gridDim.x);
 }
 
-// Any r (0 included: out = y), A at any address. grid: (ceil(N / kThreads), rows); r floats of dynamic
+// Any r (0 included: out = y), A at any address. grid: (the launch's tiles, rows); r floats of dynamic
 // shared memory.
-__global__ void __launch_bounds__(kThreads) lora_add_any_rank(const half* __restrict__ y, const half* __restrict__ x,
-                                                              const half* __restrict__ a, const half* __restrict__ b,
-                                                              half* __restrict__ out, int k, int n, int r) {
+__global__ void __launch_bounds__(kThreads) lora_add_any_rank(const Pairs pairs, const half* __restrict__ x,
+                                                              const half* __restrict__ a, int k, int r) {
   extern __shared__ float xa[];
   __shared__ float partial[kWarps][kAnyRankChunk];
   __shared__ float chunk[kAnyRankChunk];
@@ -337,12 +389,15 @@ __global__ void __launch_bounds__(kThreads) lora_add_any_rank(const half* __rest
   }
   __syncthreads();
 
-  const int column = blockIdx.x * kThreads + tid;
+  const Place place = place_of(pairs, blockIdx.x);
+  const int pair = place.pair, column = place.column;
+  const int n = of_pair(pairs.n, pair);
   if (column >= n) return;
+  const half* b = of_pair(pairs.b, pair);
   float delta = 0.f;
   for (int j = 0; j < r; ++j) delta += xa[j] * __half2float(b[static_cast<int64_t>(j) * n + column]);
   const int64_t at = row * n + column;
-  out[at] = __float2half(__half2float(y[at]) + delta);
+  of_pair(pairs.out, pair)[at] = __float2half(__half2float(of_pair(pairs.y, pair)[at]) + delta);
 }
 
 // ---- the ONNX Runtime side -------------------------------------------------------------------------------
@@ -442,36 +497,42 @@ OrtStatus* StateFor(LoraAddKernel& kernel, cudaStream_t stream, StreamState* fou
   return nullptr;
 }
 
+// What one launch reads: the node's pairs and their shared x and A.
 struct Operands {
-  const half* y;
+  Pairs pairs;
   const half* x;
   const half* a;
-  const half* b;
-  half* out;
-  int k, n, rows;
+  int k, rows;
 };
 
 template <int R>
 void LaunchSplit(const Operands& o, int blocks, SplitState* state, cudaStream_t stream) {
   const auto* a = reinterpret_cast<const uint4*>(o.a);
   if (o.rows == 1)
-    lora_add_split<R, 1><<<blocks, kThreads, 0, stream>>>(o.y, o.x, a, o.b, o.out, o.k, o.n, o.rows, state);
+    lora_add_split<R, 1><<<blocks, kThreads, 0, stream>>>(o.pairs, o.x, a, o.k, o.rows, state);
   else
-    lora_add_split<R, kMaxSplitRows><<<blocks, kThreads, 0, stream>>>(o.y, o.x, a, o.b, o.out, o.k, o.n, o.rows, state);
+    lora_add_split<R, kMaxSplitRows><<<blocks, kThreads, 0, stream>>>(o.pairs, o.x, a, o.k, o.rows, state);
 }
 
 template <int R>
 void LaunchRows(const Operands& o, dim3 grid, cudaStream_t stream) {
   const auto* a = reinterpret_cast<const uint4*>(o.a);
   if (o.rows == 1)
-    lora_add_rows<R, 1><<<grid, kThreads, 0, stream>>>(o.y, o.x, a, o.b, o.out, o.k, o.n, o.rows);
+    lora_add_rows<R, 1><<<grid, kThreads, 0, stream>>>(o.pairs, o.x, a, o.k, o.rows);
   else
-    lora_add_rows<R, kRowBlock><<<grid, kThreads, 0, stream>>>(o.y, o.x, a, o.b, o.out, o.k, o.n, o.rows);
+    lora_add_rows<R, kRowBlock><<<grid, kThreads, 0, stream>>>(o.pairs, o.x, a, o.k, o.rows);
 }
 
-OrtStatus* ShapeOf(const OrtValue* value, std::vector<int64_t>& shape, ONNXTensorElementDataType& type) {
+// The node's inputs: y1, x, A, B1, then the optional y2, B2, y3, B3; output p is pair p's (out1, out2, out3).
+constexpr int kInputCount = 2 + 2 * kMaxPairs;
+constexpr int YInput(int pair) { return pair == 0 ? 0 : 2 + 2 * pair; }
+constexpr int BInput(int pair) { return pair == 0 ? 3 : 3 + 2 * pair; }
+
+// A float16 tensor's shape.
+OrtStatus* Float16Shape(const OrtValue* value, std::vector<int64_t>& shape) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   RETURN_IF_ERROR(g_api->GetTensorTypeAndShape(value, &info));
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   size_t count = 0;
   OrtStatus* status = g_api->GetTensorElementType(info, &type);
   if (status == nullptr) status = g_api->GetDimensionsCount(info, &count);
@@ -480,47 +541,95 @@ OrtStatus* ShapeOf(const OrtValue* value, std::vector<int64_t>& shape, ONNXTenso
     status = g_api->GetDimensions(info, shape.data(), count);
   }
   g_api->ReleaseTensorTypeAndShapeInfo(info);
+  if (status == nullptr && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return Fail("LoraAdd takes float16 tensors");
   return status;
 }
 
 OrtStatus* ORT_API_CALL Compute(void* kernel_object, OrtKernelContext* context) {
   auto& kernel = *static_cast<LoraAddKernel*>(kernel_object);
-  const OrtValue* inputs[4];
-  std::vector<int64_t> shapes[4];
-  for (size_t i = 0; i < 4; ++i) {
+  // the pairs present: KernelContext_GetInput gives null for an optional input the node names "" and must not
+  // be asked past the node's input count (the inputs it lists)
+  size_t input_count = 0, output_count = 0;
+  RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(context, &input_count));
+  RETURN_IF_ERROR(g_api->KernelContext_GetOutputCount(context, &output_count));
+  const OrtValue* inputs[kInputCount] = {};
+  for (size_t i = 0; i < static_cast<size_t>(kInputCount) && i < input_count; ++i)
     RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &inputs[i]));
-    ONNXTensorElementDataType type;
-    RETURN_IF_ERROR(ShapeOf(inputs[i], shapes[i], type));
-    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return Fail("LoraAdd takes float16 tensors");
+  for (int i = 0; i < 4; ++i)
+    if (inputs[i] == nullptr) return Fail("LoraAdd: y1, x, A and B1 (its first four inputs) are required");
+  int count = 1;  // pairs
+  for (int p = 1; p < kMaxPairs; ++p) {
+    const bool has_y = inputs[YInput(p)] != nullptr, has_b = inputs[BInput(p)] != nullptr;
+    const std::string y_name = "y" + std::to_string(p + 1), b_name = "B" + std::to_string(p + 1);
+    if (has_y && !has_b) return Fail("LoraAdd: input " + y_name + " is given without " + b_name);
+    if (has_b && !has_y) return Fail("LoraAdd: input " + b_name + " is given without " + y_name);
+    if (has_y && count != p)
+      return Fail("LoraAdd: inputs " + y_name + " and " + b_name + " are given without y" + std::to_string(p) +
+                  " and B" + std::to_string(p));
+    if (has_y) count = p + 1;
   }
-  const auto& y_shape = shapes[0];
-  const auto& x_shape = shapes[1];
-  if (y_shape.empty() || x_shape.size() != y_shape.size() || shapes[2].size() != 2 || shapes[3].size() != 2)
-    return Fail("LoraAdd: y and x must have the same rank, A and B two dimensions");
-  const int64_t n = y_shape.back(), k = x_shape.back(), r = shapes[2][1];
-  if (shapes[2][0] != k || shapes[3][0] != r || shapes[3][1] != n)
-    return Fail("LoraAdd: A must be [K, r] and B [r, N] for x [..., K] and y [..., N]");
-  int64_t rows = 1;
-  for (size_t d = 0; d + 1 < y_shape.size(); ++d) {
-    if (y_shape[d] != x_shape[d]) return Fail("LoraAdd: y and x differ in a leading dimension");
-    rows *= y_shape[d];
-  }
-  if (n > INT_MAX / 2 || k > INT_MAX / 2 || rows > 65535 || r > kMaxAnyRank) return Fail("LoraAdd: tensor too large");
+  if (output_count != static_cast<size_t>(count))
+    return Fail("LoraAdd: a node with " + std::to_string(count) + " (y, B) pair(s) has as many outputs, not " +
+                std::to_string(output_count));
 
-  OrtValue* output = nullptr;
-  RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &output));
-  if (rows == 0 || n == 0) return nullptr;
-  void* data[5];
-  for (int i = 0; i < 4; ++i) RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(inputs[i]), &data[i]));
-  RETURN_IF_ERROR(g_api->GetTensorMutableData(output, &data[4]));
+  std::vector<int64_t> x_shape, a_shape, y_shapes[kMaxPairs], b_shape;
+  RETURN_IF_ERROR(Float16Shape(inputs[1], x_shape));
+  RETURN_IF_ERROR(Float16Shape(inputs[2], a_shape));
+  if (x_shape.empty() || a_shape.size() != 2) return Fail("LoraAdd: x must have one dimension or more, A two");
+  const int64_t k = x_shape.back(), r = a_shape[1];
+  if (a_shape[0] != k) return Fail("LoraAdd: A must be [K, r] for x [..., K]");
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < x_shape.size(); ++d) rows *= x_shape[d];
+  if (k > INT_MAX / 2 || rows > 65535 || r > kMaxAnyRank) return Fail("LoraAdd: tensor too large");
+  int64_t n[kMaxPairs] = {};
+  for (int p = 0; p < count; ++p) {
+    const std::string y_name = "y" + std::to_string(p + 1), b_name = "B" + std::to_string(p + 1);
+    std::vector<int64_t>& y_shape = y_shapes[p];
+    RETURN_IF_ERROR(Float16Shape(inputs[YInput(p)], y_shape));
+    RETURN_IF_ERROR(Float16Shape(inputs[BInput(p)], b_shape));
+    if (y_shape.size() != x_shape.size() || b_shape.size() != 2)
+      return Fail("LoraAdd: " + y_name + " must have x's rank, " + b_name + " two dimensions");
+    for (size_t d = 0; d + 1 < y_shape.size(); ++d)
+      if (y_shape[d] != x_shape[d]) return Fail("LoraAdd: " + y_name + " and x differ in a leading dimension");
+    n[p] = y_shape.back();
+    if (b_shape[0] != r || b_shape[1] != n[p])
+      return Fail("LoraAdd: " + b_name + " must be [r, N] for A [K, r] and " + y_name + " [..., N]");
+    if (n[p] > INT_MAX / 2) return Fail("LoraAdd: tensor too large");
+  }
+
+  OrtValue* outputs[kMaxPairs] = {};
+  for (int p = 0; p < count; ++p) {
+    RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, p, y_shapes[p].data(), y_shapes[p].size(), &outputs[p]));
+    if (outputs[p] == nullptr) return Fail("LoraAdd: output out" + std::to_string(p + 1) + " is missing");
+  }
+  Operands o{};
+  int tiles = 0;  // the launch's column tiles, over all pairs
+  for (int p = 0; p < kMaxPairs; ++p) {
+    if (p < count && n[p] > 0) {
+      void* data = nullptr;
+      RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(inputs[YInput(p)]), &data));
+      o.pairs.y[p] = static_cast<const half*>(data);
+      RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(inputs[BInput(p)]), &data));
+      o.pairs.b[p] = static_cast<const half*>(data);
+      RETURN_IF_ERROR(g_api->GetTensorMutableData(outputs[p], &data));
+      o.pairs.out[p] = static_cast<half*>(data);
+      o.pairs.n[p] = static_cast<int>(n[p]);
+      tiles += static_cast<int>((n[p] + kThreads - 1) / kThreads);
+    }
+    o.pairs.tile_end[p] = tiles;  // pairs absent or empty: no tiles, n 0
+  }
+  if (rows == 0 || tiles == 0) return nullptr;
+  void* data = nullptr;
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(inputs[1]), &data));
+  o.x = static_cast<const half*>(data);
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(inputs[2]), &data));
+  o.a = static_cast<const half*>(data);
+  o.k = static_cast<int>(k);
+  o.rows = static_cast<int>(rows);
   void* stream_handle = nullptr;
   RETURN_IF_ERROR(g_api->KernelContext_GetGPUComputeStream(context, &stream_handle));
   const auto stream = static_cast<cudaStream_t>(stream_handle);
 
-  Operands o{static_cast<const half*>(data[0]), static_cast<const half*>(data[1]), static_cast<const half*>(data[2]),
-             static_cast<const half*>(data[3]), static_cast<half*>(data[4]),   static_cast<int>(k),
-             static_cast<int>(n),              static_cast<int>(rows)};
-  const int tiles = static_cast<int>((n + kThreads - 1) / kThreads);
   const bool aligned = reinterpret_cast<uintptr_t>(o.a) % 16 == 0;
   const int rank = aligned ? FixedRankIndex(r) : -1;
   const char* chosen = nullptr;
@@ -574,14 +683,16 @@ OrtStatus* ORT_API_CALL Compute(void* kernel_object, OrtKernelContext* context) 
   if (chosen == nullptr) {
     grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(rows));
     chosen = "any_rank";
-    lora_add_any_rank<<<grid, kThreads, r * sizeof(float), stream>>>(o.y, o.x, o.a, o.b, o.out, o.k, o.n,
-                                                                     static_cast<int>(r));
+    lora_add_any_rank<<<grid, kThreads, r * sizeof(float), stream>>>(o.pairs, o.x, o.a, o.k, static_cast<int>(r));
   }
   const cudaError_t launched = cudaGetLastError();
-  if (kernel.trace)
-    std::fprintf(stderr, "olivepress LoraAdd: rows %lld k %lld n %lld r %lld: %s grid %u x %u\n",
-                 static_cast<long long>(rows), static_cast<long long>(k), static_cast<long long>(n),
-                 static_cast<long long>(r), chosen, grid.x, grid.y);
+  if (kernel.trace) {
+    std::string columns = std::to_string(n[0]);  // N of each pair: "3072+1024+1024"
+    for (int p = 1; p < count; ++p) columns += "+" + std::to_string(n[p]);
+    std::fprintf(stderr, "olivepress LoraAdd: rows %lld k %lld n %s r %lld: %s grid %u x %u\n",
+                 static_cast<long long>(rows), static_cast<long long>(k), columns.c_str(), static_cast<long long>(r),
+                 chosen, grid.x, grid.y);
+  }
   if (launched != cudaSuccess) return g_api->CreateStatus(ORT_FAIL, cudaGetErrorString(launched));
   return nullptr;
 }
@@ -611,6 +722,11 @@ void ORT_API_CALL DestroyKernel(void* kernel_object) {
   delete kernel;
 }
 
+// out1 is shaped as y1. out2 and out3 get their shapes (y2's, y3's) when the node runs, not here: this
+// context tells how many inputs the node has but not how many outputs, and ONNX Runtime's inference context
+// indexes outputs unchecked, so shaping an output that a malformed node lacks (Compute rejects such a node
+// with a message) would write out of bounds. Their type, float16, ONNX Runtime takes from the op's type
+// constraints (one type each).
 OrtStatus* ORT_API_CALL InferShape(const OrtCustomOp*, OrtShapeInferContext* context) {
   OrtTensorTypeAndShapeInfo* info = nullptr;  // the context's own: not released here
   RETURN_IF_ERROR(g_api->ShapeInferContext_GetInputTypeShape(context, 0, &info));
@@ -623,12 +739,17 @@ OrtCustomOp MakeOp() {
   op.GetName = [](const OrtCustomOp*) { return "LoraAdd"; };
   op.GetExecutionProviderType = [](const OrtCustomOp*) { return "CUDAExecutionProvider"; };
   op.GetInputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; };
-  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kInputCount; };
   op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; };
-  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return kMaxPairs; };
   op.KernelDestroy = DestroyKernel;
-  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  // y1, x, A, B1 and out1 required; the other pairs' inputs and outputs optional (a node lists them or not)
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t index) {
+    return index < 4 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t index) {
+    return index < 1 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
   op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
   op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
