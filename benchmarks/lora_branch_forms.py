@@ -24,10 +24,23 @@ without branches. The forms:
 * ``lora_add_baseline``: ``LoraAdd`` built from another source, ``--baseline-source`` (an earlier version of
   ``kernels/lora_add.cu``), timed in the same run as the current one. Added to the forms when given.
 
+The ``group_*`` forms and ``lora_add_pairs`` time a group instead: linears that read the same x (an MLP's
+gate and up, hidden → intermediate each), whose LoRA A matrices the export concatenates (A is [hidden,
+2 rank], each B [2 rank, intermediate]); their sum goes to down (no branch) and a LayerNormalization. Their
+column is µs per group (per layer) over ``group_none``; their LoraAdd forms are checked against
+``group_matmul`` (max_abs_difference_vs_matmul is against it):
+
+* ``group_none``: the gate/up/down stack without branches.
+* ``group_matmul``: the export's form: ``MatMul(x, A)`` once, then ``MatMul(·, B_i)`` and ``Add`` per linear.
+* ``group_lora_add``: one ``LoraAdd(y_i, x, A, B_i)`` per linear (two launches, x @ A computed twice).
+* ``lora_add_pairs``: one ``LoraAdd(y1, x, A, B1, y2, B2)`` for both (one launch, x @ A once).
+
     python benchmarks/lora_branch_forms.py --out benchmarks/results/lora_branch_forms.json
     git show d80d21a:olivepress/kernels/lora_add.cu > /tmp/old.cu
     python benchmarks/lora_branch_forms.py --forms none,matmul,lora_add,lora_add_nosplit \\
         --baseline-source /tmp/old.cu --out benchmarks/results/lora_branch_forms.json
+    python benchmarks/lora_branch_forms.py --forms group_none,group_matmul,group_lora_add,lora_add_pairs \\
+        --out /tmp/lora_add_pairs.json
 """
 
 from __future__ import annotations
@@ -55,8 +68,15 @@ FORMS = (
     "gemm",
     "lora_add",
     "lora_add_nosplit",
+    "group_none",
+    "group_matmul",
+    "group_lora_add",
+    "lora_add_pairs",
 )
 LORA_ADD_FORMS = ("lora_add", "lora_add_nosplit", "lora_add_baseline")  # the LoraAdd operator's graph
+# forms of the gate/up group stack (build_group), with the LoraAdd ones and the one they are checked against
+GROUP_FORMS = ("group_none", "group_matmul", "group_lora_add", "lora_add_pairs")
+GROUP_LORA_ADD_FORMS = ("group_lora_add", "lora_add_pairs")
 # what each LoraAdd form sets while its session is made (the operator reads it when it makes its kernels)
 LORA_ADD_ENVIRONMENT = {"lora_add_nosplit": {"OLIVEPRESS_LORA_ADD_SPLIT": "0"}}
 
@@ -171,6 +191,73 @@ def build(form: str, layers: int, hidden: int, intermediate: int, rank: int, blo
     onnx.save(model, path, save_as_external_data=True, location=f"{path.name}.data")
 
 
+def build_group(
+    form: str, layers: int, hidden: int, intermediate: int, rank: int, block: int, path: Path
+) -> None:
+    """``layers`` layers of gate and up (int4, hidden → intermediate, both reading x), their sum, down (int4,
+    intermediate → hidden) and a LayerNormalization (every layer's x of unit scale, as in a model: the int4
+    stack alone would shrink it to nothing or grow it to inf over the layers, and the check against
+    ``group_matmul`` would see no branch); gate and up carry the LoRA branches of ``form``, sharing one A of
+    2 ``rank`` columns. Every form draws the same weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    inits.append(numpy_helper.from_array(np.ones(hidden, dtype=np.float16), "norm.scale"))
+    inits.append(numpy_helper.from_array(np.zeros(hidden, dtype=np.float16), "norm.bias"))
+    x = "x"
+    r = 2 * rank
+    for layer in range(layers):
+        name = f"l{layer}"
+        ys = [
+            int4_linear(nodes, inits, f"{name}.{part}", x, hidden, intermediate, block, rng)
+            for part in ("gate", "up")
+        ]
+        a = (rng.standard_normal((hidden, r), dtype=np.float32) * 1e-2).astype(np.float16)
+        bs = [
+            (rng.standard_normal((r, intermediate), dtype=np.float32) * 1e-2).astype(np.float16) for _ in ys
+        ]
+        if form != "group_none":
+            inits.append(numpy_helper.from_array(a, f"{name}.A"))
+            inits += [numpy_helper.from_array(b, f"{name}.B{i}") for i, b in enumerate(bs, start=1)]
+        sums = [f"{name}.sum{i}" for i in (1, 2)]
+        if form == "group_none":
+            sums = ys
+        elif form == "group_matmul":
+            nodes.append(helper.make_node("MatMul", [x, f"{name}.A"], [f"{name}.xa"]))
+            for i, (y, out) in enumerate(zip(ys, sums, strict=True), start=1):
+                nodes.append(helper.make_node("MatMul", [f"{name}.xa", f"{name}.B{i}"], [f"{name}.delta{i}"]))
+                nodes.append(helper.make_node("Add", [y, f"{name}.delta{i}"], [out]))
+        elif form == "group_lora_add":
+            for i, (y, out) in enumerate(zip(ys, sums, strict=True), start=1):
+                inputs = [y, x, f"{name}.A", f"{name}.B{i}"]
+                nodes.append(helper.make_node("LoraAdd", inputs, [out], domain="olivepress"))
+        elif form == "lora_add_pairs":
+            inputs = [ys[0], x, f"{name}.A", f"{name}.B1", ys[1], f"{name}.B2"]
+            nodes.append(helper.make_node("LoraAdd", inputs, sums, domain="olivepress"))
+        else:
+            raise ValueError(f"no group form {form}")
+        nodes.append(helper.make_node("Add", sums, [f"{name}.both"]))
+        down = int4_linear(nodes, inits, f"{name}.down", f"{name}.both", intermediate, hidden, block, rng)
+        nodes.append(
+            helper.make_node("LayerNormalization", [down, "norm.scale", "norm.bias"], [f"{name}.norm"])
+        )
+        x = f"{name}.norm"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        form,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 1, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 1, hidden])],
+        inits,
+    )
+    opsets = [helper.make_opsetid(domain, 1) for domain in ("com.microsoft", "olivepress")]
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opsets])
+    model.ir_version = 10
+    onnx.save(model, path, save_as_external_data=True, location=f"{path.name}.data")
+
+
 @contextmanager
 def environment(values: dict[str, str]) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in values}
@@ -260,11 +347,12 @@ def main() -> None:
     if args.baseline_source is not None and "lora_add_baseline" not in forms:
         forms.append("lora_add_baseline")
     libraries: dict[str, Path] = {}  # form -> the LoraAdd library its sessions register
-    if any(form in LORA_ADD_FORMS for form in forms):
+    if any(form in LORA_ADD_FORMS + GROUP_LORA_ADD_FORMS for form in forms):
         from olivepress.lora_kernel import build_lora_add
 
         current = build_lora_add(args.work / "kernels")
         libraries = {"lora_add": current, "lora_add_nosplit": current}
+        libraries |= dict.fromkeys(GROUP_LORA_ADD_FORMS, current)
         if "lora_add_baseline" in forms:
             if args.baseline_source is None:
                 parser.error("the form lora_add_baseline needs --baseline-source")
@@ -274,23 +362,37 @@ def main() -> None:
     results = {}
     for form in forms:
         path = args.work / f"{form}.onnx"
-        build(form, args.layers, args.hidden, args.intermediate, args.rank, args.block_size, path)
+        builder = build_group if form in GROUP_FORMS else build
+        builder(form, args.layers, args.hidden, args.intermediate, args.rank, args.block_size, path)
         library, env = libraries.get(form), LORA_ADD_ENVIRONMENT.get(form)
         try:
             rates = tokens_per_second(path, args.hidden, args.steps, args.repeats, library, env)
             results[form] = {"runs_per_s": [round(r, 1) for r in rates], "median": float(np.median(rates))}
         except Exception as error:  # a form this build of onnxruntime cannot capture is a finding too
             results[form] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-    checked = [form for form in LORA_ADD_FORMS if "median" in results.get(form, {})]
-    if checked:  # the same weights as matmul's
-        reference = args.work / "matmul.onnx"
+    checked = []
+    for forms_checked, reference_form, builder in [
+        (LORA_ADD_FORMS, "matmul", build),
+        (GROUP_LORA_ADD_FORMS, "group_matmul", build_group),
+    ]:
+        these = [form for form in forms_checked if "median" in results.get(form, {})]
+        if not these:
+            continue
+        checked += these
+        reference = args.work / f"{reference_form}.onnx"  # the same weights
         if not reference.is_file():
-            build(
-                "matmul", args.layers, args.hidden, args.intermediate, args.rank, args.block_size, reference
+            builder(
+                reference_form,
+                args.layers,
+                args.hidden,
+                args.intermediate,
+                args.rank,
+                args.block_size,
+                reference,
             )
         expected = output_of(reference, args.hidden, None)
         scale = float(np.abs(expected).max()) or 1.0
-        for form in checked:
+        for form in these:
             got = output_of(
                 args.work / f"{form}.onnx", args.hidden, libraries[form], LORA_ADD_ENVIRONMENT.get(form)
             )
@@ -298,19 +400,26 @@ def main() -> None:
             results[form]["relative_to_output_scale"] = float(np.abs(got - expected).max()) / scale
     branches = 2 * args.layers
     base = results.get("none", {}).get("median")
+    group_base = results.get("group_none", {}).get("median")  # one group (gate and up) per layer
     width = max(10, *(len(form) for form in results))
-    print(f"{'form':<{width}} {'steps/s':>9} {'µs/step':>9} {'µs/branch':>10}")
+    print(f"{'form':<{width}} {'steps/s':>9} {'µs/step':>9} {'µs/branch':>10} {'µs/group':>9}")
     for form, row in results.items():
         if "median" not in row:
             print(f"{form:<{width}} {row['error']}")
             continue
         per_step = 1e6 / row["median"]
-        row["us_per_branch"] = (per_step - 1e6 / base) / branches if base else None
-        extra = f"{row['us_per_branch']:10.2f}" if row["us_per_branch"] is not None else ""
+        if form in GROUP_FORMS:
+            row["us_per_group"] = (per_step - 1e6 / group_base) / args.layers if group_base else None
+            extra = f"{'':10} {row['us_per_group']:9.2f}" if row["us_per_group"] is not None else ""
+        else:
+            row["us_per_branch"] = (per_step - 1e6 / base) / branches if base else None
+            extra = f"{row['us_per_branch']:10.2f}" if row["us_per_branch"] is not None else ""
         print(f"{form:<{width}} {row['median']:9.1f} {per_step:9.1f} {extra}")
     for form in checked:
+        reference_form = "group_matmul" if form in GROUP_FORMS else "matmul"
         print(
-            f"{form} against matmul: max difference {results[form]['relative_to_output_scale']:.2e} of the output's scale"
+            f"{form} against {reference_form}: max difference {results[form]['relative_to_output_scale']:.2e} "
+            "of the output's scale"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
