@@ -8,8 +8,9 @@ the group one ``MatMul`` by that node's block of B (block-diagonal across the gr
 by these matrices' size, so grouping matters: a branch per linear launches 21 kernels a layer and needs
 q/k/v split out of the builder's fused QKV node; grouped branches launch 14 and keep the fused node.
 
-On CUDA (``lora_add``) each int4 node's branch is instead one ``olivepress.LoraAdd`` node
-(:mod:`olivepress.lora_kernel`), ``y + (x @ A) @ B`` in one kernel: 4 to 5 kernels a layer instead of 14.
+On CUDA (``lora_add``) each group's branch is instead one ``olivepress.LoraAdd`` node
+(:mod:`olivepress.lora_kernel`): ``y_i + (x @ A) @ B_i`` for each int4 node of the group in one kernel, 4
+kernels a layer instead of 14.
 
 The matrices are graph inputs with empty defaults ([in, 0] and [0, out]): with no adapter active the
 branches multiply by nothing and add zeros; with one active, ONNX Runtime feeds the adapter file's values.
@@ -184,8 +185,10 @@ def graft_branches(model, branches: list[Branch], *, lora_add: bool = False) -> 
 
     A group's A product goes right after its first int4 node (its input exists there), each B product and
     sum right after the int4 node it adds to, so every consumer of that node's output, which now reads the
-    sum, still comes later. With ``lora_add`` (float16 graphs for CUDA only) every int4 node's A product, B
-    product and sum are one ``olivepress.LoraAdd`` node instead, which recomputes its group's ``x @ A``.
+    sum, still comes later. With ``lora_add`` (float16 graphs for CUDA only) a group's branch is one
+    ``olivepress.LoraAdd`` node after the group's last int4 node: ``(y1, x, A, B1, y2, B2, y3, B3)`` to one
+    sum per int4 node, ``x @ A`` computed once; a consumer that came between the group's int4 nodes moves
+    after it.
     """
     import onnx
     from onnx import helper
@@ -225,6 +228,7 @@ def graft_branches(model, branches: list[Branch], *, lora_add: bool = False) -> 
             inserted_after.setdefault(first.name, []).append(
                 helper.make_node("MatMul", [activations, a_name], [a_output], name=f"{stem}/A")
             )
+        lora_add_inputs, sums = [], []
         for module, node in targets.items():
             b = branch.b_per_node[module]
             b_name = lora_b_name(branch.layer, module)
@@ -236,22 +240,24 @@ def graft_branches(model, branches: list[Branch], *, lora_add: bool = False) -> 
             )
             for consumer, index in consumers.get(base_output, []):
                 consumer.input[index] = summed
-            if lora_add:
-                inserted_after.setdefault(node.name, []).append(
-                    helper.make_node(
-                        "LoraAdd",
-                        [base_output, activations, a_name, b_name],
-                        [summed],
-                        name=f"{stem}/{module}/LoraAdd",
-                        domain=LORA_ADD_DOMAIN,
-                    )
+            sums.append(summed)
+            pair = [base_output, b_name]  # the first pair is y1, x, A, B1
+            lora_add_inputs += pair if lora_add_inputs else [base_output, activations, a_name, b_name]
+            if not lora_add:
+                inserted_after.setdefault(node.name, []).extend(
+                    [
+                        helper.make_node("MatMul", [a_output, b_name], [product], name=f"{stem}/{module}/B"),
+                        helper.make_node(
+                            "Add", [base_output, product], [summed], name=f"{stem}/{module}/Add"
+                        ),
+                    ]
                 )
-                continue
-            inserted_after.setdefault(node.name, []).extend(
-                [
-                    helper.make_node("MatMul", [a_output, b_name], [product], name=f"{stem}/{module}/B"),
-                    helper.make_node("Add", [base_output, product], [summed], name=f"{stem}/{module}/Add"),
-                ]
+        if lora_add:
+            last = max(targets.values(), key=lambda node: position[node.name])
+            inserted_after.setdefault(last.name, []).append(
+                helper.make_node(
+                    "LoraAdd", lora_add_inputs, sums, name=f"{stem}/LoraAdd", domain=LORA_ADD_DOMAIN
+                )
             )
     if lora_add and inserted_after and all(o.domain != LORA_ADD_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(LORA_ADD_DOMAIN, 1))
@@ -259,8 +265,36 @@ def graft_branches(model, branches: list[Branch], *, lora_add: bool = False) -> 
     for node in graph.node:
         ordered += [node, *inserted_after.get(node.name, [])]
     del graph.node[:]
-    graph.node.extend(ordered)
+    graph.node.extend(in_dependency_order(ordered))
     return adapter_parameters(graph, branches)
+
+
+def in_dependency_order(nodes: list) -> list:
+    """``nodes`` moved as little as needed for each to come after the nodes whose outputs it reads (Kahn's
+    algorithm taking the earliest ready node first): unchanged when they already are."""
+    import heapq
+
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    readers: dict[int, list[int]] = {}
+    waiting = []
+    for index, node in enumerate(nodes):
+        read = {producer[name] for name in node.input if name in producer}
+        waiting.append(len(read))
+        for source in read:
+            readers.setdefault(source, []).append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        index = heapq.heappop(ready)
+        ordered.append(nodes[index])
+        for reader in readers.get(index, []):
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(ordered) != len(nodes):
+        raise RuntimeError("the grafted graph has a cycle")
+    return ordered
 
 
 def adapter_parameters(graph, branches: list[Branch]) -> dict[str, np.ndarray]:

@@ -271,11 +271,11 @@ def test_dora_adapter_is_refused(tiny_int4_dir, tmp_path):
         export_onnx(tiny_int4_dir, adapter, tmp_path / "onnx")
 
 
-def test_cuda_branches_become_one_lora_add_node_per_int4_node(tiny_int4_dir, adapter_dir, tmp_path):
+def test_cuda_branches_become_one_lora_add_node_per_group(tiny_int4_dir, adapter_dir, tmp_path):
     """The CUDA export's graph (built here without a GPU) with LoraAdd in place of MatMul, MatMul, Add:
-    each node reads its int4 node's output and input and its group's A and its own B, and whatever read
-    the int4 output now reads the sum."""
-
+    one node per group of int4 nodes reading the same activations (the builder's gate and up: two), each
+    pair its int4 node's output and its own B, after the group's A; whatever read an int4 output now reads
+    its sum, and every node still comes after what it reads."""
     from olivepress.lora_graph import graft_branches
     from olivepress.tasks.optimize import graph_and_branches
 
@@ -289,15 +289,18 @@ def test_cuda_branches_become_one_lora_add_node_per_int4_node(tiny_int4_dir, ada
     assert {"MatMul", "Add"}.isdisjoint(node.op_type for node in model.graph.node if "_lora/" in node.name), (
         "no branch keeps ONNX Runtime's own operators"
     )
-    assert len(fused) == sum(len(branch.b_per_node) for branch in branches)
+    assert len(fused) == sum(1 for branch in branches if branch.b_per_node)
+    assert max(len(node.output) for node in fused) == 2  # gate and up in one launch
     graph_inputs = {value.name for value in model.graph.input}
-    readers = {name: node for node in model.graph.node for name in node.input if node.op_type != "LoraAdd"}
+    readers = {name for node in model.graph.node if node.op_type != "LoraAdd" for name in node.input}
     for node in fused:
-        y, x, a, b = node.input
-        assert x == int4_nodes[y].input[0]  # the int4 node's own activations
-        assert {a, b} <= graph_inputs and a in parameters and b in parameters
-        assert parameters[a].shape[1] == parameters[b].shape[0]
-        assert y not in readers and node.output[0] in readers  # the sum replaced the int4 output
+        y1, x, a, b1, *more = node.input
+        pairs = [(y1, b1), *zip(more[::2], more[1::2], strict=True)]
+        assert len(pairs) == len(node.output)
+        for (y, b), summed in zip(pairs, node.output, strict=True):
+            assert int4_nodes[y].input[0] == x  # every pair's int4 node reads the group's activations
+            assert {a, b} <= graph_inputs and parameters[a].shape[1] == parameters[b].shape[0]
+            assert y not in readers and summed in readers  # the sum replaced the int4 output
     assert ("olivepress", 1) in {(o.domain, o.version) for o in model.opset_import}
     # still in topological order (onnx's checker refuses the builder's own contrib operators)
     known = graph_inputs | {initializer.name for initializer in model.graph.initializer} | {""}
@@ -326,3 +329,26 @@ def test_lora_kernel_off_or_missing_keeps_onnx_runtimes_operators(
     assert not list(out.model_dir.glob("*.so"))
     options = json.loads((out.model_dir / "genai_config.json").read_text())["model"]["decoder"]
     assert "custom_ops_library" not in options["session_options"]
+
+
+def test_nodes_move_only_as_far_as_what_they_read_requires():
+    from onnx import helper
+
+    from olivepress.lora_graph import in_dependency_order
+
+    def node(name, inputs, outputs):
+        return helper.make_node("Identity", inputs, outputs, name=name)
+
+    in_order = [node("a", ["x"], ["a"]), node("b", ["a"], ["b"]), node("c", ["x"], ["c"])]
+    assert in_dependency_order(in_order) == in_order
+    # a reader of the sum placed between the group's int4 nodes, before the node that makes the sum
+    grafted = [
+        node("gate", ["x"], ["g"]),
+        node("act", ["g_sum"], ["act"]),
+        node("up", ["x"], ["u"]),
+        node("lora", ["g", "u"], ["g_sum", "u_sum"]),
+        node("mul", ["act", "u_sum"], ["y"]),
+    ]
+    assert [n.name for n in in_dependency_order(grafted)] == ["gate", "up", "lora", "act", "mul"]
+    with pytest.raises(RuntimeError, match="cycle"):
+        in_dependency_order([node("p", ["q"], ["p"]), node("q", ["p"], ["q"])])
