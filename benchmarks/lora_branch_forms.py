@@ -166,9 +166,6 @@ def branch(form: str, nodes, inits, name: str, x: str, y: str, k: int, n: int, r
 
 
 def build(form: str, layers: int, hidden: int, intermediate: int, rank: int, block: int, path: Path) -> None:
-    import onnx
-    from onnx import TensorProto, helper
-
     rng = np.random.default_rng(0)
     nodes, inits = [], []
     x = "x"
@@ -177,18 +174,7 @@ def build(form: str, layers: int, hidden: int, intermediate: int, rank: int, blo
         up = branch(form, nodes, inits, f"l{layer}.up", x, up, hidden, intermediate, rank, rng)
         down = int4_linear(nodes, inits, f"l{layer}.down", up, intermediate, hidden, block, rng)
         x = branch(form, nodes, inits, f"l{layer}.down", up, down, intermediate, hidden, rank, rng)
-    nodes.append(helper.make_node("Identity", [x], ["y"]))
-    graph = helper.make_graph(
-        nodes,
-        form,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 1, hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 1, hidden])],
-        inits,
-    )
-    opsets = [helper.make_opsetid(domain, 1) for domain in ("com.microsoft", "olivepress")]
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opsets])
-    model.ir_version = 10  # what onnxruntime 1.2x-1.31 loads; newer onnx writes a newer one
-    onnx.save(model, path, save_as_external_data=True, location=f"{path.name}.data")
+    save_stack(nodes, inits, x, form, hidden, path)
 
 
 def build_group(
@@ -199,8 +185,7 @@ def build_group(
     stack alone would shrink it to nothing or grow it to inf over the layers, and the check against
     ``group_matmul`` would see no branch); gate and up carry the LoRA branches of ``form``, sharing one A of
     2 ``rank`` columns. Every form draws the same weights."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes, inits = [], []
@@ -244,6 +229,14 @@ def build_group(
             helper.make_node("LayerNormalization", [down, "norm.scale", "norm.bias"], [f"{name}.norm"])
         )
         x = f"{name}.norm"
+    save_stack(nodes, inits, x, form, hidden, path)
+
+
+def save_stack(nodes: list, inits: list, x: str, form: str, hidden: int, path: Path) -> None:
+    """The stack's nodes as a model from x [1, 1, hidden] to y (``x``'s last value), weights beside it."""
+    import onnx
+    from onnx import TensorProto, helper
+
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     graph = helper.make_graph(
         nodes,
@@ -254,7 +247,7 @@ def build_group(
     )
     opsets = [helper.make_opsetid(domain, 1) for domain in ("com.microsoft", "olivepress")]
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opsets])
-    model.ir_version = 10
+    model.ir_version = 10  # what onnxruntime 1.2x-1.31 loads; newer onnx writes a newer one
     onnx.save(model, path, save_as_external_data=True, location=f"{path.name}.data")
 
 

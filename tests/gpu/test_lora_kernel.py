@@ -86,10 +86,24 @@ def library(tmp_path_factory):
     return build_lora_add(tmp_path_factory.mktemp("kernels"))
 
 
+def cuda_session(graph, library, cuda_graph: bool):
+    """A CUDA session of ``graph`` with the LoraAdd library registered."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("olivepress", 1)]
+    )
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    provider = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"})
+    return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+
+
 def lora_add_session(library, cuda_graph: bool = False, two_nodes: bool = False):
     """One LoraAdd node (y, x, A, B -> out), or two in sequence: out1 = LoraAdd(y, x, A, B), then
     out = LoraAdd(out1, out1, A2, B2) (the second reads the first's output as both its input and its base)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     shapes = {"y": ["batch", "rows", "n"], "x": ["batch", "rows", "k"], "A": ["k", "r"], "B": ["r", "n"]}
@@ -107,14 +121,7 @@ def lora_add_session(library, cuda_graph: bool = False, two_nodes: bool = False)
         [helper.make_tensor_value_info(name, TensorProto.FLOAT16, shape) for name, shape in shapes.items()],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT16, None)],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("olivepress", 1)]
-    )
-    model.ir_version = 10
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    provider = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"})
-    return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+    return cuda_session(graph, library, cuda_graph)
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +391,6 @@ PAIR_SHAPES = {
 def pairs_session(library, pairs: int, outputs: int | None = None, cuda_graph: bool = False, inputs=None):
     """One LoraAdd node of `pairs` pairs: inputs y1, x, A, B1[, y2, B2[, y3, B3]], outputs out1[, out2[, out3]]
     (`outputs` and `inputs` override the counts, to build malformed nodes)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     names = list(inputs or PAIR_NAMES[: 2 + 2 * pairs])
@@ -398,14 +404,7 @@ def pairs_session(library, pairs: int, outputs: int | None = None, cuda_graph: b
         [helper.make_tensor_value_info(name, TensorProto.FLOAT16, shapes[name]) for name in names],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT16, None) for name in outs],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("olivepress", 1)]
-    )
-    model.ir_version = 10
-    options = ort.SessionOptions()
-    options.register_custom_ops_library(str(library))
-    provider = ("CUDAExecutionProvider", {"enable_cuda_graph": "1" if cuda_graph else "0"})
-    return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+    return cuda_session(graph, library, cuda_graph)
 
 
 def pair_operands(rows: int, k: int, ns, r: int, seed: int = 0, batch: int = 1) -> dict[str, np.ndarray]:
