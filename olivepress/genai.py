@@ -8,6 +8,7 @@ model's GGUF-converted one encodes to -1 ids and decodes byte-level text as "Ġ.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ MERGED_MODEL_FILE = "model.adapter.onnx"
 ADAPTER_NAME = "adapter"
 GENAI_CONFIG = "genai_config.json"
 PARTIAL_CHARACTER = "\ufffd"  # what decode shows for the first bytes of a character split over tokens
+
+
+def edit_genai_config(model_dir: Path, edit: Callable[[dict], None]) -> None:
+    """Rewrite ``model_dir``'s genai_config.json in place as ``edit`` changes its parsed content."""
+    path = model_dir / GENAI_CONFIG
+    config = json.loads(path.read_text(encoding="utf-8"))
+    edit(config)
+    path.write_text(json.dumps(config, indent=4), encoding="utf-8")
 
 
 @dataclass
@@ -66,8 +75,6 @@ def open_model(
     The folder's own adapter opens as its merged graph (the fast form, same outputs) unless
     ``run_time_adapter``; any other adapter file is loaded at run time (``og.Adapters``).
     """
-    import json
-
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 

@@ -12,7 +12,6 @@ library is built once per source and header, into ``out_dir``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -88,10 +87,11 @@ def register_in_genai_config(model_dir: Path, library: Path) -> None:
     """Name ``library``, a file of ``model_dir``, in its genai_config.json, so that every session ONNX
     Runtime GenAI opens on the model registers LoraAdd first. The name is relative: the folder can move.
     Written in place: the model folder is the step's own until it is published."""
-    from olivepress.genai import GENAI_CONFIG
+    from olivepress.genai import edit_genai_config
 
-    config_path = model_dir / GENAI_CONFIG
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    session_options = config["model"]["decoder"]["session_options"]
-    session_options[CUSTOM_OPS_LIBRARY] = library.relative_to(model_dir).as_posix()
-    config_path.write_text(json.dumps(config, indent=4), encoding="utf-8")
+    name = library.relative_to(model_dir).as_posix()
+
+    def name_library(config: dict) -> None:
+        config["model"]["decoder"]["session_options"][CUSTOM_OPS_LIBRARY] = name
+
+    edit_genai_config(model_dir, name_library)

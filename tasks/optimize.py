@@ -28,7 +28,7 @@ from typing import Literal
 
 from olivepress import progress
 from olivepress.errors import UserError
-from olivepress.genai import ADAPTER_FILE, GENAI_CONFIG, MERGED_MODEL_FILE
+from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE, edit_genai_config
 from olivepress.lora_graph import Branch, LoraMatrices
 from olivepress.prompts import save_prompt_format
 from olivepress.steps import Step, StepSettings
@@ -241,7 +241,7 @@ def prepare_cuda_graph(model_dir: Path) -> None:
         onnx.save(model, str(model_path))
     control_flow = sorted({node.op_type for node in model.graph.node if node.op_type in CONTROL_FLOW_OPS})
     if control_flow:
-        disable_cuda_graph(model_dir / GENAI_CONFIG)
+        edit_genai_config(model_dir, disable_cuda_graph)
         log.warning(
             "%s holds control-flow nodes (%s), which ONNX Runtime cannot capture in a CUDA graph: "
             "the model runs without CUDA graphs (enable_cuda_graph 0)",
@@ -250,13 +250,13 @@ def prepare_cuda_graph(model_dir: Path) -> None:
         )
 
 
-def disable_cuda_graph(config_path: Path) -> None:
-    config = json.loads(config_path.read_text())
+def disable_cuda_graph(config: dict) -> None:
+    """An edit of genai_config.json (:func:`olivepress.genai.edit_genai_config`): every provider's CUDA
+    graphs off."""
     for options in config["model"]["decoder"]["session_options"]["provider_options"]:
         for provider in options.values():
             if "enable_cuda_graph" in provider:
                 provider["enable_cuda_graph"] = "0"
-    config_path.write_text(json.dumps(config, indent=4))
 
 
 def select_rope_caches_without_if(graph, model_dir: Path) -> bool:
