@@ -266,7 +266,7 @@ def trainer_progress(step: str = "finetune") -> Iterator[None]:
     trainer_module.DEFAULT_CALLBACKS = [*trainer_module.DEFAULT_CALLBACKS, ReportSteps]
     try:
         yield
-    finally:  # only ours: trainings running at once (a run with several datasets) each add and remove one
+    finally:  # only ours, leaving whatever else was added to the list meanwhile
         trainer_module.DEFAULT_CALLBACKS = [
             callback for callback in trainer_module.DEFAULT_CALLBACKS if callback is not ReportSteps
         ]
