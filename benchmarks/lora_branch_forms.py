@@ -21,6 +21,10 @@ without branches. The forms:
   is checked against ``matmul``'s.
 * ``lora_add_nosplit``: the same library with ``OLIVEPRESS_LORA_ADD_SPLIT=0`` set while the session is made:
   decoding without the split kernel (every block computing x @ A over all of A).
+* ``fused``: olivepress's ``MatMulNBitsLora``: each int4 linear and its branch in one kernel (the int4
+  product is olivepress's own GEMV, not ONNX Runtime's). Checked against ``matmul``.
+* ``fused_empty``: ``MatMulNBitsLora`` with no adapter (r = 0): olivepress's int4 GEMV alone, against
+  ``none`` (ONNX Runtime's); checked against ``none``.
 * ``lora_add_baseline``: ``LoraAdd`` built from another source, ``--baseline-source`` (an earlier version of
   ``kernels/lora_add.cu``), timed in the same run as the current one. Added to the forms when given.
 
@@ -72,8 +76,11 @@ FORMS = (
     "group_matmul",
     "group_lora_add",
     "lora_add_pairs",
+    "fused",
+    "fused_empty",
 )
 LORA_ADD_FORMS = ("lora_add", "lora_add_nosplit", "lora_add_baseline")  # the LoraAdd operator's graph
+FUSED_FORMS = ("fused", "fused_empty")  # MatMulNBitsLora in place of MatMulNBits (and the branch)
 # forms of the gate/up group stack (build_group), with the LoraAdd ones and the one they are checked against
 GROUP_FORMS = ("group_none", "group_matmul", "group_lora_add", "lora_add_pairs")
 GROUP_LORA_ADD_FORMS = ("group_lora_add", "lora_add_pairs")
@@ -81,17 +88,31 @@ GROUP_LORA_ADD_FORMS = ("group_lora_add", "lora_add_pairs")
 LORA_ADD_ENVIRONMENT = {"lora_add_nosplit": {"OLIVEPRESS_LORA_ADD_SPLIT": "0"}}
 
 
-def int4_linear(nodes, inits, name: str, x: str, k: int, n: int, block: int, rng) -> str:
-    from onnx import helper, numpy_helper
+def int4_weights(inits, name: str, k: int, n: int, block: int, rng) -> list[str]:
+    """Random int4 initializers of a k → n linear as the export writes them (uint8 zero points, as AWQ's
+    asymmetric grid gives): the names of W, scales and zero points."""
+    from onnx import numpy_helper
 
     blocks = k // block
     packed = rng.integers(0, 256, size=(n, blocks, block // 2), dtype=np.uint8)
     scales = (rng.random(n * blocks, dtype=np.float32) * 1e-3).astype(np.float16)
-    inits += [numpy_helper.from_array(packed, f"{name}.q"), numpy_helper.from_array(scales, f"{name}.s")]
+    zero_points = rng.integers(0, 256, size=n * ((blocks + 1) // 2), dtype=np.uint8)
+    names = [f"{name}.q", f"{name}.s", f"{name}.z"]
+    inits += [
+        numpy_helper.from_array(value, key)
+        for value, key in zip((packed, scales, zero_points), names, strict=True)
+    ]
+    return names
+
+
+def int4_linear(nodes, inits, name: str, x: str, k: int, n: int, block: int, rng) -> str:
+    from onnx import helper
+
+    weights = int4_weights(inits, name, k, n, block, rng)
     nodes.append(
         helper.make_node(
             "MatMulNBits",
-            [x, f"{name}.q", f"{name}.s"],
+            [x, *weights],
             [f"{name}.y"],
             domain="com.microsoft",
             K=k,
@@ -101,6 +122,26 @@ def int4_linear(nodes, inits, name: str, x: str, k: int, n: int, block: int, rng
         )
     )
     return f"{name}.y"
+
+
+def fused_linear(
+    form: str, nodes, inits, name: str, x: str, k: int, n: int, block: int, rank: int, rng
+) -> str:
+    """A k → n int4 linear and its branch as one MatMulNBitsLora node, drawing the same weights and the same A
+    and B as ``int4_linear`` then ``branch`` (so that ``fused`` is checked against ``matmul``)."""
+    from onnx import helper, numpy_helper
+
+    weights = int4_weights(inits, name, k, n, block, rng)
+    r = 0 if form == "fused_empty" else rank
+    a = (rng.standard_normal((k, r), dtype=np.float32) * 1e-2).astype(np.float16)
+    b = (rng.standard_normal((r, n), dtype=np.float32) * 1e-2).astype(np.float16)
+    inits += [numpy_helper.from_array(a, f"{name}.A"), numpy_helper.from_array(b, f"{name}.B")]
+    nodes.append(
+        helper.make_node(
+            "MatMulNBitsLora", [x, *weights, f"{name}.A", f"{name}.B"], [f"{name}.sum"], domain="olivepress"
+        )
+    )
+    return f"{name}.sum"
 
 
 def branch(form: str, nodes, inits, name: str, x: str, y: str, k: int, n: int, rank: int, rng) -> str:
@@ -170,6 +211,10 @@ def build(form: str, layers: int, hidden: int, intermediate: int, rank: int, blo
     nodes, inits = [], []
     x = "x"
     for layer in range(layers):
+        if form in FUSED_FORMS:
+            up = fused_linear(form, nodes, inits, f"l{layer}.up", x, hidden, intermediate, block, rank, rng)
+            x = fused_linear(form, nodes, inits, f"l{layer}.down", up, intermediate, hidden, block, rank, rng)
+            continue
         up = int4_linear(nodes, inits, f"l{layer}.up", x, hidden, intermediate, block, rng)
         up = branch(form, nodes, inits, f"l{layer}.up", x, up, hidden, intermediate, rank, rng)
         down = int4_linear(nodes, inits, f"l{layer}.down", up, intermediate, hidden, block, rng)
@@ -340,12 +385,12 @@ def main() -> None:
     if args.baseline_source is not None and "lora_add_baseline" not in forms:
         forms.append("lora_add_baseline")
     libraries: dict[str, Path] = {}  # form -> the LoraAdd library its sessions register
-    if any(form in LORA_ADD_FORMS + GROUP_LORA_ADD_FORMS for form in forms):
+    if any(form in LORA_ADD_FORMS + GROUP_LORA_ADD_FORMS + FUSED_FORMS for form in forms):
         from olivepress.lora_kernel import build_lora_add
 
         current = build_lora_add(args.work / "kernels")
         libraries = {"lora_add": current, "lora_add_nosplit": current}
-        libraries |= dict.fromkeys(GROUP_LORA_ADD_FORMS, current)
+        libraries |= dict.fromkeys(GROUP_LORA_ADD_FORMS + FUSED_FORMS, current)
         if "lora_add_baseline" in forms:
             if args.baseline_source is None:
                 parser.error("the form lora_add_baseline needs --baseline-source")
@@ -365,7 +410,8 @@ def main() -> None:
             results[form] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
     checked = []
     for forms_checked, reference_form, builder in [
-        (LORA_ADD_FORMS, "matmul", build),
+        ((*LORA_ADD_FORMS, "fused"), "matmul", build),
+        (("fused_empty",), "none", build),
         (GROUP_LORA_ADD_FORMS, "group_matmul", build_group),
     ]:
         these = [form for form in forms_checked if "median" in results.get(form, {})]
@@ -389,6 +435,7 @@ def main() -> None:
             got = output_of(
                 args.work / f"{form}.onnx", args.hidden, libraries[form], LORA_ADD_ENVIRONMENT.get(form)
             )
+            results[form]["checked_against"] = reference_form
             results[form]["max_abs_difference_vs_matmul"] = float(np.abs(got - expected).max())
             results[form]["relative_to_output_scale"] = float(np.abs(got - expected).max()) / scale
     branches = 2 * args.layers
@@ -409,7 +456,7 @@ def main() -> None:
             extra = f"{row['us_per_branch']:10.2f}" if row["us_per_branch"] is not None else ""
         print(f"{form:<{width}} {row['median']:9.1f} {per_step:9.1f} {extra}")
     for form in checked:
-        reference_form = "group_matmul" if form in GROUP_FORMS else "matmul"
+        reference_form = results[form]["checked_against"]
         print(
             f"{form} against {reference_form}: max difference {results[form]['relative_to_output_scale']:.2e} "
             "of the output's scale"

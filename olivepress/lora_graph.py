@@ -8,9 +8,10 @@ the group one ``MatMul`` by that node's block of B (block-diagonal across the gr
 by these matrices' size, so grouping matters: a branch per linear launches 21 kernels a layer and needs
 q/k/v split out of the builder's fused QKV node; grouped branches launch 14 and keep the fused node.
 
-On CUDA (``lora_add``) each group's branch is instead one ``olivepress.LoraAdd`` node
-(:mod:`olivepress.lora_kernel`): ``y_i + (x @ A) @ B_i`` for each int4 node of the group in one kernel, 4
-kernels a layer instead of 14.
+On CUDA (``lora_add``) the branches are olivepress's own operators (:mod:`olivepress.lora_kernel`): each
+int4 node the kernel can take becomes one ``olivepress.MatMulNBitsLora`` node, ``x @ W + (x @ A) @ B`` in
+one kernel (the branch adds no launch: 7 kernels a layer, as many as without an adapter); the others of a
+group get one ``olivepress.LoraAdd`` node after them, ``y_i + (x @ A) @ B_i`` for each in one kernel.
 
 The matrices are graph inputs with empty defaults ([in, 0] and [0, out]): with no adapter active the
 branches multiply by nothing and add zeros; with one active, ONNX Runtime feeds the adapter file's values.
@@ -162,7 +163,33 @@ def group_branches(
     return branches
 
 
-INT4_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMulNBits$")
+# the builder's int4 nodes, and the MatMulNBitsLora nodes graft_branches puts in their place
+INT4_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+)/MatMulNBits(?:Lora)?$")
+# MatMulNBitsLora keeps x in a block's shared memory: 16384 inputs at most (kMaxFusedK in lora_add.cu)
+FUSED_MAX_INPUTS = 16384
+
+
+def fusable(node, initializers: dict) -> bool:
+    """Whether MatMulNBitsLora can replace the int4 node ``node``: 4 bits, blocks of 16 to 128 inputs, uint8
+    zero points, K a multiple of 8 and its padded row of 32 (16-byte words) within FUSED_MAX_INPUTS."""
+    import onnx
+    from onnx import helper
+
+    attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+    k, block = attributes.get("K", 0), attributes.get("block_size", 0)
+    if attributes.get("bits", 4) != 4 or block not in (16, 32, 64, 128) or len(node.input) != 4:
+        return False
+    weights, zero_points = initializers.get(node.input[1]), initializers.get(node.input[3])
+    padded = -(-k // block) * block
+    return (
+        weights is not None
+        and len(weights.dims) == 3
+        and zero_points is not None
+        and zero_points.data_type == onnx.TensorProto.UINT8
+        and k % 8 == 0
+        and padded % 32 == 0
+        and padded <= FUSED_MAX_INPUTS
+    )
 
 
 def int4_node_modules(graph) -> dict[tuple[int, str], list[str]]:
@@ -179,16 +206,20 @@ def int4_node_modules(graph) -> dict[tuple[int, str], list[str]]:
     return {key: sorted(modules, key=lambda m: order.index(parts_of(m)[0])) for key, modules in found.items()}
 
 
-def graft_branches(model, branches: list[Branch], *, lora_add: bool = False) -> dict[str, np.ndarray]:
+def graft_branches(
+    model, branches: list[Branch], *, lora_add: bool = False, fuse_int4: bool = True
+) -> dict[str, np.ndarray]:
     """Add the branches to ``model`` (an onnx ModelProto, in place); returns the adapter's parameters, in
     the graph's float type.
 
     A group's A product goes right after its first int4 node (its input exists there), each B product and
     sum right after the int4 node it adds to, so every consumer of that node's output, which now reads the
-    sum, still comes later. With ``lora_add`` (float16 graphs for CUDA only) a group's branch is one
-    ``olivepress.LoraAdd`` node after the group's last int4 node: ``(y1, x, A, B1, y2, B2, y3, B3)`` to one
-    sum per int4 node, ``x @ A`` computed once; a consumer that came between the group's int4 nodes moves
-    after it.
+    sum, still comes later. With ``lora_add`` (float16 graphs for CUDA only) each int4 node that
+    :func:`fusable` accepts becomes ``olivepress.MatMulNBitsLora(x, W, scales, zero_points, A, B)`` with the
+    node's own output (``fuse_int4``: False keeps every int4 node, for comparing the forms); the group's
+    other int4 nodes get one ``olivepress.LoraAdd`` node after the last of them: ``(y1, x, A, B1, y2, B2,
+    y3, B3)`` to one sum per int4 node, ``x @ A`` computed once; a consumer that came between the group's
+    int4 nodes moves after it.
     """
     import onnx
     from onnx import helper
@@ -205,6 +236,7 @@ def graft_branches(model, branches: list[Branch], *, lora_add: bool = False) -> 
     position = {node.name: index for index, node in enumerate(graph.node)}
 
     inserted_after: dict[str, list] = {}
+    replaced: dict[str, onnx.NodeProto] = {}  # int4 node name -> its MatMulNBitsLora
     for branch in branches:
         block = GROUPS[branch.group][0]
         targets = {
@@ -228,11 +260,21 @@ def graft_branches(model, branches: list[Branch], *, lora_add: bool = False) -> 
             inserted_after.setdefault(first.name, []).append(
                 helper.make_node("MatMul", [activations, a_name], [a_output], name=f"{stem}/A")
             )
-        lora_add_inputs, sums = [], []
+        lora_add_inputs, sums, separate = [], [], []
         for module, node in targets.items():
             b = branch.b_per_node[module]
             b_name = lora_b_name(branch.layer, module)
             add_lora_input(graph, b_name, io_dtype, [rank_dim, b.shape[1]], (0, b.shape[1]))
+            if lora_add and fuse_int4 and fusable(node, initializers):
+                replaced[node.name] = helper.make_node(
+                    "MatMulNBitsLora",
+                    [*node.input, a_name, b_name],
+                    list(node.output),
+                    name=f"{node.name}Lora",
+                    domain=LORA_ADD_DOMAIN,
+                )
+                continue
+            separate.append(node)
             base_output, product, summed = (
                 node.output[0],
                 f"{stem}/{module}/B/output_0",
@@ -252,18 +294,22 @@ def graft_branches(model, branches: list[Branch], *, lora_add: bool = False) -> 
                         ),
                     ]
                 )
-        if lora_add:
-            last = max(targets.values(), key=lambda node: position[node.name])
+        if lora_add and separate:
+            last = max(separate, key=lambda node: position[node.name])
             inserted_after.setdefault(last.name, []).append(
                 helper.make_node(
                     "LoraAdd", lora_add_inputs, sums, name=f"{stem}/LoraAdd", domain=LORA_ADD_DOMAIN
                 )
             )
-    if lora_add and inserted_after and all(o.domain != LORA_ADD_DOMAIN for o in model.opset_import):
+    if (
+        lora_add
+        and (inserted_after or replaced)
+        and all(o.domain != LORA_ADD_DOMAIN for o in model.opset_import)
+    ):
         model.opset_import.append(helper.make_opsetid(LORA_ADD_DOMAIN, 1))
     ordered = []
     for node in graph.node:
-        ordered += [node, *inserted_after.get(node.name, [])]
+        ordered += [replaced.get(node.name, node), *inserted_after.get(node.name, [])]
     del graph.node[:]
     graph.node.extend(in_dependency_order(ordered))
     return adapter_parameters(graph, branches)

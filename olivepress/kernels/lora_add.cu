@@ -61,6 +61,7 @@
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <climits>
 #include <cstdint>
@@ -400,6 +401,315 @@ __global__ void __launch_bounds__(kThreads) lora_add_any_rank(const Pairs pairs,
   of_pair(pairs.out, pair)[at] = __float2half(__half2float(of_pair(pairs.y, pair)[at]) + delta);
 }
 
+// ---- MatMulNBitsLora: the int4 product and the branch in one kernel ---------------------------------------
+//
+// y = x @ dequant(W) + (x @ A) @ B, where W, scales and zero_points are a MatMulNBits node's (4 bits, uint8
+// zero points: two a byte, low nibble first; w = (q - zero_point) * scale per block of block_size inputs).
+// Why: LoraAdd after MatMulNBits is still one more kernel a branch, ~3 us of launch and barrier at batch 1
+// (0.81x decode with the adapter at 3.8 B); inside the int4 product the branch's own work (x @ A, r x N of
+// B) hides behind reading the int4 weights.
+//
+// * int4_lora_decode<R> (one row; R = 0: the int4 product alone): every block copies x into shared memory
+//   (each 8-input group stored as half2 pairs (0,4) (1,5) (2,6) (3,7), the order in which a 32-bit word of
+//   nibbles unpacks into half2 with the 0x6400 exponent trick, and scaled by a power of two that puts
+//   max |x| in [32, 64): products of up to 15 levels summed 16 at a time in fp16 cannot overflow). Then, as
+//   lora_add_split, the blocks share x @ A over the grid (accumulate_xa) and add their parts to the node's
+//   SplitState, arriving at its barrier without waiting; then every warp computes its columns of the int4
+//   product, two at a time, each lane reading 16-byte words (32 inputs) of both rows; only then does the
+//   block wait for x @ A (by then every block has long arrived) and add xa @ B to its columns. Grid: at most
+//   what is resident at once (the barrier), each block a contiguous range of columns.
+// * int4_gemm_rows (several rows: prompts): 64 x 64 output tiles with tensor cores (WMMA, fp32
+//   accumulation), each 32-input step dequantizing the tile's weights into shared memory; the branch then
+//   runs in place as LoraAdd's kernels (y = out).
+
+struct Int4Linear {
+  const uint4* w;      // [N, words]: each 16-byte word is 32 inputs
+  const half* scales;  // [N, k_blocks]
+  const uint8_t* zp;   // [N, zp_stride]
+  const half* b;       // [r, N]
+  half* out;           // [rows, N]
+  int n, k, k_blocks, words, zp_stride, block_shift;  // block_size = 1 << block_shift
+};
+
+__device__ __forceinline__ half2 bits_as_half2(uint32_t bits) {
+  half2 value;
+  memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+__device__ __forceinline__ uint32_t half2_bits(half2 value) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// acc += (q - zero_point) * x over one 32-bit word of eight nibbles; bias is 1024 + zero_point in both
+// halves, xg the word's eight inputs as stored (pairs (0,4) (1,5) (2,6) (3,7)).
+__device__ __forceinline__ void dot_word(uint32_t w, const uint4& xg, half2 bias, half2& acc) {
+  constexpr uint32_t kMask = 0x000F000Fu, kMagic = 0x64006400u;  // fp16 1024 + nibble
+  acc = __hfma2(__hsub2(bits_as_half2((w & kMask) | kMagic), bias), bits_as_half2(xg.x), acc);
+  acc = __hfma2(__hsub2(bits_as_half2(((w >> 4) & kMask) | kMagic), bias), bits_as_half2(xg.y), acc);
+  acc = __hfma2(__hsub2(bits_as_half2(((w >> 8) & kMask) | kMagic), bias), bits_as_half2(xg.z), acc);
+  acc = __hfma2(__hsub2(bits_as_half2(((w >> 12) & kMask) | kMagic), bias), bits_as_half2(xg.w), acc);
+}
+
+// A quantization block's scale and 1024 + zero point (as half2 bits) for column `column`, block `block`.
+struct Quant {
+  float scale;
+  half2 bias;
+};
+
+__device__ __forceinline__ Quant quant_of(const Int4Linear& L, int64_t column, int block) {
+  const uint8_t byte = __ldg(&L.zp[column * L.zp_stride + (block >> 1)]);
+  const uint32_t zero = (block & 1) ? byte >> 4 : byte & 0xF;
+  const uint32_t bias = 0x6400u | zero;
+  return Quant{__half2float(__ldg(&L.scales[column * L.k_blocks + block])), bits_as_half2(bias | (bias << 16))};
+}
+
+// One 16-byte word (inputs 32 i .. 32 i + 31) of a column against x: two halves of 16 inputs, each in one
+// quantization block (block sizes 16 and up).
+__device__ __forceinline__ float dot_chunk(const Int4Linear& L, int64_t column, int i, const uint4& q,
+                                           const uint4* __restrict__ xs) {
+  const int low = (32 * i) >> L.block_shift, high = (32 * i + 16) >> L.block_shift;
+  const Quant first = quant_of(L, column, low);
+  const Quant second = high == low ? first : quant_of(L, column, high);
+  const half2 zero = __float2half2_rn(0.f);
+  half2 acc = zero;
+  dot_word(q.x, xs[4 * i], first.bias, acc);
+  dot_word(q.y, xs[4 * i + 1], first.bias, acc);
+  float2 sum = __half22float2(acc);
+  const float total = (sum.x + sum.y) * first.scale;
+  acc = zero;
+  dot_word(q.z, xs[4 * i + 2], second.bias, acc);
+  dot_word(q.w, xs[4 * i + 3], second.bias, acc);
+  sum = __half22float2(acc);
+  return total + (sum.x + sum.y) * second.scale;
+}
+
+__device__ __forceinline__ float warp_sum(float value) {
+#pragma unroll
+  for (int step = 16; step > 0; step /= 2) value += __shfl_xor_sync(0xffffffffu, value, step);
+  return value;
+}
+
+// x (one row of k inputs, zero past k up to the padded row) into shared memory as described in the header;
+// returns 2^-s, the factor that undoes the scaling.
+__device__ __forceinline__ float load_x(const half* __restrict__ x, int k, int groups, uint4* xs) {
+  __shared__ float warp_max[kWarps];
+  __shared__ float exponent;
+  float largest = 0.f;
+  for (int g = threadIdx.x; g < groups; g += kThreads) {
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (8 * g < k) raw = *reinterpret_cast<const uint4*>(x + 8 * g);  // k % 8 == 0: whole groups
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    half h[8];
+    memcpy(h, words, sizeof(h));
+#pragma unroll
+    for (int e = 0; e < 8; ++e) largest = fmaxf(largest, fabsf(__half2float(h[e])));
+    xs[g] = make_uint4(half2_bits(__halves2half2(h[0], h[4])), half2_bits(__halves2half2(h[1], h[5])),
+                       half2_bits(__halves2half2(h[2], h[6])), half2_bits(__halves2half2(h[3], h[7])));
+  }
+#pragma unroll
+  for (int step = 16; step > 0; step /= 2) largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, step));
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = largest;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float top = 0.f;
+    for (int w = 0; w < kWarps; ++w) top = fmaxf(top, warp_max[w]);
+    int e = 0;
+    if (top > 0.f && isfinite(top)) {
+      int power = 0;
+      frexpf(top, &power);  // top = m 2^power, m in [0.5, 1)
+      e = min(max(6 - power, -14), 15);
+    }
+    exponent = static_cast<float>(e);
+  }
+  __syncthreads();
+  const int e = static_cast<int>(exponent);
+  const half2 factor = __float2half2_rn(ldexpf(1.f, e));  // a power of two: exact in fp16
+  for (int g = threadIdx.x; g < groups; g += kThreads) {
+    uint4 v = xs[g];
+    v.x = half2_bits(__hmul2(bits_as_half2(v.x), factor));
+    v.y = half2_bits(__hmul2(bits_as_half2(v.y), factor));
+    v.z = half2_bits(__hmul2(bits_as_half2(v.z), factor));
+    v.w = half2_bits(__hmul2(bits_as_half2(v.w), factor));
+    xs[g] = v;
+  }
+  __syncthreads();
+  return ldexpf(1.f, -e);
+}
+
+// grid: G blocks, all resident at once when R > 0; block b: columns b * kWarps * per_warp onwards, warp w
+// of it per_warp of them. Dynamic shared memory: x (words * 4 uint4), then kWarps * per_warp floats.
+template <int R>
+__global__ void __launch_bounds__(kThreads) int4_lora_decode(const Int4Linear L, const half* __restrict__ x,
+                                                             const uint4* __restrict__ a, int per_warp,
+                                                             SplitState* state) {
+  extern __shared__ uint4 shared_x[];
+  constexpr int kR = R > 0 ? R : 8;  // array sizes (R = 0 uses none of them)
+  __shared__ float partial[kWarps][kR];
+  __shared__ float block_xa[kR];
+  __shared__ float xa[kR];
+  __shared__ unsigned int generation;
+  __shared__ bool last;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int groups = L.words * 4;
+  float* results = reinterpret_cast<float*>(shared_x + groups);
+  const int block_first = blockIdx.x * kWarps * per_warp;
+  const int block_end = min(block_first + kWarps * per_warp, L.n);
+
+  float* scratch = nullptr;
+  if (R > 0) {  // this block's part of x @ A, added to the state; arrive at the barrier, wait later
+    using S = Slicing<kR>;
+    if (tid == 0) generation = *reinterpret_cast<volatile unsigned int*>(&state->generation);
+    float sums[8];
+    accumulate_xa<kR, 1>(sums, x, 1, a, L.k, blockIdx.x, gridDim.x);
+    block_sum<S::V, 8>(sums, partial, block_xa);  // also publishes `generation` to the block
+    scratch = state->xa[generation & 1u];
+    if (static_cast<int64_t>(blockIdx.x) * S::kPassRows < L.k && tid < R)
+      atomicAdd(&scratch[tid], block_xa[sum_slot<1>(0, tid)]);
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      last = atomicAdd(&state->arrived, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (last) {  // every block has added its part: prepare the next launch and release the others
+      __threadfence();
+      state->xa[(generation & 1u) ^ 1u][tid] = 0.f;
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) {
+        atomicExch(&state->arrived, 0u);
+        __threadfence();
+        atomicAdd(&state->generation, 1u);
+      }
+    }
+  }
+
+  const float unscale = load_x(x, L.k, groups, shared_x);
+  const int first = block_first + warp * per_warp;
+  const int end = min(first + per_warp, L.n);
+  for (int c = first; c < end; c += 2) {
+    const bool two = c + 1 < end;
+    const int64_t c0 = c, c1 = two ? c + 1 : c;
+    const uint4* row0 = L.w + c0 * L.words;
+    const uint4* row1 = L.w + c1 * L.words;
+    float t0 = 0.f, t1 = 0.f;
+#pragma unroll 2
+    for (int i = lane; i < L.words; i += 32) {
+      const uint4 q0 = __ldcs(row0 + i);
+      const uint4 q1 = __ldcs(row1 + i);
+      t0 += dot_chunk(L, c0, i, q0, shared_x);
+      t1 += dot_chunk(L, c1, i, q1, shared_x);
+    }
+    t0 = warp_sum(t0);
+    t1 = warp_sum(t1);
+    if (lane == 0) {
+      results[c - block_first] = t0 * unscale;
+      if (two) results[c + 1 - block_first] = t1 * unscale;
+    }
+  }
+  __syncthreads();
+
+  if (R > 0) {  // wait for x @ A
+    if (!last && tid == 0) {
+      while (*reinterpret_cast<volatile unsigned int*>(&state->generation) == generation) {
+      }
+      __threadfence();
+    }
+    __syncthreads();
+    if (tid < R) xa[tid] = __ldcg(&scratch[tid]);  // L2: other blocks' atomics
+    __syncthreads();
+  }
+  for (int c = block_first + tid; c < block_end; c += kThreads) {
+    float value = results[c - block_first];
+#pragma unroll
+    for (int j = 0; j < R; ++j) value += xa[j] * __half2float(__ldg(&L.b[static_cast<int64_t>(j) * L.n + c]));
+    L.out[c] = __float2half(value);
+  }
+}
+
+constexpr int kTile = 64;       // int4_gemm_rows: output rows and columns of a block
+constexpr int kTileK = 32;      // inputs a step (one 16-byte word of each column)
+constexpr int kGemmThreads = 128;  // four warps, each a 32 x 32 quarter of the tile
+
+// grid: (ceil(N / 64), ceil(rows / 64)).
+__global__ void __launch_bounds__(kGemmThreads) int4_gemm_rows(const Int4Linear L, const half* __restrict__ x,
+                                                               int rows) {
+  using namespace nvcuda;
+  __shared__ __align__(32) half x_tile[kTile][kTileK + 8];
+  __shared__ __align__(32) half w_tile[kTileK][kTile + 8];
+  __shared__ __align__(32) float c_tile[kTile][kTile + 4];
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int wm = warp / 2, wn = warp % 2;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int n0 = blockIdx.x * kTile;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  for (int word = 0; word < L.words; ++word) {
+    const int k0 = word * kTileK;
+    for (int t = tid; t < kTile * kTileK / 8; t += kGemmThreads) {  // x: 64 rows x 4 groups of 8
+      const int r = t / 4, c8 = (t % 4) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (m0 + r < rows && k0 + c8 < L.k) v = *reinterpret_cast<const uint4*>(x + (m0 + r) * L.k + k0 + c8);
+      *reinterpret_cast<uint4*>(&x_tile[r][c8]) = v;
+    }
+    if (tid < kTile) {  // w: one column's 32 inputs a thread, dequantized
+      const int64_t column = n0 + tid;
+      half values[kTileK];
+      if (column < L.n) {
+        const uint4 q = __ldcs(L.w + column * L.words + word);
+        const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+        const int low = k0 >> L.block_shift, high = (k0 + 16) >> L.block_shift;
+        const Quant quants[2] = {quant_of(L, column, low), quant_of(L, column, high)};
+#pragma unroll
+        for (int e = 0; e < kTileK; ++e) {
+          const Quant& quant = quants[e / 16];
+          const float level = static_cast<float>((words[e / 8] >> (4 * (e % 8))) & 0xF);
+          const float zero = static_cast<float>(half2_bits(quant.bias) & 0xF);
+          values[e] = __float2half((level - zero) * quant.scale);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < kTileK; ++e) values[e] = __float2half(0.f);
+      }
+#pragma unroll
+      for (int e = 0; e < kTileK; ++e) w_tile[e][tid] = values[e];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &x_tile[wm * 32 + i * 16][kk], kTileK + 8);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &w_tile[kk][wn * 32 + j * 16], kTile + 8);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&c_tile[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], kTile + 4, wmma::mem_row_major);
+  __syncthreads();
+  for (int t = tid; t < kTile * kTile; t += kGemmThreads) {
+    const int r = t / kTile, c = t % kTile;
+    if (m0 + r < rows && n0 + c < L.n) L.out[(m0 + r) * L.n + n0 + c] = __float2half(c_tile[r][c]);
+  }
+}
+
 // ---- the ONNX Runtime side -------------------------------------------------------------------------------
 
 #define RETURN_IF_ERROR(expr)               \
@@ -436,12 +746,20 @@ struct StreamState {
   int resident[kFixedRankCount][2];  // blocks of lora_add_split<R, 1> / <R, 4> that fit at once on the device
 };
 
+// Blocks of int4_lora_decode<rank> resident per SM with `shared` bytes of dynamic shared memory.
+struct Occupancy {
+  int rank;
+  size_t shared;
+  int per_sm;
+};
+
 // The kernel object ONNX Runtime keeps per node: CreateKernel makes it, KernelDestroy frees it.
 struct LoraAddKernel {
   bool split = true;   // OLIVEPRESS_LORA_ADD_SPLIT != "0"
   bool trace = false;  // OLIVEPRESS_LORA_ADD_TRACE == "1"
   std::mutex mutex;
   std::vector<StreamState> streams;
+  std::vector<Occupancy> occupancy;  // MatMulNBitsLora's decode kernel
 };
 
 template <int R, int MR>
@@ -528,8 +846,8 @@ constexpr int kInputCount = 2 + 2 * kMaxPairs;
 constexpr int YInput(int pair) { return pair == 0 ? 0 : 2 + 2 * pair; }
 constexpr int BInput(int pair) { return pair == 0 ? 3 : 3 + 2 * pair; }
 
-// A float16 tensor's shape.
-OrtStatus* Float16Shape(const OrtValue* value, std::vector<int64_t>& shape) {
+// A tensor's shape, checked to be of `expected` type.
+OrtStatus* TensorShape(const OrtValue* value, ONNXTensorElementDataType expected, std::vector<int64_t>& shape) {
   OrtTensorTypeAndShapeInfo* info = nullptr;
   RETURN_IF_ERROR(g_api->GetTensorTypeAndShape(value, &info));
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
@@ -541,8 +859,20 @@ OrtStatus* Float16Shape(const OrtValue* value, std::vector<int64_t>& shape) {
     status = g_api->GetDimensions(info, shape.data(), count);
   }
   g_api->ReleaseTensorTypeAndShapeInfo(info);
-  if (status == nullptr && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return Fail("LoraAdd takes float16 tensors");
+  if (status == nullptr && type != expected)
+    return Fail(expected == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? "LoraAdd and MatMulNBitsLora take W and zero_points as uint8"
+                                                              : "LoraAdd and MatMulNBitsLora take float16 tensors");
   return status;
+}
+
+OrtStatus* Float16Shape(const OrtValue* value, std::vector<int64_t>& shape) {
+  return TensorShape(value, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, shape);
+}
+
+int64_t ElementCount(const std::vector<int64_t>& shape) {
+  int64_t count = 1;
+  for (const int64_t d : shape) count *= d;
+  return count;
 }
 
 OrtStatus* ORT_API_CALL Compute(void* kernel_object, OrtKernelContext* context) {
@@ -769,6 +1099,243 @@ OrtCustomOp MakeOp() {
 
 OrtCustomOp g_lora_add = MakeOp();
 
+// ---- MatMulNBitsLora on the ONNX Runtime side ------------------------------------------------------------
+
+// Inputs: x [..., K], W uint8 [N, k_blocks, block_size / 2], scales [N * k_blocks], zero_points uint8
+// [N * ceil(k_blocks / 2)] (MatMulNBits' own initializers, any shapes of those sizes but W's), A [K, r],
+// B [r, N]; float16 but W and the zero points. Output y [..., N]. r may be 0 (y is the int4 product).
+constexpr int kFusedInputs = 6;
+constexpr int kMaxFusedK = 16384;  // x in shared memory: 32 KB of a block's 48
+
+bool FusedInputIsBytes(size_t index) { return index == 1 || index == 3; }
+
+// Blocks of int4_lora_decode<R> resident at once per SM with `shared` bytes of dynamic shared memory,
+// cached on the node's kernel (one node's shapes are fixed, so one or two entries).
+template <int R>
+OrtStatus* DecodeResidentPerSm(LoraAddKernel& kernel, size_t shared, int* per_sm) {
+  std::lock_guard<std::mutex> lock(kernel.mutex);
+  for (const Occupancy& known : kernel.occupancy) {
+    if (known.rank == R && known.shared == shared) {
+      *per_sm = known.per_sm;
+      return nullptr;
+    }
+  }
+  RETURN_IF_CUDA_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, int4_lora_decode<R>, kThreads, shared));
+  kernel.occupancy.push_back(Occupancy{R, shared, *per_sm});
+  return nullptr;
+}
+
+// One row: int4_lora_decode<R> over a grid of at most two blocks an SM (and, with the branch, at most what is
+// resident at once). state may be null only for R = 0.
+template <int R>
+OrtStatus* LaunchDecode(LoraAddKernel& kernel, const Int4Linear& L, const half* x, const half* a, int sms,
+                        SplitState* state, cudaStream_t stream, dim3* grid) {
+  const int64_t warps_wanted = 2LL * sms * kWarps;
+  int per_warp = static_cast<int>((L.n + warps_wanted - 1) / warps_wanted);
+  if (per_warp < 1) per_warp = 1;
+  for (;;) {
+    const int64_t blocks = (L.n + static_cast<int64_t>(kWarps) * per_warp - 1) / (static_cast<int64_t>(kWarps) * per_warp);
+    const size_t shared = static_cast<size_t>(L.words) * 4 * sizeof(uint4) + kWarps * per_warp * sizeof(float);
+    int per_sm = 0;
+    RETURN_IF_ERROR(DecodeResidentPerSm<R>(kernel, shared, &per_sm));
+    if (per_sm == 0) return Fail("MatMulNBitsLora: x does not fit in a block's shared memory");
+    if (R == 0 || blocks <= static_cast<int64_t>(per_sm) * sms) {
+      *grid = dim3(static_cast<unsigned>(blocks));
+      int4_lora_decode<R><<<*grid, kThreads, shared, stream>>>(L, x, reinterpret_cast<const uint4*>(a), per_warp, state);
+      return nullptr;
+    }
+    per_warp *= 2;  // fewer, longer blocks until all are resident at once
+  }
+}
+
+OrtStatus* ORT_API_CALL FusedCompute(void* kernel_object, OrtKernelContext* context) {
+  auto& kernel = *static_cast<LoraAddKernel*>(kernel_object);
+  const OrtValue* inputs[kFusedInputs] = {};
+  for (int i = 0; i < kFusedInputs; ++i) {
+    RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &inputs[i]));
+    if (inputs[i] == nullptr) return Fail("MatMulNBitsLora: all six inputs are required");
+  }
+  std::vector<int64_t> x_shape, w_shape, scales_shape, zp_shape, a_shape, b_shape;
+  RETURN_IF_ERROR(TensorShape(inputs[0], ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, x_shape));
+  RETURN_IF_ERROR(TensorShape(inputs[1], ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, w_shape));
+  RETURN_IF_ERROR(TensorShape(inputs[2], ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, scales_shape));
+  RETURN_IF_ERROR(TensorShape(inputs[3], ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, zp_shape));
+  RETURN_IF_ERROR(TensorShape(inputs[4], ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, a_shape));
+  RETURN_IF_ERROR(TensorShape(inputs[5], ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, b_shape));
+  if (x_shape.empty() || w_shape.size() != 3 || a_shape.size() != 2 || b_shape.size() != 2)
+    return Fail("MatMulNBitsLora: x must have one dimension or more, W three, A and B two");
+  const int64_t k = x_shape.back(), n = w_shape[0], k_blocks = w_shape[1], block_size = 2 * w_shape[2];
+  const int64_t r = a_shape[1];
+  int block_shift = -1;
+  for (int shift = 4; shift <= 7; ++shift)
+    if (block_size == (1 << shift)) block_shift = shift;
+  if (block_shift < 0) return Fail("MatMulNBitsLora: W's blocks must hold 16, 32, 64 or 128 inputs (4 bits)");
+  if (k_blocks != (k + block_size - 1) / block_size)
+    return Fail("MatMulNBitsLora: W [N, k_blocks, block_size / 2] does not cover x's K inputs");
+  if (k % 8 != 0 || (k_blocks * block_size) % 32 != 0)
+    return Fail("MatMulNBitsLora: K must be a multiple of 8 and the padded row of 32");
+  if (k_blocks * block_size > kMaxFusedK) return Fail("MatMulNBitsLora: K is too large for the kernel");
+  const int64_t zp_stride = (k_blocks + 1) / 2;
+  if (ElementCount(scales_shape) != n * k_blocks || ElementCount(zp_shape) != n * zp_stride)
+    return Fail("MatMulNBitsLora: scales must hold N * k_blocks values, zero_points N * ceil(k_blocks / 2) bytes");
+  if (a_shape[0] != k || b_shape[0] != r || b_shape[1] != n)
+    return Fail("MatMulNBitsLora: A must be [K, r] and B [r, N]");
+  if (n > INT_MAX / 2 || r > kMaxAnyRank) return Fail("MatMulNBitsLora: tensor too large");
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < x_shape.size(); ++d) rows *= x_shape[d];
+  if (rows > 65535LL * kTile) return Fail("MatMulNBitsLora: too many rows");
+
+  std::vector<int64_t> y_shape = x_shape;
+  y_shape.back() = n;
+  OrtValue* output = nullptr;
+  RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, y_shape.data(), y_shape.size(), &output));
+  if (rows == 0 || n == 0) return nullptr;
+  void* data[kFusedInputs] = {};
+  for (int i = 0; i < kFusedInputs; ++i)
+    RETURN_IF_ERROR(g_api->GetTensorMutableData(const_cast<OrtValue*>(inputs[i]), &data[i]));
+  void* out = nullptr;
+  RETURN_IF_ERROR(g_api->GetTensorMutableData(output, &out));
+  Int4Linear L{};
+  L.w = static_cast<const uint4*>(data[1]);
+  L.scales = static_cast<const half*>(data[2]);
+  L.zp = static_cast<const uint8_t*>(data[3]);
+  L.b = static_cast<const half*>(data[5]);
+  L.out = static_cast<half*>(out);
+  L.n = static_cast<int>(n);
+  L.k = static_cast<int>(k);
+  L.k_blocks = static_cast<int>(k_blocks);
+  L.words = static_cast<int>(k_blocks * block_size / 32);
+  L.zp_stride = static_cast<int>(zp_stride);
+  L.block_shift = block_shift;
+  const auto* x = static_cast<const half*>(data[0]);
+  const auto* a = static_cast<const half*>(data[4]);
+  void* stream_handle = nullptr;
+  RETURN_IF_ERROR(g_api->KernelContext_GetGPUComputeStream(context, &stream_handle));
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
+  if (reinterpret_cast<uintptr_t>(L.w) % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0)
+    return Fail("MatMulNBitsLora: W and x must be 16-byte aligned");
+
+  const bool aligned = reinterpret_cast<uintptr_t>(a) % 16 == 0;
+  const int rank = aligned ? FixedRankIndex(r) : -1;
+  const char* chosen = nullptr;
+  bool branch_done = r == 0;
+  dim3 grid;
+  int device = 0, sms = 0;
+  RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
+  RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (rows == 1) {
+    StreamState at{};
+    if (rank >= 0 && kernel.split) RETURN_IF_ERROR(StateFor(kernel, stream, &at));
+    if (at.state != nullptr) {
+      chosen = "decode with branch";
+      branch_done = true;
+      switch (kFixedRanks[rank]) {
+        case 8: RETURN_IF_ERROR(LaunchDecode<8>(kernel, L, x, a, sms, at.state, stream, &grid)); break;
+        case 16: RETURN_IF_ERROR(LaunchDecode<16>(kernel, L, x, a, sms, at.state, stream, &grid)); break;
+        case 24: RETURN_IF_ERROR(LaunchDecode<24>(kernel, L, x, a, sms, at.state, stream, &grid)); break;
+        case 32: RETURN_IF_ERROR(LaunchDecode<32>(kernel, L, x, a, sms, at.state, stream, &grid)); break;
+        case 48: RETURN_IF_ERROR(LaunchDecode<48>(kernel, L, x, a, sms, at.state, stream, &grid)); break;
+        default: RETURN_IF_ERROR(LaunchDecode<64>(kernel, L, x, a, sms, at.state, stream, &grid)); break;
+      }
+    } else {
+      chosen = "decode";
+      RETURN_IF_ERROR(LaunchDecode<0>(kernel, L, x, a, sms, nullptr, stream, &grid));
+    }
+  } else {
+    chosen = "rows";
+    grid = dim3(static_cast<unsigned>((n + kTile - 1) / kTile), static_cast<unsigned>((rows + kTile - 1) / kTile));
+    int4_gemm_rows<<<grid, kGemmThreads, 0, stream>>>(L, x, static_cast<int>(rows));
+  }
+  RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  std::string branch = "";
+  if (!branch_done) {  // the branch in place (y = out), as LoraAdd adds it
+    Operands o{};
+    o.pairs.y[0] = L.out;
+    o.pairs.b[0] = L.b;
+    o.pairs.out[0] = L.out;
+    o.pairs.n[0] = L.n;
+    const int tiles = static_cast<int>((n + kThreads - 1) / kThreads);
+    for (int p = 0; p < kMaxPairs; ++p) o.pairs.tile_end[p] = tiles;
+    o.x = x;
+    o.a = a;
+    o.k = L.k;
+    o.rows = static_cast<int>(rows);
+    if (rank >= 0) {
+      const int mr = rows == 1 ? 1 : kRowBlock;
+      const int64_t row_blocks = (rows + mr - 1) / mr;
+      int64_t splits = (2 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks;
+      if (splits > tiles) splits = tiles;
+      if (splits < 1) splits = 1;
+      const dim3 rows_grid(static_cast<unsigned>(splits), static_cast<unsigned>(row_blocks));
+      branch = " + rows branch";
+      switch (kFixedRanks[rank]) {
+        case 8: LaunchRows<8>(o, rows_grid, stream); break;
+        case 16: LaunchRows<16>(o, rows_grid, stream); break;
+        case 24: LaunchRows<24>(o, rows_grid, stream); break;
+        case 32: LaunchRows<32>(o, rows_grid, stream); break;
+        case 48: LaunchRows<48>(o, rows_grid, stream); break;
+        default: LaunchRows<64>(o, rows_grid, stream); break;
+      }
+    } else {
+      branch = " + any_rank branch";
+      const dim3 any_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(rows));
+      lora_add_any_rank<<<any_grid, kThreads, r * sizeof(float), stream>>>(o.pairs, o.x, o.a, o.k, static_cast<int>(r));
+    }
+  }
+  const cudaError_t launched = cudaGetLastError();
+  if (kernel.trace)
+    std::fprintf(stderr, "olivepress MatMulNBitsLora: rows %lld k %lld n %lld r %lld: %s%s grid %u x %u\n",
+                 static_cast<long long>(rows), static_cast<long long>(k), static_cast<long long>(n),
+                 static_cast<long long>(r), chosen, branch.c_str(), grid.x, grid.y);
+  if (launched != cudaSuccess) return g_api->CreateStatus(ORT_FAIL, cudaGetErrorString(launched));
+  return nullptr;
+}
+
+// y is x's shape with N, W's first dimension, last.
+OrtStatus* ORT_API_CALL FusedInferShape(const OrtCustomOp*, OrtShapeInferContext* context) {
+  OrtTensorTypeAndShapeInfo* x_info = nullptr;  // the context's own: not released here
+  OrtTensorTypeAndShapeInfo* w_info = nullptr;
+  RETURN_IF_ERROR(g_api->ShapeInferContext_GetInputTypeShape(context, 0, &x_info));
+  RETURN_IF_ERROR(g_api->ShapeInferContext_GetInputTypeShape(context, 1, &w_info));
+  size_t rank = 0, w_rank = 0;
+  RETURN_IF_ERROR(g_api->GetDimensionsCount(x_info, &rank));
+  RETURN_IF_ERROR(g_api->GetDimensionsCount(w_info, &w_rank));
+  if (rank == 0 || w_rank != 3) return Fail("MatMulNBitsLora: x must have one dimension or more, W three");
+  std::vector<int64_t> dims(rank), w_dims(w_rank);
+  std::vector<const char*> names(rank);
+  RETURN_IF_ERROR(g_api->GetDimensions(x_info, dims.data(), rank));
+  RETURN_IF_ERROR(g_api->GetSymbolicDimensions(x_info, names.data(), rank));
+  RETURN_IF_ERROR(g_api->GetDimensions(w_info, w_dims.data(), w_rank));
+  dims.back() = w_dims[0];
+  names.back() = "";
+  OrtTensorTypeAndShapeInfo* y_info = nullptr;
+  RETURN_IF_ERROR(g_api->CreateTensorTypeAndShapeInfo(&y_info));
+  OrtStatus* status = g_api->SetTensorElementType(y_info, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  if (status == nullptr) status = g_api->SetDimensions(y_info, dims.data(), rank);
+  if (status == nullptr) status = g_api->SetSymbolicDimensions(y_info, names.data(), rank);
+  if (status == nullptr) status = g_api->ShapeInferContext_SetOutputTypeShape(context, 0, y_info);
+  g_api->ReleaseTensorTypeAndShapeInfo(y_info);
+  return status;
+}
+
+OrtCustomOp MakeFusedOp() {
+  OrtCustomOp op = MakeOp();
+  op.GetName = [](const OrtCustomOp*) { return "MatMulNBitsLora"; };
+  op.GetInputType = [](const OrtCustomOp*, size_t index) {
+    return FusedInputIsBytes(index) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  };
+  op.GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return kFusedInputs; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.KernelComputeV2 = FusedCompute;
+  op.InferOutputShapeFn = FusedInferShape;
+  return op;
+}
+
+OrtCustomOp g_matmul_nbits_lora = MakeFusedOp();
+
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -778,5 +1345,6 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   OrtCustomOpDomain* domain = nullptr;
   RETURN_IF_ERROR(g_api->CreateCustomOpDomain("olivepress", &domain));
   RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_lora_add));
+  RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &g_matmul_nbits_lora));
   return g_api->AddCustomOpDomain(options, domain);
 }

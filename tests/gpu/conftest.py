@@ -3,6 +3,8 @@ with the reason everywhere else (CI runs ``-m "not gpu"``; on the lent GPU machi
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,15 @@ def cuda_export_dir(request, tiny_int4_dir, cuda_adapter_dir, tmp_path_factory) 
     return export_onnx(
         tiny_int4_dir, cuda_adapter_dir, out, device="gpu", cuda_graph=cuda_graph, lora_kernel=lora_kernel
     ).model_dir
+
+
+@pytest.fixture(scope="session")
+def library(tmp_path_factory):
+    """The LoraAdd / MatMulNBitsLora library, built once for the kernel tests."""
+    if "OLIVEPRESS_ORT_INCLUDE" not in os.environ or not (
+        shutil.which("nvcc") or os.path.isdir("/usr/local/cuda")
+    ):
+        pytest.skip("building LoraAdd needs nvcc and $OLIVEPRESS_ORT_INCLUDE (ONNX Runtime's C API header)")
+    from olivepress.lora_kernel import build_lora_add
+
+    return build_lora_add(tmp_path_factory.mktemp("kernels"))

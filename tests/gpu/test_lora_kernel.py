@@ -13,9 +13,7 @@ from __future__ import annotations
 import faulthandler
 import importlib.util
 import math
-import os
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -75,24 +73,18 @@ def hang_guard():
     faulthandler.cancel_dump_traceback_later()
 
 
-@pytest.fixture(scope="module")
-def library(tmp_path_factory):
-    if "OLIVEPRESS_ORT_INCLUDE" not in os.environ or not (
-        shutil.which("nvcc") or os.path.isdir("/usr/local/cuda")
-    ):
-        pytest.skip("building LoraAdd needs nvcc and $OLIVEPRESS_ORT_INCLUDE (ONNX Runtime's C API header)")
-    from olivepress.lora_kernel import build_lora_add
-
-    return build_lora_add(tmp_path_factory.mktemp("kernels"))
-
-
 def cuda_session(graph, library, cuda_graph: bool):
-    """A CUDA session of ``graph`` with the LoraAdd library registered."""
+    """A CUDA session of ``graph`` with the library of LoraAdd and MatMulNBitsLora registered."""
     import onnxruntime as ort
     from onnx import helper
 
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("olivepress", 1)]
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", 17),
+            helper.make_opsetid("olivepress", 1),
+            helper.make_opsetid("com.microsoft", 1),  # MatMulNBits, beside MatMulNBitsLora
+        ],
     )
     model.ir_version = 10
     options = ort.SessionOptions()

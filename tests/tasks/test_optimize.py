@@ -272,17 +272,18 @@ def test_dora_adapter_is_refused(tiny_int4_dir, tmp_path):
 
 
 def test_cuda_branches_become_one_lora_add_node_per_group(tiny_int4_dir, adapter_dir, tmp_path):
-    """The CUDA export's graph (built here without a GPU) with LoraAdd in place of MatMul, MatMul, Add:
-    one node per group of int4 nodes reading the same activations (the builder's gate and up: two), each
-    pair its int4 node's output and its own B, after the group's A; whatever read an int4 output now reads
-    its sum, and every node still comes after what it reads."""
+    """The CUDA export's graph (built here without a GPU) with LoraAdd in place of MatMul, MatMul, Add, the
+    int4 nodes kept (fuse_int4 False: the form of int4 nodes MatMulNBitsLora cannot take): one node per
+    group of int4 nodes reading the same activations (the builder's gate and up: two), each pair its int4
+    node's output and its own B, after the group's A; whatever read an int4 output now reads its sum, and
+    every node still comes after what it reads."""
     from olivepress.lora_graph import graft_branches
     from olivepress.tasks.optimize import graph_and_branches
 
     model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", device="gpu").model_dir
     model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
     int4_nodes = {node.output[0]: node for node in model.graph.node if node.op_type == "MatMulNBits"}
-    parameters = graft_branches(model, branches, lora_add=True)
+    parameters = graft_branches(model, branches, lora_add=True, fuse_int4=False)
 
     fused = [node for node in model.graph.node if node.op_type == "LoraAdd"]
     assert fused and all(node.domain == "olivepress" for node in fused)
@@ -307,6 +308,63 @@ def test_cuda_branches_become_one_lora_add_node_per_group(tiny_int4_dir, adapter
     for node in model.graph.node:
         assert set(node.input) <= known, f"{node.name} reads a value made after it"
         known |= set(node.output)
+
+
+def test_cuda_branches_go_inside_the_int4_nodes(tiny_int4_dir, adapter_dir, tmp_path):
+    """With lora_add, every adapted int4 node of the CUDA export becomes one MatMulNBitsLora: its own inputs,
+    then its group's A and its own B, and its own output (whatever read it reads the branch's sum); no
+    LoraAdd is left, the int4 nodes the adapter leaves alone stay MatMulNBits, and an adapter for the same
+    base still finds every input it feeds."""
+    from olivepress.lora_graph import adapter_parameters, graft_branches, int4_node_modules
+    from olivepress.tasks.optimize import graph_and_branches
+
+    model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", device="gpu").model_dir
+    model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
+    int4_nodes = {node.name: node for node in model.graph.node if node.op_type == "MatMulNBits"}
+    modules_before = int4_node_modules(model.graph)
+    parameters = graft_branches(model, branches, lora_add=True)
+
+    fused = [node for node in model.graph.node if node.op_type == "MatMulNBitsLora"]
+    assert len(fused) == sum(len(branch.b_per_node) for branch in branches) > 0
+    assert "LoraAdd" not in {node.op_type for node in model.graph.node}
+    assert not [node for node in model.graph.node if "_lora/" in node.name], "no separate branch nodes"
+    graph_inputs = {value.name for value in model.graph.input}
+    for node in fused:
+        original = int4_nodes[node.name.removesuffix("Lora")]
+        assert node.domain == "olivepress"
+        assert list(node.input[:4]) == list(original.input) and list(node.output) == list(original.output)
+        a, b = node.input[4:]
+        assert {a, b} <= graph_inputs and parameters[a].shape[1] == parameters[b].shape[0]
+    assert int4_node_modules(model.graph) == modules_before
+    assert adapter_parameters(model.graph, branches).keys() == parameters.keys()
+    assert ("olivepress", 1) in {(o.domain, o.version) for o in model.opset_import}
+
+
+def test_fusable_takes_only_what_the_kernel_runs():
+    """MatMulNBitsLora needs uint8 zero points, 4 bits, K a multiple of 8 and at most 16384 inputs."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from olivepress.lora_graph import fusable
+
+    def node_and_initializers(k=64, block=32, bits=4, zero_type=np.uint8, with_zero=True):
+        blocks = -(-k // block)
+        initializers = {
+            "w": numpy_helper.from_array(np.zeros((8, blocks, block // 2), np.uint8), "w"),
+            "z": numpy_helper.from_array(np.zeros(8 * ((blocks + 1) // 2), zero_type), "z"),
+        }
+        inputs = ["x", "w", "s", "z"] if with_zero else ["x", "w", "s"]
+        node = helper.make_node("MatMulNBits", inputs, ["y"], K=k, N=8, bits=bits, block_size=block)
+        return node, initializers
+
+    assert fusable(*node_and_initializers())
+    assert fusable(*node_and_initializers(k=16384, block=128))
+    assert not fusable(*node_and_initializers(k=16384 + 128, block=128))
+    assert not fusable(*node_and_initializers(k=60))
+    assert not fusable(*node_and_initializers(bits=8))
+    assert not fusable(*node_and_initializers(with_zero=False))
+    assert not fusable(*node_and_initializers(zero_type=np.float16))
+    assert not fusable(*node_and_initializers(k=48, block=16))  # 3 blocks of 16: a row of 48, not 32s
 
 
 def read_lora_of(adapter_dir):
