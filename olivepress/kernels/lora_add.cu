@@ -409,15 +409,20 @@ __global__ void __launch_bounds__(kThreads) lora_add_any_rank(const Pairs pairs,
 // (0.81x decode with the adapter at 3.8 B); inside the int4 product the branch's own work (x @ A, r x N of
 // B) hides behind reading the int4 weights.
 //
-// * int4_lora_decode<R> (one row; R = 0: the int4 product alone): every block copies x into shared memory
-//   (each 8-input group stored as half2 pairs (0,4) (1,5) (2,6) (3,7), the order in which a 32-bit word of
-//   nibbles unpacks into half2 with the 0x6400 exponent trick, and scaled by a power of two that puts
-//   max |x| in [32, 64): products of up to 15 levels summed 16 at a time in fp16 cannot overflow). Then, as
-//   lora_add_split, the blocks share x @ A over the grid (accumulate_xa) and add their parts to the node's
-//   SplitState, arriving at its barrier without waiting; then every warp computes its columns of the int4
-//   product, two at a time, each lane reading 16-byte words (32 inputs) of both rows; only then does the
-//   block wait for x @ A (by then every block has long arrived) and add xa @ B to its columns. Grid: at most
-//   what is resident at once (the barrier), each block a contiguous range of columns.
+// * int4_lora_decode<R> (one row; R = 0: the int4 product alone): each block owns a contiguous range of
+//   columns and first starts copying their int4 rows into shared memory (cp.async: the weights stream in
+//   while the block does everything else; a first version that loaded them only when computing ran at 1.4
+//   TB/s, no faster than ONNX Runtime's own kernel). Meanwhile, as lora_add_split, the blocks share x @ A
+//   over the grid (accumulate_xa) and add their parts to the node's SplitState, arriving at its barrier
+//   without waiting; the block reads its columns' scales and zero points, and copies x into shared memory
+//   (each 8-input group as half2 pairs (0,4) (1,5) (2,6) (3,7), the order in which a 32-bit word of nibbles
+//   unpacks into half2 with the 0x6400 exponent trick, stored plane by plane so that a warp's lanes read
+//   consecutive 16-byte words, and scaled by a power of two that puts max |x| in [32, 64): products of up
+//   to 15 levels summed 16 at a time in fp16 cannot overflow). Then every warp computes columns two at a
+//   time, each lane taking 16-byte words (32 inputs) of both rows; only then does the block wait for x @ A
+//   (by then every block has long arrived) and add xa @ B, whose columns it loaded at the start. Columns
+//   whose rows do not fit in shared memory at once (two blocks an SM) go in chunks. Grid: two blocks an SM,
+//   all resident at once (the barrier).
 // * int4_gemm_rows (several rows: prompts): 64 x 64 output tiles with tensor cores (WMMA, fp32
 //   accumulation), each 32-input step dequantizing the tile's weights into shared memory; the branch then
 //   runs in place as LoraAdd's kernels (y = out).
@@ -453,35 +458,36 @@ __device__ __forceinline__ void dot_word(uint32_t w, const uint4& xg, half2 bias
   acc = __hfma2(__hsub2(bits_as_half2(((w >> 12) & kMask) | kMagic), bias), bits_as_half2(xg.w), acc);
 }
 
-// A quantization block's scale and 1024 + zero point (as half2 bits) for column `column`, block `block`.
+// A quantization block's scale and 1024 + zero point (as half2 bits), from one column's row of scales and of
+// zero points (in global or shared memory).
 struct Quant {
   float scale;
   half2 bias;
 };
 
-__device__ __forceinline__ Quant quant_of(const Int4Linear& L, int64_t column, int block) {
-  const uint8_t byte = __ldg(&L.zp[column * L.zp_stride + (block >> 1)]);
+__device__ __forceinline__ Quant quant_of(const half* scale_row, const uint8_t* zero_row, int block) {
+  const uint8_t byte = zero_row[block >> 1];
   const uint32_t zero = (block & 1) ? byte >> 4 : byte & 0xF;
   const uint32_t bias = 0x6400u | zero;
-  return Quant{__half2float(__ldg(&L.scales[column * L.k_blocks + block])), bits_as_half2(bias | (bias << 16))};
+  return Quant{__half2float(scale_row[block]), bits_as_half2(bias | (bias << 16))};
 }
 
-// One 16-byte word (inputs 32 i .. 32 i + 31) of a column against x: two halves of 16 inputs, each in one
-// quantization block (block sizes 16 and up).
-__device__ __forceinline__ float dot_chunk(const Int4Linear& L, int64_t column, int i, const uint4& q,
-                                           const uint4* __restrict__ xs) {
-  const int low = (32 * i) >> L.block_shift, high = (32 * i + 16) >> L.block_shift;
-  const Quant first = quant_of(L, column, low);
-  const Quant second = high == low ? first : quant_of(L, column, high);
+// One 16-byte word (inputs 32 i .. 32 i + 31) of a column against x (shared, plane by plane: group 4 i + p
+// at xs[p * words + i]): two halves of 16 inputs, each in one quantization block (block sizes 16 and up).
+__device__ __forceinline__ float dot_chunk(const half* scale_row, const uint8_t* zero_row, int block_shift, int i,
+                                           const uint4& q, const uint4* __restrict__ xs, int words) {
+  const int low = (32 * i) >> block_shift, high = (32 * i + 16) >> block_shift;
+  const Quant first = quant_of(scale_row, zero_row, low);
+  const Quant second = high == low ? first : quant_of(scale_row, zero_row, high);
   const half2 zero = __float2half2_rn(0.f);
   half2 acc = zero;
-  dot_word(q.x, xs[4 * i], first.bias, acc);
-  dot_word(q.y, xs[4 * i + 1], first.bias, acc);
+  dot_word(q.x, xs[i], first.bias, acc);
+  dot_word(q.y, xs[words + i], first.bias, acc);
   float2 sum = __half22float2(acc);
   const float total = (sum.x + sum.y) * first.scale;
   acc = zero;
-  dot_word(q.z, xs[4 * i + 2], second.bias, acc);
-  dot_word(q.w, xs[4 * i + 3], second.bias, acc);
+  dot_word(q.z, xs[2 * words + i], second.bias, acc);
+  dot_word(q.w, xs[3 * words + i], second.bias, acc);
   sum = __half22float2(acc);
   return total + (sum.x + sum.y) * second.scale;
 }
@@ -492,22 +498,24 @@ __device__ __forceinline__ float warp_sum(float value) {
   return value;
 }
 
-// x (one row of k inputs, zero past k up to the padded row) into shared memory as described in the header;
-// returns 2^-s, the factor that undoes the scaling.
-__device__ __forceinline__ float load_x(const half* __restrict__ x, int k, int groups, uint4* xs) {
+// x (one row of k inputs, zero past k up to the padded row of `words` 16-byte words) into shared memory as
+// described in the header; returns 2^-s, the factor that undoes the scaling.
+__device__ __forceinline__ float load_x(const half* __restrict__ x, int k, int words, uint4* xs) {
   __shared__ float warp_max[kWarps];
   __shared__ float exponent;
   float largest = 0.f;
+  const int groups = 4 * words;
   for (int g = threadIdx.x; g < groups; g += kThreads) {
     uint4 raw = make_uint4(0, 0, 0, 0);
     if (8 * g < k) raw = *reinterpret_cast<const uint4*>(x + 8 * g);  // k % 8 == 0: whole groups
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    const uint32_t packed[4] = {raw.x, raw.y, raw.z, raw.w};
     half h[8];
-    memcpy(h, words, sizeof(h));
+    memcpy(h, packed, sizeof(h));
 #pragma unroll
     for (int e = 0; e < 8; ++e) largest = fmaxf(largest, fabsf(__half2float(h[e])));
-    xs[g] = make_uint4(half2_bits(__halves2half2(h[0], h[4])), half2_bits(__halves2half2(h[1], h[5])),
-                       half2_bits(__halves2half2(h[2], h[6])), half2_bits(__halves2half2(h[3], h[7])));
+    xs[(g % 4) * words + g / 4] =
+        make_uint4(half2_bits(__halves2half2(h[0], h[4])), half2_bits(__halves2half2(h[1], h[5])),
+                   half2_bits(__halves2half2(h[2], h[6])), half2_bits(__halves2half2(h[3], h[7])));
   }
 #pragma unroll
   for (int step = 16; step > 0; step /= 2) largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, step));
@@ -539,13 +547,14 @@ __device__ __forceinline__ float load_x(const half* __restrict__ x, int k, int g
   return ldexpf(1.f, -e);
 }
 
-// grid: G blocks, all resident at once when R > 0; block b: columns b * kWarps * per_warp onwards, warp w
-// of it per_warp of them. Dynamic shared memory: x (words * 4 uint4), then kWarps * per_warp floats.
+// grid: ceil(N / (kWarps x per_warp)) blocks, all resident at once when R > 0; block b owns the columns from
+// b x kWarps x per_warp on, warp w of it per_warp of them. Dynamic shared memory: x (4 x words 16-byte words),
+// then kWarps x per_warp floats.
 template <int R>
-__global__ void __launch_bounds__(kThreads) int4_lora_decode(const Int4Linear L, const half* __restrict__ x,
+__global__ void __launch_bounds__(kThreads, 4) int4_lora_decode(const Int4Linear L, const half* __restrict__ x,
                                                              const uint4* __restrict__ a, int per_warp,
                                                              SplitState* state) {
-  extern __shared__ uint4 shared_x[];
+  extern __shared__ uint4 xs[];
   constexpr int kR = R > 0 ? R : 8;  // array sizes (R = 0 uses none of them)
   __shared__ float partial[kWarps][kR];
   __shared__ float block_xa[kR];
@@ -553,8 +562,7 @@ __global__ void __launch_bounds__(kThreads) int4_lora_decode(const Int4Linear L,
   __shared__ unsigned int generation;
   __shared__ bool last;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int groups = L.words * 4;
-  float* results = reinterpret_cast<float*>(shared_x + groups);
+  float* results = reinterpret_cast<float*>(xs + 4 * L.words);
   const int block_first = blockIdx.x * kWarps * per_warp;
   const int block_end = min(block_first + kWarps * per_warp, L.n);
 
@@ -588,7 +596,7 @@ __global__ void __launch_bounds__(kThreads) int4_lora_decode(const Int4Linear L,
     }
   }
 
-  const float unscale = load_x(x, L.k, groups, shared_x);
+  const float unscale = load_x(x, L.k, L.words, xs);  // ends with the block synchronized
   const int first = block_first + warp * per_warp;
   const int end = min(first + per_warp, L.n);
   for (int c = first; c < end; c += 2) {
@@ -596,13 +604,17 @@ __global__ void __launch_bounds__(kThreads) int4_lora_decode(const Int4Linear L,
     const int64_t c0 = c, c1 = two ? c + 1 : c;
     const uint4* row0 = L.w + c0 * L.words;
     const uint4* row1 = L.w + c1 * L.words;
+    const half* s0 = L.scales + c0 * L.k_blocks;
+    const half* s1 = L.scales + c1 * L.k_blocks;
+    const uint8_t* z0 = L.zp + c0 * L.zp_stride;
+    const uint8_t* z1 = L.zp + c1 * L.zp_stride;
     float t0 = 0.f, t1 = 0.f;
 #pragma unroll 2
     for (int i = lane; i < L.words; i += 32) {
       const uint4 q0 = __ldcs(row0 + i);
       const uint4 q1 = __ldcs(row1 + i);
-      t0 += dot_chunk(L, c0, i, q0, shared_x);
-      t1 += dot_chunk(L, c1, i, q1, shared_x);
+      t0 += dot_chunk(s0, z0, L.block_shift, i, q0, xs, L.words);
+      t1 += dot_chunk(s1, z1, L.block_shift, i, q1, xs, L.words);
     }
     t0 = warp_sum(t0);
     t1 = warp_sum(t1);
@@ -667,7 +679,9 @@ __global__ void __launch_bounds__(kGemmThreads) int4_gemm_rows(const Int4Linear 
         const uint4 q = __ldcs(L.w + column * L.words + word);
         const uint32_t words[4] = {q.x, q.y, q.z, q.w};
         const int low = k0 >> L.block_shift, high = (k0 + 16) >> L.block_shift;
-        const Quant quants[2] = {quant_of(L, column, low), quant_of(L, column, high)};
+        const half* scale_row = L.scales + column * L.k_blocks;
+        const uint8_t* zero_row = L.zp + column * L.zp_stride;
+        const Quant quants[2] = {quant_of(scale_row, zero_row, low), quant_of(scale_row, zero_row, high)};
 #pragma unroll
         for (int e = 0; e < kTileK; ++e) {
           const Quant& quant = quants[e / 16];
@@ -1105,7 +1119,7 @@ OrtCustomOp g_lora_add = MakeOp();
 // [N * ceil(k_blocks / 2)] (MatMulNBits' own initializers, any shapes of those sizes but W's), A [K, r],
 // B [r, N]; float16 but W and the zero points. Output y [..., N]. r may be 0 (y is the int4 product).
 constexpr int kFusedInputs = 6;
-constexpr int kMaxFusedK = 16384;  // x in shared memory: 32 KB of a block's 48
+constexpr int kMaxFusedK = 16384;  // x in shared memory beside the weights: 32 KB at 16384 inputs
 
 bool FusedInputIsBytes(size_t index) { return index == 1 || index == 3; }
 
@@ -1125,21 +1139,21 @@ OrtStatus* DecodeResidentPerSm(LoraAddKernel& kernel, size_t shared, int* per_sm
   return nullptr;
 }
 
-// One row: int4_lora_decode<R> over a grid of at most two blocks an SM (and, with the branch, at most what is
-// resident at once). state may be null only for R = 0.
+// One row: int4_lora_decode<R> over as many blocks as are resident at once (occupancy hides the weights'
+// latency: a grid of two blocks an SM ran at a quarter of the SM's warps, slower than ONNX Runtime's kernel),
+// each warp a pair of columns or more. state may be null only for R = 0.
 template <int R>
 OrtStatus* LaunchDecode(LoraAddKernel& kernel, const Int4Linear& L, const half* x, const half* a, int sms,
                         SplitState* state, cudaStream_t stream, dim3* grid) {
-  const int64_t warps_wanted = 2LL * sms * kWarps;
-  int per_warp = static_cast<int>((L.n + warps_wanted - 1) / warps_wanted);
-  if (per_warp < 1) per_warp = 1;
+  int per_warp = 2;
   for (;;) {
-    const int64_t blocks = (L.n + static_cast<int64_t>(kWarps) * per_warp - 1) / (static_cast<int64_t>(kWarps) * per_warp);
-    const size_t shared = static_cast<size_t>(L.words) * 4 * sizeof(uint4) + kWarps * per_warp * sizeof(float);
+    const int64_t columns_per_block = static_cast<int64_t>(kWarps) * per_warp;
+    const int64_t blocks = (L.n + columns_per_block - 1) / columns_per_block;
+    const size_t shared = static_cast<size_t>(L.words) * 4 * sizeof(uint4) + columns_per_block * sizeof(float);
     int per_sm = 0;
     RETURN_IF_ERROR(DecodeResidentPerSm<R>(kernel, shared, &per_sm));
     if (per_sm == 0) return Fail("MatMulNBitsLora: x does not fit in a block's shared memory");
-    if (R == 0 || blocks <= static_cast<int64_t>(per_sm) * sms) {
+    if (blocks <= static_cast<int64_t>(per_sm) * sms) {
       *grid = dim3(static_cast<unsigned>(blocks));
       int4_lora_decode<R><<<*grid, kThreads, shared, stream>>>(L, x, reinterpret_cast<const uint4*>(a), per_warp, state);
       return nullptr;
