@@ -457,7 +457,8 @@ def decode_benchmark(
         plain["int4+adapter [stock branches]"] = (stock_dir, stock_dir / ADAPTER_FILE)
     variants: dict[str, tuple[Path, Path | None, bool, dict]] = {}
     for label, (folder, adapter_file) in plain.items():
-        variants[label] = (folder, adapter_file, False, {})
+        if args.device != "gpu" or not args.graphs_only:
+            variants[label] = (folder, adapter_file, False, {})
         if args.device == "gpu":
             variants[f"{label}+cuda_graph"] = (folder, adapter_file, True, {})
     if args.device == "gpu" and args.ort_switches:
@@ -624,6 +625,11 @@ def main() -> None:
         "--ort-switches", action="store_true", help="also decode under onnxruntime-gpu's kernel switches"
     )
     parser.add_argument("--bandwidth", type=float, help="device memory bandwidth, B/s (default: known table)")
+    parser.add_argument(
+        "--graphs-only",
+        action="store_true",
+        help="on CUDA, decode only with CUDA graphs (what the flow ships; the headline ratios use these): half the time",
+    )
     args = parser.parse_args()
     names = [name.strip() for name in args.models.split(",") if name.strip()]
     if unknown := set(names) - set(MODELS):
