@@ -1,12 +1,18 @@
-"""The LoraAdd CUDA operator (``kernels/lora_add.cu``): one LoRA branch in one kernel, built on the GPU machine.
+"""olivepress's CUDA operators (``kernels/lora_add.cu``), built on the GPU machine: a LoRA branch costs (almost)
+no kernel of its own.
 
-Why: on a GPU at batch 1, the export's branch (MatMul by A, MatMul by B, Add) costs three dependent kernels,
-~12 µs, against ~4 µs for one (``benchmarks/lora_branch_forms.py``). ONNX Runtime has no operator that does
-it in one, so this library registers ``olivepress.LoraAdd`` for the CUDA execution provider.
+Why: on a GPU at batch 1 every dependent kernel costs microseconds however little it reads, and the
+export's branch (MatMul by A, MatMul by B, Add) is three of them, ~12 µs a branch
+(``benchmarks/lora_branch_forms.py``). ONNX Runtime has no operator that does it in fewer, so this library
+registers two for the CUDA execution provider: ``olivepress.MatMulNBitsLora``, the int4 product and its
+branch in one kernel (~3 µs a branch over the int4 product alone, whose own speed matches onnxruntime's
+MatMulNBits), which the export puts in place of every adapted int4 node it can take, and
+``olivepress.LoraAdd``, the branch alone in one kernel (~7 µs), for the others.
 
 Building needs ``nvcc`` and ONNX Runtime's C API header ``onnxruntime_c_api.h`` (it ships with the release
 archives, not with the Python wheels): ``ort_include`` or ``$OLIVEPRESS_ORT_INCLUDE`` names its folder. The
-library is built once per source and header, into ``out_dir``.
+library is built once per source and header and machine (:func:`kernel_cache_dir`), and copied into the
+model folder.
 """
 
 from __future__ import annotations
@@ -64,23 +70,41 @@ def build_lora_add(out_dir: Path, ort_include: Path | None = None, source: Path 
     digest = hashlib.sha256(source.read_bytes() + (include / "onnxruntime_c_api.h").read_bytes()).hexdigest()[
         :16
     ]
-    library = out_dir / f"liblora_add-{digest}.so"
+    name = f"liblora_add-{digest}.so"
+    library = out_dir / name
     if library.is_file():
         return library
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cached = kernel_cache_dir() / name
+    if not cached.is_file():
+        compile_library(source, include, cached)
+    return Path(shutil.copy2(cached, library))
+
+
+def kernel_cache_dir() -> Path:
+    """Where built libraries are kept between runs, by digest (``$XDG_CACHE_HOME/olivepress/kernels``):
+    nvcc takes ~8-15 s, which every export on the machine after the first skips."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "olivepress" / "kernels"
+
+
+def compile_library(source: Path, include: Path, target: Path) -> None:
+    """nvcc ``source`` into ``target``, through a partial file (never taken as built), one architecture a
+    thread."""
     nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
     if not Path(nvcc).is_file():
         raise UserError(
             "building the LoraAdd operator needs nvcc (the CUDA toolkit) on PATH or in $CUDA_HOME"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = library.with_suffix(".so.partial")
-    command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *ARCHITECTURES]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    command = [nvcc, "--threads", "0", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *ARCHITECTURES]
     command += ["-I", str(include), str(source), "-o", str(partial)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
+        partial.unlink(missing_ok=True)
         raise RuntimeError(f"nvcc could not build {source.name}:\n{done.stderr[-3000:]}")
-    partial.replace(library)
-    return library
+    partial.replace(target)
 
 
 def register_in_genai_config(model_dir: Path, library: Path) -> None:

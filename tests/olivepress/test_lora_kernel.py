@@ -49,3 +49,36 @@ def test_a_prebuilt_library_is_copied_into_the_model_folder(tmp_path, monkeypatc
     monkeypatch.setenv("OLIVEPRESS_LORA_ADD_LIBRARY", str(tmp_path / "missing.so"))
     with pytest.raises(UserError, match="OLIVEPRESS_LORA_ADD_LIBRARY"):
         build_lora_add(tmp_path / "other")
+
+
+def test_a_library_is_compiled_once_per_machine(tmp_path, monkeypatch):
+    """Two exports of the same source and header: nvcc runs for the first only (the build is kept in the
+    kernel cache by digest); each model folder gets its own copy. A failed build leaves nothing to take."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    nvcc = bin_dir / "nvcc"  # writes its -o argument, counts its calls
+    nvcc.write_text(
+        '#!/bin/sh\necho run >> "$CALLS"\nwhile [ "$1" != "-o" ]; do shift; done\n'
+        '[ -n "$FAIL" ] && exit 1\necho built > "$2"\n'
+    )
+    nvcc.chmod(0o755)
+    (tmp_path / "onnxruntime_c_api.h").write_text("// header")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("CALLS", str(calls))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("OLIVEPRESS_LORA_ADD_LIBRARY", raising=False)
+
+    first = build_lora_add(tmp_path / "model-1", ort_include=tmp_path)
+    second = build_lora_add(tmp_path / "model-2", ort_include=tmp_path)
+    assert first.name == second.name and first.read_text() == second.read_text() == "built\n"
+    assert first.parent.name == "model-1" and second.parent.name == "model-2"
+    assert calls.read_text().count("run") == 1
+
+    source = tmp_path / "changed.cu"
+    source.write_text("// another kernel")
+    monkeypatch.setenv("FAIL", "1")
+    with pytest.raises(RuntimeError, match="nvcc could not build"):
+        build_lora_add(tmp_path / "model-3", ort_include=tmp_path, source=source)
+    cached = list((tmp_path / "cache" / "olivepress" / "kernels").iterdir())
+    assert [path.name for path in cached] == [first.name]  # no partial file left, nothing half-built
+    assert not (tmp_path / "model-3").exists() or not list((tmp_path / "model-3").glob("*.so"))
