@@ -95,11 +95,12 @@ class OptimizeSettings(Section):
     )
     lora_kernel: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="With device gpu, each LoRA branch as olivepress's own LoraAdd CUDA operator, one kernel "
-        "instead of three (MatMul, MatMul, Add), built with nvcc into the model folder. It needs nvcc and "
-        "ONNX Runtime's C API header ($OLIVEPRESS_ORT_INCLUDE; the GPU image has both): auto uses it when "
-        "both are there and warns otherwise, on fails without them, off keeps ONNX Runtime's own operators. "
-        "Ignored on cpu.",
+        description="With device gpu, the LoRA branches as olivepress's own CUDA operators, built with nvcc "
+        "into the model folder: each adapted int4 linear and its branch as one MatMulNBitsLora kernel (LoraAdd, "
+        "the branch alone in one kernel, where that cannot go) instead of onnxruntime's int4 kernel and three "
+        "more (MatMul, MatMul, Add). It needs nvcc and ONNX Runtime's C API header ($OLIVEPRESS_ORT_INCLUDE; "
+        "the GPU image has both): auto uses them when both are there and warns otherwise, on fails without "
+        "them, off keeps ONNX Runtime's own operators. Ignored on cpu.",
     )
 
 
