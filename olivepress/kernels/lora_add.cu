@@ -284,6 +284,43 @@ __device__ __forceinline__ void add_tiles(const Column<R, MR>& ahead, const Pair
   }
 }
 
+// The barrier of a SplitState (see the header), in two halves so that a kernel can work between them. Every
+// thread of the block calls both, after it has added its part to state->xa[generation & 1]. arrive returns
+// whether this block arrived last (the same for the block's threads); that block prepares the next launch
+// and releases the others, which wait in wait_for_others.
+__device__ __forceinline__ bool arrive(SplitState* state, unsigned int generation) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&state->arrived, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last) {  // every other block has added its part: prepare the next launch, then release them
+    __threadfence();
+    state->xa[(generation & 1u) ^ 1u][threadIdx.x] = 0.f;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      atomicExch(&state->arrived, 0u);
+      __threadfence();
+      atomicAdd(&state->generation, 1u);
+    }
+  }
+  return last;
+}
+
+// Returns with the block synchronized once every block has arrived.
+__device__ __forceinline__ void wait_for_others(SplitState* state, unsigned int generation, bool last) {
+  if (!last && threadIdx.x == 0) {
+    while (*reinterpret_cast<volatile unsigned int*>(&state->generation) == generation) {
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
 // grid: (G), every block resident at once (see the header); rows <= MR <= kMaxSplitRows.
 template <int R, int MR>
 __global__ void __launch_bounds__(kThreads) lora_add_split(const Pairs pairs, const half* __restrict__ x,
@@ -294,7 +331,6 @@ __global__ void __launch_bounds__(kThreads) lora_add_split(const Pairs pairs, co
   __shared__ float block_xa[R * MR];
   __shared__ float xa[MR][R];
   __shared__ unsigned int generation;
-  __shared__ bool last;
   constexpr bool kPrefetch = MR == 1;
   const int tid = threadIdx.x;
   if (tid == 0) generation = *reinterpret_cast<volatile unsigned int*>(&state->generation);
@@ -308,29 +344,7 @@ __global__ void __launch_bounds__(kThreads) lora_add_split(const Pairs pairs, co
   float* const scratch = state->xa[generation & 1u];
   if (static_cast<int64_t>(blockIdx.x) * S::kPassRows < k && tid < rows * R)
     atomicAdd(&scratch[tid], block_xa[sum_slot<MR>(tid / R, tid % R)]);
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    __threadfence();
-    last = atomicAdd(&state->arrived, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (last) {  // every other block has added its part: prepare the next launch, then release them
-    __threadfence();
-    state->xa[(generation & 1u) ^ 1u][tid] = 0.f;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-      atomicExch(&state->arrived, 0u);
-      __threadfence();
-      atomicAdd(&state->generation, 1u);
-    }
-  } else if (tid == 0) {
-    while (*reinterpret_cast<volatile unsigned int*>(&state->generation) == generation) {
-    }
-    __threadfence();
-  }
-  __syncthreads();
+  wait_for_others(state, generation, arrive(state, generation));
   if (tid < rows * R) xa[tid / R][tid % R] = __ldcg(&scratch[tid]);  // L2: another block's atomics
   __syncthreads();
 
@@ -560,13 +574,13 @@ __global__ void __launch_bounds__(kThreads, 4) int4_lora_decode(const Int4Linear
   __shared__ float block_xa[kR];
   __shared__ float xa[kR];
   __shared__ unsigned int generation;
-  __shared__ bool last;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   float* results = reinterpret_cast<float*>(xs + 4 * L.words);
   const int block_first = blockIdx.x * kWarps * per_warp;
   const int block_end = min(block_first + kWarps * per_warp, L.n);
 
   float* scratch = nullptr;
+  bool last = false;  // whether this block arrived last at the barrier
   if (R > 0) {  // this block's part of x @ A, added to the state; arrive at the barrier, wait later
     using S = Slicing<kR>;
     if (tid == 0) generation = *reinterpret_cast<volatile unsigned int*>(&state->generation);
@@ -576,24 +590,7 @@ __global__ void __launch_bounds__(kThreads, 4) int4_lora_decode(const Int4Linear
     scratch = state->xa[generation & 1u];
     if (static_cast<int64_t>(blockIdx.x) * S::kPassRows < L.k && tid < R)
       atomicAdd(&scratch[tid], block_xa[sum_slot<1>(0, tid)]);
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-      __threadfence();
-      last = atomicAdd(&state->arrived, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (last) {  // every block has added its part: prepare the next launch and release the others
-      __threadfence();
-      state->xa[(generation & 1u) ^ 1u][tid] = 0.f;
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) {
-        atomicExch(&state->arrived, 0u);
-        __threadfence();
-        atomicAdd(&state->generation, 1u);
-      }
-    }
+    last = arrive(state, generation);
   }
 
   const float unscale = load_x(x, L.k, L.words, xs);  // ends with the block synchronized
@@ -626,12 +623,7 @@ __global__ void __launch_bounds__(kThreads, 4) int4_lora_decode(const Int4Linear
   __syncthreads();
 
   if (R > 0) {  // wait for x @ A
-    if (!last && tid == 0) {
-      while (*reinterpret_cast<volatile unsigned int*>(&state->generation) == generation) {
-      }
-      __threadfence();
-    }
-    __syncthreads();
+    wait_for_others(state, generation, last);
     if (tid < R) xa[tid] = __ldcg(&scratch[tid]);  // L2: other blocks' atomics
     __syncthreads();
   }
