@@ -847,6 +847,26 @@ void LaunchRows(const Operands& o, dim3 grid, cudaStream_t stream) {
     lora_add_rows<R, kRowBlock><<<grid, kThreads, 0, stream>>>(o.pairs, o.x, a, o.k, o.rows);
 }
 
+// lora_add_rows for the compiled rank kFixedRanks[rank] over `tiles` column tiles: enough blocks for two
+// waves, each reading all of A once (more column splits only when rows are few). Returns its grid.
+dim3 LaunchRowsKernel(const Operands& o, int rank, int tiles, int sms, cudaStream_t stream) {
+  const int mr = o.rows == 1 ? 1 : kRowBlock;
+  const int64_t row_blocks = (o.rows + mr - 1) / mr;
+  int64_t splits = (2 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks;
+  if (splits > tiles) splits = tiles;
+  if (splits < 1) splits = 1;
+  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(row_blocks));
+  switch (kFixedRanks[rank]) {
+    case 8: LaunchRows<8>(o, grid, stream); break;
+    case 16: LaunchRows<16>(o, grid, stream); break;
+    case 24: LaunchRows<24>(o, grid, stream); break;
+    case 32: LaunchRows<32>(o, grid, stream); break;
+    case 48: LaunchRows<48>(o, grid, stream); break;
+    default: LaunchRows<64>(o, grid, stream); break;
+  }
+  return grid;
+}
+
 // The node's inputs: y1, x, A, B1, then the optional y2, B2, y3, B3; output p is pair p's (out1, out2, out3).
 constexpr int kInputCount = 2 + 2 * kMaxPairs;
 constexpr int YInput(int pair) { return pair == 0 ? 0 : 2 + 2 * pair; }
@@ -996,25 +1016,11 @@ OrtStatus* ORT_API_CALL Compute(void* kernel_object, OrtKernelContext* context) 
     }
   }
   if (chosen == nullptr && rank >= 0) {
-    const int mr = rows == 1 ? 1 : kRowBlock;
-    const int64_t row_blocks = (rows + mr - 1) / mr;
     int sms = 0, device = 0;
     RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
     RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    // enough blocks for two waves, each reading all of A once: more column splits only when rows are few
-    int64_t splits = (2 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks;
-    if (splits > tiles) splits = tiles;
-    if (splits < 1) splits = 1;
-    grid = dim3(static_cast<unsigned>(splits), static_cast<unsigned>(row_blocks));
+    grid = LaunchRowsKernel(o, rank, tiles, sms, stream);
     chosen = "rows";
-    switch (kFixedRanks[rank]) {
-      case 8: LaunchRows<8>(o, grid, stream); break;
-      case 16: LaunchRows<16>(o, grid, stream); break;
-      case 24: LaunchRows<24>(o, grid, stream); break;
-      case 32: LaunchRows<32>(o, grid, stream); break;
-      case 48: LaunchRows<48>(o, grid, stream); break;
-      default: LaunchRows<64>(o, grid, stream); break;
-    }
   }
   if (chosen == nullptr) {
     grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(rows));
@@ -1267,21 +1273,8 @@ OrtStatus* ORT_API_CALL FusedCompute(void* kernel_object, OrtKernelContext* cont
     o.k = L.k;
     o.rows = static_cast<int>(rows);
     if (rank >= 0) {
-      const int mr = rows == 1 ? 1 : kRowBlock;
-      const int64_t row_blocks = (rows + mr - 1) / mr;
-      int64_t splits = (2 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks;
-      if (splits > tiles) splits = tiles;
-      if (splits < 1) splits = 1;
-      const dim3 rows_grid(static_cast<unsigned>(splits), static_cast<unsigned>(row_blocks));
+      LaunchRowsKernel(o, rank, tiles, sms, stream);
       branch = " + rows branch";
-      switch (kFixedRanks[rank]) {
-        case 8: LaunchRows<8>(o, rows_grid, stream); break;
-        case 16: LaunchRows<16>(o, rows_grid, stream); break;
-        case 24: LaunchRows<24>(o, rows_grid, stream); break;
-        case 32: LaunchRows<32>(o, rows_grid, stream); break;
-        case 48: LaunchRows<48>(o, rows_grid, stream); break;
-        default: LaunchRows<64>(o, rows_grid, stream); break;
-      }
     } else {
       branch = " + any_rank branch";
       const dim3 any_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(rows));
