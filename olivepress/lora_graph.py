@@ -10,7 +10,7 @@ q/k/v split out of the builder's fused QKV node; grouped branches launch 14 and 
 
 On CUDA (``lora_add``) the branches are olivepress's own operators (:mod:`olivepress.lora_kernel`): each
 int4 node the kernel can take becomes one ``olivepress.MatMulNBitsLora`` node, ``x @ W + (x @ A) @ B`` in
-one kernel (the branch adds no launch: 7 kernels a layer, as many as without an adapter); the others of a
+one kernel (the branch adds no launch: a layer runs as many kernels as without an adapter); the others of a
 group get one ``olivepress.LoraAdd`` node after them, ``y_i + (x @ A) @ B_i`` for each in one kernel.
 
 The matrices are graph inputs with empty defaults ([in, 0] and [0, out]): with no adapter active the
