@@ -340,6 +340,31 @@ def test_cuda_branches_go_inside_the_int4_nodes(tiny_int4_dir, adapter_dir, tmp_
     assert ("olivepress", 1) in {(o.domain, o.version) for o in model.opset_import}
 
 
+def test_int4_nodes_the_kernel_cannot_take_keep_lora_add(tiny_int4_dir, adapter_dir, tmp_path):
+    """A group mixing int4 nodes MatMulNBitsLora takes and one it cannot (here: no zero points): the others
+    are fused, that one alone gets a LoraAdd after it, and the graph stays in dependency order."""
+    from olivepress.lora_graph import graft_branches
+    from olivepress.tasks.optimize import graph_and_branches
+
+    model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", device="gpu").model_dir
+    model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
+    plain = [node for node in model.graph.node if node.op_type == "MatMulNBits" and "/mlp/" in node.name]
+    without_zero_points = plain[0]
+    del without_zero_points.input[3:]
+    graft_branches(model, branches, lora_add=True)
+
+    lora_adds = [node for node in model.graph.node if node.op_type == "LoraAdd"]
+    assert len(lora_adds) == 1 and lora_adds[0].input[0] == without_zero_points.output[0]
+    assert len(lora_adds[0].output) == 1  # only the node the kernel cannot take
+    assert without_zero_points.name in {node.name for node in model.graph.node}
+    fused = [node for node in model.graph.node if node.op_type == "MatMulNBitsLora"]
+    assert len(fused) == sum(len(branch.b_per_node) for branch in branches) - 1
+    known = {value.name for value in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+    for node in model.graph.node:
+        assert set(node.input) <= known, f"{node.name} reads a value made after it"
+        known |= set(node.output)
+
+
 def test_fusable_takes_only_what_the_kernel_runs():
     """MatMulNBitsLora needs uint8 zero points, 4 bits, K a multiple of 8 and at most 16384 inputs."""
     import numpy as np
