@@ -8,9 +8,10 @@ and the quantized loader's model is not a torch module ('OliveModel' object has 
 added to the built graph here (:mod:`olivepress.lora_graph`: float ``MatMul``s, one branch per group of
 linears that read the same activation, whose matrices are graph inputs with empty defaults): with no
 adapter active the branches add zeros; with one active, ONNX Runtime GenAI feeds the matrices from
-``adapter_weights.onnx_adapter``. On CUDA each branch is one ``olivepress.LoraAdd`` node when the operator
-can be built (``optimize.lora_kernel``; :mod:`olivepress.lora_kernel`): its library ships in the folder and
-genai_config.json names it.
+``adapter_weights.onnx_adapter``. On CUDA, when olivepress's operators can be built (``optimize.lora_kernel``;
+:mod:`olivepress.lora_kernel`), each adapted int4 node and its branch is one ``olivepress.MatMulNBitsLora``
+node (``olivepress.LoraAdd`` after the int4 nodes that kernel cannot take): their library ships in the
+folder and genai_config.json names it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def export_onnx(
     ``accuracy_level`` is MatMulNBits' compute type; None keeps the builder's default for the device: on
     CPU 4, int8 activations, the fastest; 1 computes in float32, the dequantized PyTorch model's math.
     ``cuda_graph`` (device gpu only) has the runtime capture decoding in CUDA graphs. ``lora_kernel``
-    (device gpu only) is ``optimize.lora_kernel``: whether the branches are LoraAdd nodes.
+    (device gpu only) is ``optimize.lora_kernel``: whether the branches are olivepress's CUDA operators.
     """
     if device not in EXECUTION_PROVIDERS:
         raise UserError(f"device must be one of {sorted(EXECUTION_PROVIDERS)}, not {device!r}")
@@ -514,13 +515,14 @@ def export_adapter(checkpoint_dir: Path, adapter_dir: Path, model_dir: Path, tar
 
 
 def lora_add_library(out_dir: Path, lora_kernel: Literal["auto", "on", "off"]) -> Path | None:
-    """The LoraAdd library built into ``out_dir``, or None for ONNX Runtime's own operators: with
-    ``lora_kernel`` off, or auto where nvcc or ONNX Runtime's header is missing (a warning says which)."""
+    """The library of olivepress's CUDA operators (MatMulNBitsLora, LoraAdd) built into ``out_dir``, or None
+    for ONNX Runtime's own operators: with ``lora_kernel`` off, or auto where nvcc or ONNX Runtime's header
+    is missing (a warning says which)."""
     if lora_kernel == "off":
         return None
     from olivepress.lora_kernel import build_lora_add
 
-    progress.update("optimize", "building the LoraAdd CUDA operator")
+    progress.update("optimize", "building olivepress's CUDA operators")
     try:
         return build_lora_add(out_dir)
     except UserError as missing:
@@ -531,7 +533,7 @@ def lora_add_library(out_dir: Path, lora_kernel: Literal["auto", "on", "off"]) -
 
 
 def add_lora_branches(model, branches: list[Branch], out_dir: Path, *, lora_add: bool = False) -> None:
-    """Graft the branches onto ``model`` (as LoraAdd nodes with ``lora_add``) and save it, write their
+    """Graft the branches onto ``model`` (as olivepress's operators with ``lora_add``) and save it, write their
     matrices (in the graph's float type) as the adapter file, and the graph with them merged beside it
     (:func:`olivepress.lora_graph.write_merged_model`). The external weight data is not touched."""
     import onnx

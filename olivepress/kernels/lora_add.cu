@@ -424,19 +424,18 @@ __global__ void __launch_bounds__(kThreads) lora_add_any_rank(const Pairs pairs,
 // B) hides behind reading the int4 weights.
 //
 // * int4_lora_decode<R> (one row; R = 0: the int4 product alone): each block owns a contiguous range of
-//   columns and first starts copying their int4 rows into shared memory (cp.async: the weights stream in
-//   while the block does everything else; a first version that loaded them only when computing ran at 1.4
-//   TB/s, no faster than ONNX Runtime's own kernel). Meanwhile, as lora_add_split, the blocks share x @ A
-//   over the grid (accumulate_xa) and add their parts to the node's SplitState, arriving at its barrier
-//   without waiting; the block reads its columns' scales and zero points, and copies x into shared memory
-//   (each 8-input group as half2 pairs (0,4) (1,5) (2,6) (3,7), the order in which a 32-bit word of nibbles
-//   unpacks into half2 with the 0x6400 exponent trick, stored plane by plane so that a warp's lanes read
-//   consecutive 16-byte words, and scaled by a power of two that puts max |x| in [32, 64): products of up
-//   to 15 levels summed 16 at a time in fp16 cannot overflow). Then every warp computes columns two at a
-//   time, each lane taking 16-byte words (32 inputs) of both rows; only then does the block wait for x @ A
-//   (by then every block has long arrived) and add xa @ B, whose columns it loaded at the start. Columns
-//   whose rows do not fit in shared memory at once (two blocks an SM) go in chunks. Grid: two blocks an SM,
-//   all resident at once (the barrier).
+//   columns, each warp a pair of them or more; the grid is as many 256-thread blocks as are resident at
+//   once (four an SM), which the branch's barrier needs and the weights' latency wants (versions with two
+//   blocks an SM, loading the weights directly or staging them in shared memory with cp.async, ran at a
+//   quarter of the SM's warps and slower than ONNX Runtime's kernel). As lora_add_split, the blocks first
+//   share x @ A over the grid (accumulate_xa), add their parts to the node's SplitState and arrive at its
+//   barrier without waiting. Then every block copies x into shared memory (each 8-input group as half2
+//   pairs (0,4) (1,5) (2,6) (3,7), the order in which a 32-bit word of nibbles unpacks into half2 with the
+//   0x6400 exponent trick, stored plane by plane so that a warp's lanes read consecutive 16-byte words,
+//   and scaled by a power of two that puts max |x| in [32, 64): products of up to 15 levels summed 16 at a
+//   time in fp16 cannot overflow), and every warp computes its columns two at a time, each lane reading
+//   16-byte words (32 inputs) of both rows from global memory. Only then does the block wait for x @ A (by
+//   then every block has long arrived) and add xa @ B to its columns.
 // * int4_gemm_rows (several rows: prompts): 64 x 64 output tiles with tensor cores (WMMA, fp32
 //   accumulation), each 32-input step dequantizing the tile's weights into shared memory; the branch then
 //   runs in place as LoraAdd's kernels (y = out).
