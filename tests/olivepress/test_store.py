@@ -295,13 +295,16 @@ def test_an_s3_lease_waits_for_a_live_holder_and_takes_over_a_dead_ones(s3_serve
 
     store = s3_store(s3_server, tmp_path / "cache", bucket="leases")
     path = store._path("quantize", "k13.lease")
-    holder = S3Lease(store.fs, path, retry=FAST_RETRY, seconds=1.0, poll_seconds=0.1)
+    # s3fs's first request opens its session (over 1 s on a busy CI machine, past a short lease's expiry,
+    # which the holder stamps before sending): open it before timing anything
+    store.fs.ls("leases")
+    holder = S3Lease(store.fs, path, retry=FAST_RETRY, seconds=2.0, poll_seconds=0.1)
     assert holder.acquire()
-    waiter = S3Lease(store.fs, path, retry=FAST_RETRY, seconds=1.0, poll_seconds=0.1)
+    waiter = S3Lease(store.fs, path, retry=FAST_RETRY, seconds=2.0, poll_seconds=0.1)
     got_it = threading.Event()
     thread = threading.Thread(target=lambda: waiter.acquire() and got_it.set())
     thread.start()
-    time.sleep(2.5)  # past the lease's 1 s: the holder renews it, so the waiter must not take it
+    time.sleep(5.0)  # past two of the lease's 2 s: the holder renews it, so the waiter must not take it
     assert not got_it.is_set()
     holder.release()
     thread.join(10)
