@@ -297,6 +297,7 @@ def read_run(run_dir: Path, lab_figures: bool) -> dict:
         result["evaluate_speedup_vs_base"] = ratio(metrics, "fine-tuned", "base")
         result["gate_passed"] = evaluation["gate"]["passed"]
         result["gate_checks"] = {c["name"]: round(c["measured"], 4) for c in evaluation["gate"]["checks"]}
+        result["evaluate_phase_seconds"] = evaluation.get("phase_seconds", {})
     return result
 
 

@@ -24,6 +24,8 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,6 +98,8 @@ class Evaluation:
     held_out_pairs: int
     generation_prompts: int
     seconds: float
+    # seconds of each part of the measurement (see PHASES); empty in records measured before it was recorded
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +137,20 @@ def rouge_l(references: list[str], predictions: list[str]) -> float:
     return statistics.fmean(scores) if scores else 0.0
 
 
+# The parts of a measurement, in order, as phase_seconds names them: evaluate's time at 3.8 B on a GPU
+# (two minutes) is theirs, and each calls for a different remedy.
+PHASES = ("build_base", "gpu_memory", "load", "loss", "generate", "decode_speed")
+
+
+@contextmanager
+def timed(phase_seconds: dict[str, float], phase: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        phase_seconds[phase] = round(time.perf_counter() - started, 2)
+
+
 def evaluate_models(
     base_dir: Path,
     onnx_dir: Path,
@@ -141,22 +159,27 @@ def evaluate_models(
     settings: EvaluateSettings,
     text_template: str | None = None,
     device: str = "cpu",
+    phase_seconds: dict[str, float] | None = None,
 ) -> list[VariantMetrics]:
-    """Measure the three variants on ``held_out``; see the module docstring."""
+    """Measure the three variants on ``held_out``; see the module docstring. ``phase_seconds`` receives the
+    seconds of each phase after build_base (PHASES)."""
     from olivepress.genai import open_model, prompt_token_ids, response_loss, stream_generate
 
+    phases = {} if phase_seconds is None else phase_seconds
     sources = {BASE: (base_dir, None), QUANTIZED: (onnx_dir, None), FINE_TUNED: (onnx_dir, adapter_file)}
     prompts = held_out[: settings.generation_samples]
     gpu_memory = dict.fromkeys(VARIANTS)
     if device == "gpu":
         from olivepress.gpu_memory import variant_peak_mib
 
-        for variant, (model_dir, adapter) in sources.items():
-            gpu_memory[variant] = variant_peak_mib(
-                model_dir, adapter, prompts[0]["prompt"], text_template, settings.max_new_tokens
-            )
+        with timed(phases, "gpu_memory"):
+            for variant, (model_dir, adapter) in sources.items():
+                gpu_memory[variant] = variant_peak_mib(
+                    model_dir, adapter, prompts[0]["prompt"], text_template, settings.max_new_tokens
+                )
     models, peak_memory, prompt_ids, max_length = {}, {}, {}, {}
     can_measure_memory = peak_rss_reset()
+    load_started = time.perf_counter()
     for variant, (model_dir, adapter) in sources.items():
         gc.collect()
         before = rss_mib("VmRSS") if can_measure_memory else 0.0
@@ -174,13 +197,16 @@ def evaluate_models(
             models[variant], warm_up, settings.max_new_tokens, lambda _text: None, max_length[variant]
         )
         peak_memory[variant] = rss_mib("VmHWM") - before if can_measure_memory else None
+    phases["load"] = round(time.perf_counter() - load_started, 2)  # with each variant's warm-up generation
 
-    losses = {variant: response_loss(models[variant], held_out, text_template) for variant in VARIANTS}
+    with timed(phases, "loss"):
+        losses = {variant: response_loss(models[variant], held_out, text_template) for variant in VARIANTS}
 
     outputs: dict[str, list[str]] = {variant: [] for variant in VARIANTS}
     first_token = {variant: [] for variant in VARIANTS}
     generated = dict.fromkeys(VARIANTS, 0)
     progress.update("evaluate", "generating, prompt", 0, len(prompts))
+    generate_started = time.perf_counter()
     for index in range(len(prompts)):
         for variant in VARIANTS:
             pieces: list[str] = []
@@ -193,8 +219,10 @@ def evaluate_models(
             generated[variant] += stats.new_tokens
         log.info("evaluate: generated for %d/%d held-out prompts", index + 1, len(prompts))
         progress.update("evaluate", "generating, prompt", index + 1, len(prompts))
+    phases["generate"] = round(time.perf_counter() - generate_started, 2)
 
     decode_tokens = dict.fromkeys(VARIANTS, 0)
+    speed_started = time.perf_counter()
     decode_seconds = dict.fromkeys(VARIANTS, 0.0)
     for index in range(min(settings.speed_samples, len(prompts))):
         progress.update(
@@ -212,6 +240,7 @@ def evaluate_models(
             )
             decode_tokens[variant] += stats.new_tokens - 1
             decode_seconds[variant] += stats.seconds - stats.time_to_first_token_s
+    phases["decode_speed"] = round(time.perf_counter() - speed_started, 2)
 
     references = [pair["response"] for pair in prompts]
     return [
@@ -288,11 +317,13 @@ def measure(
     from olivepress.tasks.optimize import build_base_model
 
     started = time.perf_counter()
+    phase_seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="base-model-", dir=scratch_root) as scratch:
         progress.update("evaluate", "building the base model")
-        build_base_model(
-            model_dir, Path(scratch), config.device, config.optimize.cuda_graph, config.trust_remote_code
-        )
+        with timed(phase_seconds, "build_base"):
+            build_base_model(
+                model_dir, Path(scratch), config.device, config.optimize.cuda_graph, config.trust_remote_code
+            )
         metrics = evaluate_models(
             Path(scratch),
             onnx_dir,
@@ -301,12 +332,14 @@ def measure(
             config.evaluate,
             config.text_template,
             config.device,
+            phase_seconds,
         )
     record = {
         "metrics": [asdict(m) for m in metrics],
         "held_out_pairs": len(held_out),
         "generation_prompts": min(len(held_out), config.evaluate.generation_samples),
         "seconds": time.perf_counter() - started,
+        "phase_seconds": phase_seconds,
     }
     (out / METRICS_FILE).write_text(json.dumps(record, indent=1))
 
@@ -321,6 +354,7 @@ def read_evaluation(folder: Path, gate: GateSettings) -> Evaluation:
         held_out_pairs=record["held_out_pairs"],
         generation_prompts=record["generation_prompts"],
         seconds=record["seconds"],
+        phase_seconds=record.get("phase_seconds", {}),
     )
 
 

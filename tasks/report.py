@@ -115,6 +115,14 @@ def plot_comparison(evaluation: Evaluation, path: Path) -> None:
     plt.close(figure)
 
 
+def evaluate_phases(evaluation: Evaluation) -> str:
+    """Where evaluate's measurement spent its time, as a sentence under the steps table ("" if unrecorded)."""
+    if not evaluation.phase_seconds:
+        return ""
+    parts = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in evaluation.phase_seconds.items())
+    return f"\n\nEvaluate's measurement ({evaluation.seconds:.1f} s): {parts}."
+
+
 def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
     """The report page; ``image`` maps each plot's file name to what the page links (a path or data URI)."""
     config, evaluation = inputs.config, inputs.evaluation
@@ -150,7 +158,7 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
             f"- Split by prompt (seed {config.seed}): {inputs.train_pairs} training pairs, "
             f"{inputs.held_out_pairs} held out. ROUGE-L and decode speed come from greedy generations for "
             f"{evaluation.generation_prompts} of the held-out prompts.",
-            "## Steps\n\n" + markdown_table(step_rows),
+            "## Steps\n\n" + markdown_table(step_rows) + evaluate_phases(evaluation),
             "## Metrics on held-out data\n\n"
             + markdown_table(metrics_rows(evaluation))
             + "\n\nbase: the unquantized model in the same runtime; quantized: int4, adapter off; "

@@ -114,6 +114,7 @@ def test_a_record_stored_before_gpu_memory_was_measured_still_loads(tmp_path):
     evaluation = read_evaluation(tmp_path, GateSettings())
     assert [m.gpu_memory_mib for m in evaluation.metrics] == [None, None, None]
     assert evaluation.gate.passed
+    assert evaluation.phase_seconds == {}, "nor were its phases timed"
 
 
 def test_decode_speed_comes_from_generations_of_equal_length(monkeypatch, tmp_path):
@@ -139,7 +140,10 @@ def test_decode_speed_comes_from_generations_of_equal_length(monkeypatch, tmp_pa
     held_out = [{"prompt": "p" * n, "response": "word"} for n in (3, 5, 4)]
     settings = EvaluateSettings(generation_samples=3, speed_samples=2, max_new_tokens=21)
     (tmp_path / "a").write_bytes(b"adapter")
-    rows = evaluate_models(tmp_path, tmp_path, tmp_path / "a", held_out, settings)
+    phases = {}
+    rows = evaluate_models(tmp_path, tmp_path, tmp_path / "a", held_out, settings, phase_seconds=phases)
+    assert list(phases) == ["load", "loss", "generate", "decode_speed"], "on CPU: no GPU memory phase"
+    assert all(seconds >= 0 for seconds in phases.values())
 
     exact = [call for call in calls if call[2]]
     assert len(exact) == 2 * len(rows)  # speed_samples prompts for each variant

@@ -77,6 +77,14 @@ def test_every_sentence_of_the_report_ends():
     assert prose and [line for line in prose if not line.endswith(".")] == []
 
 
+def test_evaluates_phases_show_under_the_steps_when_recorded():
+    images = {"comparison.png": "c.png", "training_loss.png": "t.png"}
+    timed = dataclasses.replace(evaluation(True), phase_seconds={"build_base": 41.26, "load": 12.0})
+    page = render_markdown(inputs(evaluation=timed), images)
+    assert "\n\nEvaluate's measurement (60.0 s): build_base 41.3 s, load 12.0 s.\n" in page
+    assert "Evaluate's measurement" not in render_markdown(inputs(), images)
+
+
 def test_the_training_notes_end_too():
     memory = {"peak_allocated_mib": 9000.4, "peak_reserved_mib": 10240.0, "allocated_at_start_mib": 7.0}
     images = {"comparison.png": "c.png", "training_loss.png": "t.png"}
