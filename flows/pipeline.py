@@ -6,17 +6,22 @@ Each step is a Prefect task wrapping a plain function from ``olivepress.tasks``.
 (:class:`olivepress.steps.Step`) and publish it to the artifact store under a key made from that
 (:mod:`olivepress.store`): a re-run with the same inputs reuses them, a crashed run resumes from the last
 published step. The run folder, the store and the summary are :class:`olivepress.flows.runs.Run`'s. A model
-that fails the gate gets its report, and the run fails before register. A run with several datasets
+that fails the gate gets its report, and the run fails before register. On a GPU the base model evaluate
+compares against is built from the start in a child process (:mod:`olivepress.base_ahead`), beside quantize
+and finetune, instead of on evaluate's clock. A run with several datasets
 (``datasets``) goes its own way from the start: :mod:`olivepress.flows.datasets`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow
 
+from olivepress.base_ahead import BaseAhead
 from olivepress.config import RunConfig
 from olivepress.flows.datasets import link_adapters, run_datasets
 from olivepress.flows.runs import (
@@ -48,6 +53,20 @@ __all__ = [
 ]
 
 
+@contextmanager
+def base_built_early(config: RunConfig, model_dir: Path, scratch_root: Path) -> Iterator[BaseAhead | None]:
+    """The base model evaluate compares against, building in a child process (None when
+    ``build_base_early`` is off); the child stops and its folder goes when the block ends."""
+    early = config.build_base_early if config.build_base_early is not None else config.device == "gpu"
+    if not early:
+        yield None
+        return
+    with BaseAhead(
+        model_dir, scratch_root, config.device, config.optimize.cuda_graph, config.trust_remote_code
+    ) as base_ahead:
+        yield base_ahead
+
+
 @flow(name="olivepress", persist_result=False)
 def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
     """One run: every step's output lands in ``run_dir`` (default: a new folder under ``config.output``);
@@ -63,12 +82,15 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
         model = resolve_model(config)
         model_dir = model.path
 
-        quantized = run.step(quantize_task, model_dir=model_dir, examples=train)
-        adapter = run.step(finetune_task, checkpoint_dir=quantized, examples=train)
-        onnx = run.step(optimize_task, checkpoint_dir=quantized, adapter_dir=adapter)
-        # the adapter by its dataset's name too, as a run with several datasets names each one
-        link_adapters(run.dir / ADAPTERS_DIR, {config.dataset_name(): onnx.folder / ADAPTER_FILE})
-        measured = run.step(evaluate_task, model_dir=model_dir, onnx_dir=onnx, held_out=held_out)
+        with base_built_early(config, model_dir, run.store.scratch_root()) as base_ahead:
+            quantized = run.step(quantize_task, model_dir=model_dir, examples=train)
+            adapter = run.step(finetune_task, checkpoint_dir=quantized, examples=train)
+            onnx = run.step(optimize_task, checkpoint_dir=quantized, adapter_dir=adapter)
+            # the adapter by its dataset's name too, as a run with several datasets names each one
+            link_adapters(run.dir / ADAPTERS_DIR, {config.dataset_name(): onnx.folder / ADAPTER_FILE})
+            measured = run.step(
+                evaluate_task, model_dir=model_dir, onnx_dir=onnx, held_out=held_out, base_ahead=base_ahead
+            )
         evaluation = run.evaluation(measured)
 
         report_dir = run.report(evaluation, examples, train, held_out, adapter)

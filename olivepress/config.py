@@ -237,6 +237,14 @@ class RunConfig(Section):
         "per visible GPU (CUDA_VISIBLE_DEVICES, else all) with device gpu, each pinned to its GPU (more "
         "than the GPUs share them in turn), one with device cpu. Part of no cache key.",
     )
+    build_base_early: bool | None = Field(
+        None,
+        description="Build the base model evaluate compares against in a child process from the start of the "
+        "run (after validate), while quantize and finetune run, instead of inside evaluate: the builder "
+        "works on the CPU and the disk, so on a GPU run it overlaps with the GPU steps. Default: on with "
+        "device gpu, off with device cpu (there it would share the cores with training). The same model "
+        "either way: part of no cache key.",
+    )
     text_template: str | None = Field(
         None,
         description="Format of a training example, with {prompt} and {response}; default: the chat template.",

@@ -12,7 +12,9 @@ decode steps cost a fixed extra time, so a variant that stops early looked slowe
 H100, a 3.8 B fine-tuned model that stopped after 16 tokens measured 180 tokens/s against 255 steady).
 
 On a GPU each variant's device memory is measured too, before the three are loaded here: each alone in a
-fresh process (see :mod:`olivepress.gpu_memory` for why and for the method's limits).
+fresh process (see :mod:`olivepress.gpu_memory` for why and for the method's limits). The base model comes
+from :mod:`olivepress.base_ahead` when the flow built it early, else it is built here; ``phase_seconds`` in
+``metrics.json`` says where the step's time went.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
 
 if TYPE_CHECKING:
+    from olivepress.base_ahead import BaseAhead
     from olivepress.config import EvaluateSettings, GateSettings
 
 log = logging.getLogger(__name__)
@@ -309,10 +312,11 @@ def measure(
     out: Path,
     scratch_root: Path,
     adapter_file: Path | None = None,
+    base_ahead: BaseAhead | None = None,
 ) -> None:
-    """Build the base model in scratch space (it is ~3× the int4 model: measured, not kept), measure the
-    three variants, and write ``metrics.json`` into ``out``. The fine-tuned variant runs ``adapter_file``,
-    by default the export's own adapter."""
+    """Build the base model in scratch space (it is ~3× the int4 model: measured, not kept), or take the one
+    ``base_ahead`` built while the earlier steps ran, measure the three variants, and write ``metrics.json``
+    into ``out``. The fine-tuned variant runs ``adapter_file``, by default the export's own adapter."""
     from olivepress.genai import ADAPTER_FILE
     from olivepress.tasks.optimize import build_base_model
 
@@ -320,12 +324,15 @@ def measure(
     phase_seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="base-model-", dir=scratch_root) as scratch:
         progress.update("evaluate", "building the base model")
-        with timed(phase_seconds, "build_base"):
-            build_base_model(
-                model_dir, Path(scratch), config.device, config.optimize.cuda_graph, config.trust_remote_code
-            )
+        with timed(phase_seconds, "build_base"):  # with a build ahead: the wait for it
+            base_dir = base_ahead.take() if base_ahead is not None else None
+            if base_dir is None:
+                base_dir = Path(scratch)
+                build_base_model(
+                    model_dir, base_dir, config.device, config.optimize.cuda_graph, config.trust_remote_code
+                )
         metrics = evaluate_models(
-            Path(scratch),
+            base_dir,
             onnx_dir,
             adapter_file or onnx_dir / ADAPTER_FILE,
             held_out,
@@ -364,6 +371,7 @@ STEP = Step(
     inputs=("model_dir", "onnx_dir", "held_out"),
     # optimize, trust_remote_code: the base model is built alike
     settings=("evaluate", "optimize", "device", "text_template", "trust_remote_code"),
+    context=("base_ahead",),  # the base model built ahead (or None): the same model, sooner
 )
 
 
@@ -375,12 +383,15 @@ def evaluate_task(
     model_dir: Path,
     onnx_dir: Path,
     held_out: list[dict],
+    base_ahead: BaseAhead | None = None,
 ) -> Manifest:
     """The held-out measurements for ``key``; the gate thresholds are not part of it (see read_evaluation)."""
     return store.produce(
         "evaluate",
         key,
-        lambda out: measure(settings, model_dir, onnx_dir, held_out, out, store.scratch_root()),
+        lambda out: measure(
+            settings, model_dir, onnx_dir, held_out, out, store.scratch_root(), base_ahead=base_ahead
+        ),
     )
 
 

@@ -1,6 +1,7 @@
 """End-to-end flow runs on a real (ephemeral) Prefect API."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -64,10 +65,13 @@ def read_flow_run_artifacts(flow_run_id: str) -> dict[str, object]:
 
 
 @pytest.mark.slow
-def test_tiny_model_end_to_end(tmp_path, tiny_model_dir):
-    config = tiny_config(tmp_path, tiny_model_dir)
+def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
+    # the base model built early, in a child process beside quantize and finetune (default: on GPU runs only)
+    config = tiny_config(tmp_path, tiny_model_dir, build_base_early=True)
     run_dir = new_run_dir(config)
-    result = olivepress_flow(config, run_dir)
+    with caplog.at_level(logging.INFO, logger="olivepress.base_ahead"):
+        result = olivepress_flow(config, run_dir)
+    assert "building the base model ahead" in caplog.text and "failed" not in caplog.text
 
     onnx_dir = run_dir / "onnx"
     assert result["onnx"] == str(onnx_dir)
@@ -102,6 +106,7 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir):
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert [m["variant"] for m in evaluation["metrics"]] == ["base", "quantized", "fine-tuned"]
     assert evaluation["gate"]["passed"] is True
+    assert list(evaluation["phase_seconds"]) == ["build_base", "load", "loss", "generate", "decode_speed"]
     assert {c["name"] for c in evaluation["gate"]["checks"]} == {"perplexity_ratio", "speedup", "size_ratio"}
     report = (run_dir / "report" / "report.md").read_text()
     assert "gate passed" in report

@@ -50,7 +50,9 @@ def test_same_inputs_reuse_every_step_and_an_edited_line_invalidates_all(tmp_pat
     config = tiny_config(tmp_path, tiny_model_dir, data=data)
 
     first = olivepress_flow(config)
-    again = olivepress_flow(config)
+    # building the base early changes no key: a child starts, nothing takes its model, and it is stopped
+    again = olivepress_flow(config.model_copy(update={"build_base_early": True}))
+    assert list((tmp_path / "cache" / "staging").iterdir()) == [], "the early base's folder is gone"
     assert statuses(Path(again["run_dir"])) == {
         **dict.fromkeys(COMPUTED_STEPS, "reused"),
         "report": "completed",

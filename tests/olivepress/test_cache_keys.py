@@ -102,6 +102,7 @@ INVALIDATION = {
     "olivepress.config": [],
     "olivepress.flows.pipeline": [],
     "olivepress.tasks.finetune_worker": [],  # runs finetune's code in a child process, computes nothing
+    "olivepress.base_ahead": [],  # runs build_base_model (optimize's code) in a child process, ahead
 }
 
 
@@ -177,6 +178,7 @@ SETTINGS = {
     "registry.name": ("travel", []),
     "output": ("elsewhere", []),
     "trainings_at_once": (2, []),
+    "build_base_early": (True, []),
 }
 
 
