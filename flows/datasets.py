@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from olivepress.base_ahead import BaseAhead, built_early
 from olivepress.errors import UserError
 from olivepress.files import link_into
 from olivepress.flows.runs import Run, current_flow_run_id
@@ -157,15 +158,15 @@ def run_datasets(run: Run, model: ResolvedModel) -> dict:
         raise DatasetsFailed(failures_text(branches, "no dataset AWQ calibrates on passed validation"))
     run.share_data([b.name for b in calibrated])
     pool = calibration_pool([b.train for b in calibrated], config.quantize.calibration_samples, config.seed)
-    quantized = run.step(quantize_task, model_dir=model.path, examples=pool)
-
-    train_adapters(run, [b for b in branches if not b.failure], quantized)
-    trained = [b for b in branches if not b.failure]
-    if not trained:
-        raise DatasetsFailed(failures_text(branches, "no adapter was trained"))
-    onnx = export_adapters(run, trained, quantized)
-    for branch in trained:
-        evaluate_adapter(run, branch, model, onnx)
+    with built_early(config, model.path, run.store.scratch_root()) as base_ahead:  # one for every dataset
+        quantized = run.step(quantize_task, model_dir=model.path, examples=pool)
+        train_adapters(run, [b for b in branches if not b.failure], quantized)
+        trained = [b for b in branches if not b.failure]
+        if not trained:
+            raise DatasetsFailed(failures_text(branches, "no adapter was trained"))
+        onnx = export_adapters(run, trained, quantized)
+        for branch in trained:
+            evaluate_adapter(run, branch, model, onnx, base_ahead)
 
     passed = [b for b in branches if not b.failure]
     report_dir = run.report_adapters([b.outcome() for b in branches])
@@ -227,7 +228,9 @@ def export_adapters(run: Run, trained: list[Branch], quantized: StepOutput) -> S
     return first.exported
 
 
-def evaluate_adapter(run: Run, branch: Branch, model: ResolvedModel, onnx: StepOutput) -> None:
+def evaluate_adapter(
+    run: Run, branch: Branch, model: ResolvedModel, onnx: StepOutput, base_ahead: BaseAhead | None
+) -> None:
     """The branch's adapter measured on its own held-out pairs and gated; a failed gate fails the branch."""
     if branch.failure:
         return
@@ -239,6 +242,7 @@ def evaluate_adapter(run: Run, branch: Branch, model: ResolvedModel, onnx: StepO
             onnx_dir=onnx,
             adapter_dir=branch.exported,
             held_out=branch.held_out,
+            base_ahead=base_ahead,
         )
         branch.evaluation = run.evaluation(measured, dataset=branch.name)
     if branch.evaluation and not branch.evaluation.gate.passed:

@@ -14,14 +14,12 @@ and finetune, instead of on evaluate's clock. A run with several datasets
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow
 
-from olivepress.base_ahead import BaseAhead
+from olivepress.base_ahead import built_early
 from olivepress.config import RunConfig
 from olivepress.flows.datasets import link_adapters, run_datasets
 from olivepress.flows.runs import (
@@ -53,20 +51,6 @@ __all__ = [
 ]
 
 
-@contextmanager
-def base_built_early(config: RunConfig, model_dir: Path, scratch_root: Path) -> Iterator[BaseAhead | None]:
-    """The base model evaluate compares against, building in a child process (None when
-    ``build_base_early`` is off); the child stops and its folder goes when the block ends."""
-    early = config.build_base_early if config.build_base_early is not None else config.device == "gpu"
-    if not early:
-        yield None
-        return
-    with BaseAhead(
-        model_dir, scratch_root, config.device, config.optimize.cuda_graph, config.trust_remote_code
-    ) as base_ahead:
-        yield base_ahead
-
-
 @flow(name="olivepress", persist_result=False)
 def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
     """One run: every step's output lands in ``run_dir`` (default: a new folder under ``config.output``);
@@ -82,7 +66,7 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
         model = resolve_model(config)
         model_dir = model.path
 
-        with base_built_early(config, model_dir, run.store.scratch_root()) as base_ahead:
+        with built_early(config, model_dir, run.store.scratch_root()) as base_ahead:
             quantized = run.step(quantize_task, model_dir=model_dir, examples=train)
             adapter = run.step(finetune_task, checkpoint_dir=quantized, examples=train)
             onnx = run.step(optimize_task, checkpoint_dir=quantized, adapter_dir=adapter)

@@ -15,8 +15,11 @@ validate: bad data still stops the run first), the build overlaps with the GPU s
 * **A failed build is not the run's failure**: :meth:`take` logs why and returns None, and evaluate builds
   the base itself, where a failure comes with the step's retries and error.
 
-Default: on with ``device: gpu``; off on CPU, where the build would share the cores with the training
-(``build_base_early`` in the config).
+* **One build for every evaluation of the run**: with several datasets each adapter's evaluation takes the
+  same folder (it is only read), where each used to build its own.
+
+Default (``build_base_early`` in the config): on with ``device: gpu``, and with several datasets; off for one
+dataset on CPU, where the build would share the cores with the training and save nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from olivepress.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,23 @@ class BaseAhead:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+@contextmanager
+def built_early(config: RunConfig, model_dir: Path, scratch_root: Path) -> Iterator[BaseAhead | None]:
+    """The base model evaluate compares against, building in a child process (None where
+    ``build_base_early`` is off, see the module docstring); the child stops and its folder goes when the
+    block ends."""
+    early = config.build_base_early
+    if early is None:
+        early = config.device == "gpu" or config.datasets is not None
+    if not early:
+        yield None
+        return
+    with BaseAhead(
+        model_dir, scratch_root, config.device, config.optimize.cuda_graph, config.trust_remote_code
+    ) as base_ahead:
+        yield base_ahead
 
 
 def main() -> None:

@@ -241,9 +241,10 @@ class RunConfig(Section):
         None,
         description="Build the base model evaluate compares against in a child process from the start of the "
         "run (after validate), while quantize and finetune run, instead of inside evaluate: the builder "
-        "works on the CPU and the disk, so on a GPU run it overlaps with the GPU steps. Default: on with "
-        "device gpu, off with device cpu (there it would share the cores with training). The same model "
-        "either way: part of no cache key.",
+        "works on the CPU and the disk, so on a GPU run it overlaps with the GPU steps, and with several "
+        "datasets every adapter's evaluation shares the one build. Default: on with device gpu or several "
+        "datasets, off for one dataset on cpu (there it would share the cores with training and save "
+        "nothing). The same model either way: part of no cache key.",
     )
     text_template: str | None = Field(
         None,

@@ -400,6 +400,7 @@ ADAPTER_STEP = Step(
     __name__,
     inputs=("model_dir", "onnx_dir", "adapter_dir", "held_out"),
     settings=STEP.settings,
+    context=STEP.context,
 )
 
 
@@ -412,6 +413,7 @@ def evaluate_adapter_task(
     onnx_dir: Path,
     adapter_dir: Path,
     held_out: list[dict],
+    base_ahead: BaseAhead | None = None,
 ) -> Manifest:
     """One dataset's adapter (``adapter_dir``'s .onnx_adapter: the export's own, or one written for it by
     export_adapter) measured on that dataset's held-out pairs, in a run with several datasets."""
@@ -421,6 +423,13 @@ def evaluate_adapter_task(
         "evaluate_adapter",
         key,
         lambda out: measure(
-            settings, model_dir, onnx_dir, held_out, out, store.scratch_root(), adapter_dir / ADAPTER_FILE
+            settings,
+            model_dir,
+            onnx_dir,
+            held_out,
+            out,
+            store.scratch_root(),
+            adapter_dir / ADAPTER_FILE,
+            base_ahead,
         ),
     )

@@ -1,6 +1,7 @@
 """A run with several datasets: one int4 base, an adapter per dataset, failures per branch, reuse by content."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -111,16 +112,19 @@ def statuses(run_dir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, travel_jsonl):
+def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, travel_jsonl, caplog):
     """Two datasets give one base and two adapters (trained at once) that load together and differ; adding a
     third (and a bad one) later reuses the base and both adapters, registers the three good ones and fails
-    naming the bad."""
+    naming the bad. Both evaluations compare against one base model, built early."""
     cooking = write_pairs(tmp_path / "cooking.jsonl", "cooking")
     settings = {"finetune.learning_rate": 0.01, "evaluate.speed_samples": 1}
     two = {"travel": travel_jsonl, "cooking": cooking}
     config = tiny_config(tmp_path, tiny_model_dir, datasets=two, trainings_at_once=2, **settings)
     run_dir = new_run_dir(config)
-    result = olivepress_flow(config, run_dir)
+    with caplog.at_level(logging.INFO, logger="olivepress.base_ahead"):
+        result = olivepress_flow(config, run_dir)
+    assert caplog.text.count("building the base model ahead") == 1 and "failed" not in caplog.text
+    assert list((tmp_path / "cache" / "staging").iterdir()) == []
     trainings = [read_record(run_dir / "datasets" / name / "training.json") for name in two]
     assert most_at_once(trainings) == 2, "the two adapters trained at once, each in its own process"
 
