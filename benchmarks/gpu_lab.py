@@ -580,6 +580,10 @@ def print_tables(results: dict) -> None:
                     f"{variant:<12} {row['decode_tokens_per_s']:>8.1f} {row['time_to_first_token_s']:>8.3f}"
                     f" {gpu:>8} {rss:>8}"
                 )
+        if phases := model.get("evaluate_phase_seconds"):
+            print(
+                "evaluate phases: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
+            )
         memory = model.get("training_memory") or {}
         if memory.get("peak_allocated_mib") is not None:
             print(f"training peak (torch): {memory['peak_allocated_mib']:.0f} MiB allocated")
