@@ -14,12 +14,12 @@ validate: bad data still stops the run first), the build overlaps with the GPU s
   still running and deletes the folder (scratch space: the base is ~3× the int4 model, measured, not kept).
 * **A failed build is not the run's failure**: :meth:`take` logs why and returns None, and evaluate builds
   the base itself, where a failure comes with the step's retries and error.
-
 * **One build for every evaluation of the run**: with several datasets each adapter's evaluation takes the
   same folder (it is only read), where each used to build its own.
 
 Default (``build_base_early`` in the config): on with ``device: gpu``, and with several datasets; off for one
-dataset on CPU, where the build would share the cores with the training and save nothing.
+dataset on CPU, where the build shares the cores with the training: the quickstart on 2 cores took 354.6 s
+without and 350.6 s with it, its base build being 1.8 s.
 """
 
 from __future__ import annotations
@@ -68,16 +68,18 @@ class BaseAhead:
         log.info("building the base model ahead (process %d) into %s", self.child.pid, self.model_dir)
 
     def take(self) -> Path | None:
-        """The built base model's folder, once the child is done; None if the build failed (logged)."""
+        """The built base model's folder, once the child is done; None if the build failed (logged once)."""
+        already_done = self.child.returncode is not None
         returncode = self.child.wait()
         if returncode == 0 and (self.folder / BUILT_MARKER).is_file():
             return self.model_dir
-        tail = (self.folder / LOG_FILE).read_text(errors="replace")[-2000:]
-        log.warning(
-            "the base model built ahead failed (exit code %d); evaluate builds it itself. Its output:\n%s",
-            returncode,
-            tail,
-        )
+        if not already_done:
+            tail = (self.folder / LOG_FILE).read_text(errors="replace")[-2000:]
+            log.warning(
+                "the base model built ahead failed (exit code %d); evaluate builds it itself. Its output:\n%s",
+                returncode,
+                tail,
+            )
         return None
 
     def close(self) -> None:

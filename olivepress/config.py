@@ -243,8 +243,8 @@ class RunConfig(Section):
         "run (after validate), while quantize and finetune run, instead of inside evaluate: the builder "
         "works on the CPU and the disk, so on a GPU run it overlaps with the GPU steps, and with several "
         "datasets every adapter's evaluation shares the one build. Default: on with device gpu or several "
-        "datasets, off for one dataset on cpu (there it would share the cores with training and save "
-        "nothing). The same model either way: part of no cache key.",
+        "datasets, off for one dataset on cpu (there it shares the cores with training and saves little). "
+        "The same model either way: part of no cache key.",
     )
     text_template: str | None = Field(
         None,

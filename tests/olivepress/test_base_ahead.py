@@ -29,7 +29,9 @@ def test_a_failed_build_is_logged_and_left_to_evaluate(tmp_path, caplog):
         caplog.at_level(logging.WARNING, logger="olivepress.base_ahead"),
     ):
         assert ahead.take() is None
+        assert ahead.take() is None  # a second evaluation (several datasets) asks again: logged once
     message = caplog.text
+    assert message.count("the base model built ahead failed") == 1
     assert "the base model built ahead failed" in message and "evaluate builds it itself" in message
     assert "the ONNX Runtime GenAI model builder failed" in message, "the child's own error is in the log"
     assert not (tmp_path / "staging").exists() or list((tmp_path / "staging").iterdir()) == []
