@@ -101,7 +101,10 @@ class Evaluation:
     held_out_pairs: int
     generation_prompts: int
     seconds: float
-    # seconds of each part of the measurement (see PHASES); empty in records measured before it was recorded
+    # seconds of each part of the measurement, in order: build_base (or the wait for the base built early),
+    # gpu_memory (GPU runs), load (with each variant's warm-up generation), loss, generate, decode_speed.
+    # Evaluate's two minutes at 3.8 B on a GPU are theirs, and each calls for a different remedy. Empty in
+    # records measured before it was recorded.
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,11 +143,6 @@ def rouge_l(references: list[str], predictions: list[str]) -> float:
     return statistics.fmean(scores) if scores else 0.0
 
 
-# The parts of a measurement, in order, as phase_seconds names them: evaluate's time at 3.8 B on a GPU
-# (two minutes) is theirs, and each calls for a different remedy.
-PHASES = ("build_base", "gpu_memory", "load", "loss", "generate", "decode_speed")
-
-
 @contextmanager
 def timed(phase_seconds: dict[str, float], phase: str) -> Iterator[None]:
     started = time.perf_counter()
@@ -165,7 +163,7 @@ def evaluate_models(
     phase_seconds: dict[str, float] | None = None,
 ) -> list[VariantMetrics]:
     """Measure the three variants on ``held_out``; see the module docstring. ``phase_seconds`` receives the
-    seconds of each phase after build_base (PHASES)."""
+    seconds of each phase after build_base (see Evaluation.phase_seconds)."""
     from olivepress.genai import open_model, prompt_token_ids, response_loss, stream_generate
 
     phases = {} if phase_seconds is None else phase_seconds
@@ -182,25 +180,24 @@ def evaluate_models(
                 )
     models, peak_memory, prompt_ids, max_length = {}, {}, {}, {}
     can_measure_memory = peak_rss_reset()
-    load_started = time.perf_counter()
-    for variant, (model_dir, adapter) in sources.items():
-        gc.collect()
-        before = rss_mib("VmRSS") if can_measure_memory else 0.0
-        peak_rss_reset()
-        progress.update("evaluate", f"loading {variant}")
-        models[variant] = open_model(model_dir, adapter)
-        prompt_ids[variant] = [
-            prompt_token_ids(models[variant], pair["prompt"], text_template) for pair in prompts
-        ]
-        # one generator length for every prompt of the variant: with CUDA graphs the warm-up's capture is
-        # then replayed by every later generation rather than each one capturing its own (see stream_generate)
-        max_length[variant] = max(map(len, prompt_ids[variant])) + settings.max_new_tokens
-        warm_up = prompt_ids[variant][0]
-        stream_generate(
-            models[variant], warm_up, settings.max_new_tokens, lambda _text: None, max_length[variant]
-        )
-        peak_memory[variant] = rss_mib("VmHWM") - before if can_measure_memory else None
-    phases["load"] = round(time.perf_counter() - load_started, 2)  # with each variant's warm-up generation
+    with timed(phases, "load"):
+        for variant, (model_dir, adapter) in sources.items():
+            gc.collect()
+            before = rss_mib("VmRSS") if can_measure_memory else 0.0
+            peak_rss_reset()
+            progress.update("evaluate", f"loading {variant}")
+            models[variant] = open_model(model_dir, adapter)
+            prompt_ids[variant] = [
+                prompt_token_ids(models[variant], pair["prompt"], text_template) for pair in prompts
+            ]
+            # one generator length for every prompt of the variant: with CUDA graphs the warm-up's capture is
+            # then replayed by every later generation rather than each one capturing its own (see stream_generate)
+            max_length[variant] = max(map(len, prompt_ids[variant])) + settings.max_new_tokens
+            warm_up = prompt_ids[variant][0]
+            stream_generate(
+                models[variant], warm_up, settings.max_new_tokens, lambda _text: None, max_length[variant]
+            )
+            peak_memory[variant] = rss_mib("VmHWM") - before if can_measure_memory else None
 
     with timed(phases, "loss"):
         losses = {variant: response_loss(models[variant], held_out, text_template) for variant in VARIANTS}
@@ -209,41 +206,39 @@ def evaluate_models(
     first_token = {variant: [] for variant in VARIANTS}
     generated = dict.fromkeys(VARIANTS, 0)
     progress.update("evaluate", "generating, prompt", 0, len(prompts))
-    generate_started = time.perf_counter()
-    for index in range(len(prompts)):
-        for variant in VARIANTS:
-            pieces: list[str] = []
-            ids = prompt_ids[variant][index]
-            stats = stream_generate(
-                models[variant], ids, settings.max_new_tokens, pieces.append, max_length[variant]
-            )
-            outputs[variant].append("".join(pieces).strip())
-            first_token[variant].append(stats.time_to_first_token_s)
-            generated[variant] += stats.new_tokens
-        log.info("evaluate: generated for %d/%d held-out prompts", index + 1, len(prompts))
-        progress.update("evaluate", "generating, prompt", index + 1, len(prompts))
-    phases["generate"] = round(time.perf_counter() - generate_started, 2)
+    with timed(phases, "generate"):
+        for index in range(len(prompts)):
+            for variant in VARIANTS:
+                pieces: list[str] = []
+                ids = prompt_ids[variant][index]
+                stats = stream_generate(
+                    models[variant], ids, settings.max_new_tokens, pieces.append, max_length[variant]
+                )
+                outputs[variant].append("".join(pieces).strip())
+                first_token[variant].append(stats.time_to_first_token_s)
+                generated[variant] += stats.new_tokens
+            log.info("evaluate: generated for %d/%d held-out prompts", index + 1, len(prompts))
+            progress.update("evaluate", "generating, prompt", index + 1, len(prompts))
 
     decode_tokens = dict.fromkeys(VARIANTS, 0)
-    speed_started = time.perf_counter()
-    decode_seconds = dict.fromkeys(VARIANTS, 0.0)
-    for index in range(min(settings.speed_samples, len(prompts))):
-        progress.update(
-            "evaluate", "decode speed, prompt", index + 1, min(settings.speed_samples, len(prompts))
-        )
-        for variant in VARIANTS:
-            ids = prompt_ids[variant][index]
-            stats = stream_generate(
-                models[variant],
-                ids,
-                settings.max_new_tokens,
-                lambda _text: None,
-                max_length[variant],
-                exact=True,
+    with timed(phases, "decode_speed"):
+        decode_seconds = dict.fromkeys(VARIANTS, 0.0)
+        for index in range(min(settings.speed_samples, len(prompts))):
+            progress.update(
+                "evaluate", "decode speed, prompt", index + 1, min(settings.speed_samples, len(prompts))
             )
-            decode_tokens[variant] += stats.new_tokens - 1
-            decode_seconds[variant] += stats.seconds - stats.time_to_first_token_s
-    phases["decode_speed"] = round(time.perf_counter() - speed_started, 2)
+            for variant in VARIANTS:
+                ids = prompt_ids[variant][index]
+                stats = stream_generate(
+                    models[variant],
+                    ids,
+                    settings.max_new_tokens,
+                    lambda _text: None,
+                    max_length[variant],
+                    exact=True,
+                )
+                decode_tokens[variant] += stats.new_tokens - 1
+                decode_seconds[variant] += stats.seconds - stats.time_to_first_token_s
 
     references = [pair["response"] for pair in prompts]
     return [
