@@ -58,21 +58,21 @@ class BaseAhead:
     ) -> None:
         scratch_root.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix="base-ahead-", dir=scratch_root))
-        self.model_dir = self.folder / "model"
-        command = [sys.executable, "-m", __name__, str(model_dir), str(self.model_dir), device]
+        self.base_dir = self.folder / "model"
+        command = [sys.executable, "-m", __name__, str(model_dir), str(self.base_dir), device]
         command += ["--done-file", str(self.folder / BUILT_MARKER)]
         command += ["--cuda-graph"] if cuda_graph else []
         command += ["--trust-remote-code"] if trust_remote_code else []
         with (self.folder / LOG_FILE).open("wb") as output:
             self.child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-        log.info("building the base model ahead (process %d) into %s", self.child.pid, self.model_dir)
+        log.info("building the base model ahead (process %d) into %s", self.child.pid, self.base_dir)
 
     def take(self) -> Path | None:
         """The built base model's folder, once the child is done; None if the build failed (logged once)."""
         already_done = self.child.returncode is not None
         returncode = self.child.wait()
         if returncode == 0 and (self.folder / BUILT_MARKER).is_file():
-            return self.model_dir
+            return self.base_dir
         if not already_done:
             tail = (self.folder / LOG_FILE).read_text(errors="replace")[-2000:]
             log.warning(

@@ -221,8 +221,8 @@ def evaluate_models(
             progress.update("evaluate", "generating, prompt", index + 1, len(prompts))
 
     decode_tokens = dict.fromkeys(VARIANTS, 0)
+    decode_seconds = dict.fromkeys(VARIANTS, 0.0)
     with timed(phases, "decode_speed"):
-        decode_seconds = dict.fromkeys(VARIANTS, 0.0)
         for index in range(min(settings.speed_samples, len(prompts))):
             progress.update(
                 "evaluate", "decode speed, prompt", index + 1, min(settings.speed_samples, len(prompts))
