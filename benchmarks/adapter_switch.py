@@ -77,7 +77,7 @@ def main() -> None:
         checkpoint = write_rtn_checkpoint(default_model_dir(), work / "int4")
         first = random_adapter(checkpoint, work / "adapter-0", modules, seed=0)
         model_dir = export_onnx(
-            checkpoint, first, work / "onnx", device=args.device, cuda_graph=gpu
+            checkpoint, first, work / "onnx", target="cuda" if gpu else "cpu", cuda_graph=gpu
         ).model_dir
         files = {"adapter-0": model_dir / ADAPTER_FILE}
         for index in range(1, args.adapters):

@@ -76,6 +76,11 @@ ORT_SWITCHES = {
 }
 
 
+def target_of(device: str) -> str:
+    """The runtime a device's own export is built for: cuda on gpu, cpu on cpu."""
+    return "cuda" if device == "gpu" else "cpu"
+
+
 def in_child(function, *args, environment: dict[str, str] | None = None):
     """``function(*args)`` in a fresh process: its own CUDA context and allocators, and a crash there
     (a CUDA error, a segfault) becomes an exception here. ``environment`` is added to the child's."""
@@ -432,12 +437,14 @@ def decode_benchmark(
     base_dir = work / "base-onnx"
     if not (base_dir / "genai_config.json").is_file():
         shutil.rmtree(base_dir, ignore_errors=True)
-        build_base_model(model_dir, base_dir, args.device, cuda_graph=args.device == "gpu")
+        build_base_model(model_dir, base_dir, target_of(args.device), cuda_graph=args.device == "gpu")
     # the same int4 model exported without an adapter: what the empty LoRA branches cost with none active
     plain_dir = work / "int4-no-branches"
     if not (plain_dir / "genai_config.json").is_file():
         shutil.rmtree(plain_dir, ignore_errors=True)
-        export_onnx(checkpoint_dir, None, plain_dir, device=args.device, cuda_graph=args.device == "gpu")
+        export_onnx(
+            checkpoint_dir, None, plain_dir, target=target_of(args.device), cuda_graph=args.device == "gpu"
+        )
     adapter = onnx_dir / ADAPTER_FILE
     # int4+adapter opens the merged graph (what evaluate and chat use); the run-time form is og.Adapters
     plain = {
@@ -452,7 +459,7 @@ def decode_benchmark(
         if not (stock_dir / "genai_config.json").is_file():
             shutil.rmtree(stock_dir, ignore_errors=True)
             export_onnx(
-                checkpoint_dir, adapter_dir, stock_dir, device="gpu", cuda_graph=True, lora_kernel="off"
+                checkpoint_dir, adapter_dir, stock_dir, target="cuda", cuda_graph=True, lora_kernel="off"
             )
         plain["int4 [stock branches]"] = (stock_dir, None)
         plain["int4+adapter [stock branches]"] = (stock_dir, stock_dir / ADAPTER_FILE)

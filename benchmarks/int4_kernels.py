@@ -72,8 +72,9 @@ def exports(model_dir: Path, work: Path, group_size: int, device: str) -> dict[s
     modules = LORA_TARGETS[AutoConfig.from_pretrained(model_dir).model_type]
     adapter = random_adapter(checkpoint, folder / "adapter", modules)
     graphs = device == "gpu"
-    plain = export_onnx(checkpoint, None, folder / "plain", device=device, cuda_graph=graphs).model_dir
-    adapted = export_onnx(checkpoint, adapter, folder / "onnx", device=device, cuda_graph=graphs).model_dir
+    target = "cuda" if graphs else "cpu"
+    plain = export_onnx(checkpoint, None, folder / "plain", target=target, cuda_graph=graphs).model_dir
+    adapted = export_onnx(checkpoint, adapter, folder / "onnx", target=target, cuda_graph=graphs).model_dir
     return {"int4": (plain, None), "int4+adapter": (adapted, adapted / ADAPTER_FILE)}
 
 
@@ -116,7 +117,8 @@ def main() -> None:
     base_dir = work / "base-onnx"
     if not (base_dir / "genai_config.json").is_file():
         shutil.rmtree(base_dir, ignore_errors=True)
-        in_child(build_base_model, model_dir, base_dir, args.device, args.device == "gpu")
+        gpu = args.device == "gpu"
+        in_child(build_base_model, model_dir, base_dir, "cuda" if gpu else "cpu", gpu)
     rows = {"fp16 base" if args.device == "gpu" else "fp32 base": measure(base_dir, None, args, bandwidth)}
     kernels = KERNELS if args.device == "gpu" else {"default": None}
     for group_size in [int(size) for size in args.group_sizes.split(",")]:

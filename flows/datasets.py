@@ -1,20 +1,22 @@
-"""A run with several datasets: one int4 base, one LoRA adapter per dataset.
+"""A run's datasets × targets: what each dataset's branch went through, and the steps the flow calls on it.
 
-Each dataset is validated; AWQ quantizes the base once, calibrated on a sample drawn evenly from the
-datasets ``calibration_datasets`` names (default: all); a LoRA adapter is fine-tuned per dataset as a Prefect
-fan-out, each training in a child process of its own, as many at once as ``trainings_at_once`` says (by
-default one per visible GPU, each child pinned to its GPU; one at a time on cpu:
-:mod:`olivepress.tasks.finetune_worker` says why a process each); the base is exported with the first
-dataset's adapter (the optimize step), every further adapter as its own ``.onnx_adapter`` against that same
-graph (``export_adapter``); each adapter is evaluated on its own dataset's held-out pairs and gated on its own.
+A run is a list of datasets (``data`` is a list of one) and a list of targets. Each dataset is validated;
+AWQ quantizes the base once, calibrated on a sample drawn evenly from the datasets ``calibration_datasets``
+names (default: all); a LoRA adapter is fine-tuned per dataset (several as a Prefect fan-out, each in a
+child process of its own, as many at once as ``trainings_at_once`` says: :mod:`olivepress.tasks.finetune_worker`
+says why a process each). Then for each target the base is exported with the first dataset's adapter (the
+optimize step) and every further adapter as its own ``.onnx_adapter`` against that same graph
+(``export_adapter``); each adapter is evaluated on its own dataset's held-out pairs in the target's runtime
+and gated on its own, against the base's measurements (``evaluate_base``, one per dataset and target).
 
 Every step keeps its content key: a step of one dataset's branch keys on that dataset's data, the shared
-ones (quantize, the base's export) on the calibration datasets', so adding a dataset later (with
-``calibration_datasets`` naming the earlier ones) trains, exports and evaluates only the new one.
+ones (quantize, the base's export) on the calibration datasets', a target's on the target; so adding a
+dataset later (with ``calibration_datasets`` naming the earlier ones) trains, exports and evaluates only the
+new one, and adding a target builds and evaluates only that target.
 
-A dataset that fails (bad data, a failed training or export, its gate) fails its branch only: it is named
-in the report and the log, the adapters that passed are registered together with the base, and the flow run
-then fails with a message naming the failed datasets.
+A dataset or target that fails (bad data, a failed training or export, its gate) fails its branch only: it
+is named in the report and the log, what passed is registered, and the flow run then fails with a message
+naming what failed and why.
 """
 
 from __future__ import annotations
@@ -30,30 +32,48 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from olivepress.base_ahead import BaseAhead, built_early
 from olivepress.errors import UserError
 from olivepress.files import link_into
-from olivepress.flows.runs import Run, current_flow_run_id
+from olivepress.flows.runs import Run, current_flow_run_id, fuller_run_estimate, timed
 from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE
 from olivepress.registry import ADAPTER_SUFFIX, ADAPTERS_DIR
 from olivepress.steps import StepOutput
-from olivepress.tasks.evaluate import evaluate_adapter_task
-from olivepress.tasks.finetune import LOSS_FILE, finetune_task
+from olivepress.tasks.evaluate import (
+    GateFailed,
+    evaluate_base_task,
+    evaluate_task,
+    machine_name,
+)
+from olivepress.tasks.finetune import LOSS_FILE, finetune_task, read_training_memory
 from olivepress.tasks.finetune_worker import TRAINING_FILE, Trainings, training_slots
 from olivepress.tasks.optimize import export_adapter_task, optimize_task
-from olivepress.tasks.quantize import quantize_task
-from olivepress.tasks.report import AdapterOutcome
+from olivepress.tasks.report import AdapterOutcome, ReportInputs, TargetOutcome, report_task
 from olivepress.tasks.validate import InvalidData, read_examples, validate_task
 
 if TYPE_CHECKING:
+    from olivepress.base_ahead import BaseAhead
     from olivepress.model_source import ResolvedModel
+    from olivepress.registry import Registration
     from olivepress.tasks.evaluate import Evaluation
 
-BASE_ONLY = "base"  # the run folder's copy of the export without its adapter, when that adapter failed
+REGISTERED = "registered"  # the run folder's entry parts: model/<target>/ and adapters/<target>/
+REPORT = "report"
 
 
 class DatasetsFailed(UserError):
-    """Some datasets' branches failed; the others' adapters were registered (or none passed)."""
+    """Some datasets' or targets' branches failed; what passed was registered (or nothing passed)."""
+
+
+@dataclass
+class TargetResult:
+    """One dataset's adapter on one target."""
+
+    exported: StepOutput | None = (
+        None  # a folder holding its .onnx_adapter (the target's export for the first)
+    )
+    evaluation: Evaluation | None = None
+    failure: str | None = None
+    error: Exception | None = None  # the failure as raised: a run of one dataset and target raises it as is
 
 
 @dataclass
@@ -64,25 +84,46 @@ class Branch:
     source: str
     file: Path
     data_sha256: str
+    records: int = 0
+    warnings: int = 0
     train: list[dict] = field(default_factory=list)
     held_out: list[dict] = field(default_factory=list)
     adapter: StepOutput | None = None  # the PEFT adapter
-    exported: StepOutput | None = None  # a folder holding its .onnx_adapter (the base export for the first)
-    evaluation: Evaluation | None = None
-    failure: str | None = None
+    targets: dict[str, TargetResult] = field(default_factory=dict)
+    failure: str | None = None  # before any target: bad data, a failed training
+    error: Exception | None = None
+
+    def passed(self, target: str) -> bool:
+        result = self.targets.get(target)
+        return self.failure is None and result is not None and result.failure is None
 
     def outcome(self) -> AdapterOutcome:
-        history = self.adapter.folder / LOSS_FILE if self.adapter else None
         return AdapterOutcome(
             name=self.name,
             data=self.source,
             data_sha256=self.data_sha256,
+            n_records=self.records,
+            n_warnings=self.warnings,
             train_pairs=len(self.train),
             held_out_pairs=len(self.held_out),
-            loss_history=json.loads(history.read_text(encoding="utf-8")) if history else [],
-            evaluation=self.evaluation,
+            loss_history=json.loads((self.adapter.folder / LOSS_FILE).read_text()) if self.adapter else [],
+            training_memory=read_training_memory(self.adapter.folder) if self.adapter else None,
+            targets=[
+                TargetOutcome(target, result.evaluation, result.failure)
+                for target, result in self.targets.items()
+            ],
             failure=self.failure,
         )
+
+
+@contextmanager
+def failing(branch: Branch | TargetResult, what: str) -> Iterator[None]:
+    """An error in ``what`` fails ``branch`` (a dataset's, or one of its targets) alone; it is reported
+    with the others when the run ends."""
+    try:
+        yield
+    except Exception as error:
+        branch.failure, branch.error = f"{what} failed: {error}", error
 
 
 def calibration_pool(trains: list[list[dict]], samples: int, seed: int) -> list[dict]:
@@ -96,6 +137,37 @@ def calibration_pool(trains: list[list[dict]], samples: int, seed: int) -> list[
     for index in range(max(map(len, shuffled))):
         pool += [pairs[index] for pairs in shuffled if index < len(pairs)]
     return pool[:samples]
+
+
+def validated_branches(run: Run) -> list[Branch]:
+    """Every dataset fetched and validated, the good ones split; bad data fails its branch only."""
+    branches = []
+    for name, file in run.fetch_datasets().items():
+        source = str(run.config.dataset_sources()[name])
+        branch = Branch(name, source, file, run.data_hashes[name])
+        branches.append(branch)
+        with failing(branch, "validation"):
+            run.step(validate_task, dataset=name, data_file=file, run_dir=run.folder(name), data_name=source)
+            examples = read_examples(file)
+            validation = json.loads((run.folder(name) / "validation.json").read_text())
+            branch.records, branch.warnings = len(examples), len(validation["warnings"])
+            branch.train, branch.held_out = run.split(examples, name)
+        if isinstance(branch.error, InvalidData):
+            branch.failure = str(branch.error)
+    return branches
+
+
+def calibration_examples(run: Run, branches: list[Branch]) -> list[dict]:
+    """AWQ's calibration sample from the datasets it calibrates on; the shared steps' data hash is theirs.
+    No such dataset with good data stops the run here, before any compute."""
+    wanted = run.config.calibration_datasets or [b.name for b in branches]
+    calibrated = [b for b in branches if not b.failure and b.name in wanted]
+    if not calibrated:
+        raise_failures(branches, [], "no dataset AWQ calibrates on passed validation")
+    run.share_data([b.name for b in calibrated])
+    return calibration_pool(
+        [b.train for b in calibrated], run.config.quantize.calibration_samples, run.config.seed
+    )
 
 
 @task(name="adapter", cache_policy=NO_CACHE, task_run_name="adapter-{dataset}", tags=["olivepress"])
@@ -112,10 +184,18 @@ def train_adapter(
 
 
 def train_adapters(run: Run, branches: list[Branch], quantized: StepOutput) -> None:
-    """Fine-tune every branch's adapter, ``trainings_at_once`` at a time (default: one per visible GPU, one
-    on cpu), each in its own process; a training that fails fails its branch."""
+    """Fine-tune every branch's adapter: one dataset's here, several ``trainings_at_once`` at a time
+    (default: one per visible GPU, one on cpu), each in its own process; a training that fails fails its
+    branch."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    if len(branches) == 1 and not run.several_datasets:
+        [branch] = branches
+        with failing(branch, "fine-tuning"):
+            branch.adapter = run.step(
+                finetune_task, dataset=branch.name, checkpoint_dir=quantized, examples=branch.train
+            )
+        return
     trainings = Trainings(training_slots(run.config.device, run.config.trainings_at_once), run.log)
     with ThreadPoolTaskRunner(max_workers=trainings.at_once) as runner:
         futures = [
@@ -132,181 +212,242 @@ def train_adapters(run: Run, branches: list[Branch], quantized: StepOutput) -> N
             for b in branches
         ]
         for branch, future in zip(branches, futures, strict=True):
-            with failing_branch(branch, "fine-tuning"):
+            with failing(branch, "fine-tuning"):
                 branch.adapter = future.result()
 
 
-def validated_branch(run: Run, name: str, file: Path) -> Branch:
-    source = str(run.config.dataset_sources()[name])
-    branch = Branch(name, source, file, run.data_hashes[name])
+def export_target(run: Run, target: str, branches: list[Branch], quantized: StepOutput) -> StepOutput:
+    """The int4 model for ``target`` with the first branch's adapter, and each further adapter as its own
+    .onnx_adapter against that graph. A failed export of the model fails the target for every branch."""
+    first, *others = branches
+    first.targets[target] = TargetResult()
     try:
-        run.step(validate_task, dataset=name, data_file=file, run_dir=run.folder(name), data_name=source)
-    except InvalidData as error:
-        branch.failure = str(error)
-        return branch
-    branch.train, branch.held_out = run.split(read_examples(file), dataset=name)
-    return branch
-
-
-def run_datasets(run: Run, model: ResolvedModel) -> dict:
-    """The flow of a run with several datasets (see the module docstring); its result as the flow's."""
-    config = run.config
-    files = run.fetch_datasets()
-    branches = [validated_branch(run, name, file) for name, file in files.items()]
-    calibrated = [b for b in branches if not b.failure and b.name in (config.calibration_datasets or files)]
-    if not calibrated:
-        raise DatasetsFailed(failures_text(branches, "no dataset AWQ calibrates on passed validation"))
-    run.share_data([b.name for b in calibrated])
-    pool = calibration_pool([b.train for b in calibrated], config.quantize.calibration_samples, config.seed)
-    with built_early(config, model.path, run.store.scratch_root()) as base_ahead:  # one for every dataset
-        quantized = run.step(quantize_task, model_dir=model.path, examples=pool)
-        train_adapters(run, [b for b in branches if not b.failure], quantized)
-        trained = [b for b in branches if not b.failure]
-        if not trained:
-            raise DatasetsFailed(failures_text(branches, "no adapter was trained"))
-        onnx = export_adapters(run, trained, quantized)
-        for branch in trained:
-            evaluate_adapter(run, branch, model, onnx, base_ahead)
-
-    passed = [b for b in branches if not b.failure]
-    report_dir = run.report_adapters([b.outcome() for b in branches])
-    registration = None
-    if passed:
-        in_model = trained[0].name if trained[0].failure is None else None
-        parts = {
-            "model": registered_model(run, onnx.folder, keep_adapter=in_model is not None),
-            ADAPTERS_DIR: link_adapters(
-                run.dir / ADAPTERS_DIR, {b.name: b.exported.folder / ADAPTER_FILE for b in passed}
-            ),
-        }
-        lineage = adapters_lineage(run, branches, calibrated, in_model)
-        registration = run.register(model, report_dir, passed[0].evaluation, parts, lineage)
-        run.announce(registration, trained_pairs=sum(len(b.train) for b in passed))
-    if failed := [b for b in branches if b.failure]:
-        registered = (
-            f"registered {registration.name} version {registration.version} with "
-            f"{', '.join(b.name for b in passed)}"
-            if registration
-            else "nothing was registered"
-        )
-        raise DatasetsFailed(
-            failures_text(failed, f"{len(failed)} of {len(branches)} datasets failed; {registered}")
-        )
-    return {
-        "flow_run_id": current_flow_run_id(),
-        "run_dir": str(run.dir),
-        "onnx": str(run.link("optimize")),
-        "adapters": {b.name: str(run.dir / ADAPTERS_DIR / f"{b.name}{ADAPTER_SUFFIX}") for b in passed},
-        "report": str(report_dir / "report.md"),
-        "registration": asdict(registration),
-    }
-
-
-@contextmanager
-def failing_branch(branch: Branch, what: str) -> Iterator[None]:
-    """An error in ``what`` fails ``branch`` alone; it is reported with the others when the run ends."""
-    try:
-        yield
+        onnx = run.step(optimize_task, checkpoint_dir=quantized, adapter_dir=first.adapter, target=target)
     except Exception as error:
-        branch.failure = f"{what} failed: {error}"
-
-
-def export_adapters(run: Run, trained: list[Branch], quantized: StepOutput) -> StepOutput:
-    """The int4 base exported with the first branch's adapter, and each further adapter as its own
-    .onnx_adapter against that graph."""
-    first, *others = trained
-    first.exported = run.step(optimize_task, checkpoint_dir=quantized, adapter_dir=first.adapter)
+        for branch in branches:
+            branch.targets[target] = TargetResult(failure=f"the {target} export failed: {error}", error=error)
+        return None
+    first.targets[target].exported = onnx
     for branch in others:
-        with failing_branch(branch, "the adapter's export"):
-            branch.exported = run.step(
+        result = branch.targets[target] = TargetResult()
+        with failing(result, f"the adapter's {target} export"):
+            result.exported = run.step(
                 export_adapter_task,
                 dataset=branch.name,
                 checkpoint_dir=quantized,
                 adapter_dir=branch.adapter,
-                onnx_dir=first.exported,
+                onnx_dir=onnx,
             )
-    return first.exported
+    return onnx
 
 
-def evaluate_adapter(
-    run: Run, branch: Branch, model: ResolvedModel, onnx: StepOutput, base_ahead: BaseAhead | None
+def evaluate_target(
+    run: Run,
+    target: str,
+    branches: list[Branch],
+    model: ResolvedModel,
+    onnx: StepOutput,
+    base_ahead: BaseAhead | None,
 ) -> None:
-    """The branch's adapter measured on its own held-out pairs and gated; a failed gate fails the branch."""
-    if branch.failure:
-        return
-    with failing_branch(branch, "evaluation"):
-        measured = run.step(
-            evaluate_adapter_task,
-            dataset=branch.name,
-            model_dir=model.path,
-            onnx_dir=onnx,
-            adapter_dir=branch.exported,
-            held_out=branch.held_out,
-            base_ahead=base_ahead,
-        )
-        branch.evaluation = run.evaluation(measured, dataset=branch.name)
-    if branch.evaluation and not branch.evaluation.gate.passed:
-        branch.failure = "gate failed: " + "; ".join(
-            f"{c.name} {c.measured:.4g} (limit {c.limit:.4g})"
-            for c in branch.evaluation.gate.checks
-            if not c.passed
-        )
-
-
-def failures_text(branches: list[Branch], headline: str) -> str:
-    return headline + ":\n" + "\n".join(f"  {b.name}: {b.failure}" for b in branches if b.failure)
-
-
-def link_adapters(folder: Path, adapter_files: dict[str, Path]) -> Path:
-    """``folder/<name>.onnx_adapter`` → each stored adapter file: what chat's ``--adapter NAME`` finds
-    beside the run's onnx folder, and the entry's adapters part."""
-    folder.mkdir(exist_ok=True)
-    for name, file in adapter_files.items():
-        (folder / f"{name}{ADAPTER_SUFFIX}").symlink_to(file.resolve())
-    return folder
-
-
-def registered_model(run: Run, onnx: Path, *, keep_adapter: bool) -> Path:
-    """The entry's model folder: the export, or, when its own adapter (the first dataset's) failed, the
-    export without that adapter's files (links to the rest, in the run folder)."""
-    if keep_adapter:
-        return run.link("optimize")
-    folder = run.dir / BASE_ONLY
-    folder.mkdir()
-    for path in onnx.iterdir():
-        if path.name not in (ADAPTER_FILE, MERGED_MODEL_FILE):
-            link_into(folder, path)
-    return folder
-
-
-def adapters_lineage(
-    run: Run, branches: list[Branch], calibrated: list[Branch], in_model: str | None
-) -> dict[str, Any]:
-    """Per adapter: its file in the entry, its data, its measurements and gate; the failed datasets; every
-    dataset's file and hash, and which ones AWQ calibrated on (``data.sha256`` is their joint hash);
-    ``model_adapter``: the adapter whose files (and merged graph) the entry's model folder holds, if any."""
-    from olivepress.files import file_sha256
-
-    adapters, failed = {}, {}
+    """Each branch's adapter measured on its own held-out pairs in ``target``'s runtime beside the base's
+    measurements, and gated; a failed gate fails the branch on that target."""
+    machine = machine_name(target)
     for branch in branches:
-        if branch.failure:
-            failed[branch.name] = {
-                "data": {"path": branch.source, "sha256": branch.data_sha256},
-                "failure": branch.failure,
-            }
+        result = branch.targets[target]
+        if result.failure:
             continue
-        adapters[branch.name] = {
-            "file": f"{ADAPTERS_DIR}/{branch.name}{ADAPTER_SUFFIX}",
-            "sha256": file_sha256(branch.exported.folder / ADAPTER_FILE),
-            "data": {"path": branch.source, "sha256": branch.data_sha256},
-            "train_pairs": len(branch.train),
-            "held_out_pairs": len(branch.held_out),
-            "metrics": [asdict(m) for m in branch.evaluation.metrics],
-            "gate": asdict(branch.evaluation.gate),
-        }
-    data = {
-        "sha256": run.data_hash,
-        "calibration_datasets": [b.name for b in calibrated],
-        "datasets": {b.name: {"path": b.source, "sha256": b.data_sha256} for b in branches},
+        with failing(result, f"the {target} evaluation"):
+            base = run.step(
+                evaluate_base_task,
+                dataset=branch.name,
+                model_dir=model.path,
+                held_out=branch.held_out,
+                target=target,
+                machine=machine,
+                base_ahead=base_ahead,
+            )
+            measured = run.step(
+                evaluate_task,
+                dataset=branch.name,
+                onnx_dir=onnx,
+                adapter_dir=result.exported,
+                held_out=branch.held_out,
+                base=base,
+                target=target,
+                machine=machine,
+            )
+            result.evaluation = run.evaluation(measured, branch.name, target)
+        if result.evaluation and not result.evaluation.gate.passed:
+            result.failure = "gate failed: " + "; ".join(
+                f"{c.name} {c.measured:.4g} (limit {c.limit:.4g})"
+                for c in result.evaluation.gate.checks
+                if not c.passed
+            )
+            result.error = GateFailed(f"the model is not registered: {result.evaluation.gate.to_text()}")
+
+
+def report(run: Run, branches: list[Branch]) -> Path:
+    """The run's report (run folder ``report/`` and the flow run's Artifacts tab)."""
+    steps = [asdict(record) for record in run.records]
+    inputs = ReportInputs(run.config, [b.outcome() for b in branches], steps, current_flow_run_id())
+    return timed(run.records, "report", report_task, inputs, run.dir / REPORT)
+
+
+def entry_parts(run: Run, branches: list[Branch]) -> dict[str, Path]:
+    """The entry's model and adapters as folders of links in the run folder: ``model/<target>/`` (the
+    target's export, without the first dataset's adapter files when that adapter failed there) and
+    ``adapters/<target>/<name>.onnx_adapter`` for every adapter that passed on that target."""
+    model, adapters = run.dir / REGISTERED / "model", run.dir / ADAPTERS_DIR
+    first = branches[0]
+    for target in run.config.targets:
+        passed = [b for b in branches if b.passed(target)]
+        if not passed:
+            continue
+        onnx = run.dir / "onnx" / target
+        keep = first.passed(target)
+        (model / target).mkdir(parents=True)
+        for path in onnx.iterdir():
+            if keep or path.name not in (ADAPTER_FILE, MERGED_MODEL_FILE):
+                link_into(model / target, path)
+        (adapters / target).mkdir(parents=True, exist_ok=True)
+        for branch in passed:
+            file = branch.targets[target].exported.folder / ADAPTER_FILE
+            (adapters / target / f"{branch.name}{ADAPTER_SUFFIX}").symlink_to(file.resolve())
+    return {"model": model, ADAPTERS_DIR: adapters}
+
+
+def lineage(run: Run, model: ResolvedModel, branches: list[Branch], parts: dict[str, Path]) -> dict[str, Any]:
+    """The registry's record: the model and data it came from, the config, and per adapter and target its
+    measurements and gate. ``metrics`` and ``gate`` at the top are the first passing adapter's on the first
+    target it passed (what a listing shows first); ``targets`` lists the targets that passed, each with its
+    first passing adapter's metrics and gate."""
+    from olivepress.cache_keys import library_versions
+    from olivepress.files import file_sha256
+    from olivepress.registry import content_sha256
+
+    adapters, failed, targets = {}, {}, {}
+    for branch in branches:
+        data = {"path": branch.source, "sha256": branch.data_sha256}
+        failures = {t: r.failure for t, r in branch.targets.items() if r.failure}
+        if branch.failure or len(failures) == len(run.config.targets):
+            failed[branch.name] = {"data": data, "failure": branch.failure or "; ".join(failures.values())}
+            continue
+        record = {"data": data, "train_pairs": len(branch.train), "held_out_pairs": len(branch.held_out)}
+        record["targets"] = {}
+        for target, result in branch.targets.items():
+            if result.failure:
+                record["targets"][target] = {"failure": result.failure}
+                continue
+            measured = {
+                "metrics": [asdict(m) for m in result.evaluation.metrics],
+                "gate": asdict(result.evaluation.gate),
+            }
+            file = result.exported.folder / ADAPTER_FILE
+            record["targets"][target] = {
+                "file": f"{ADAPTERS_DIR}/{target}/{branch.name}{ADAPTER_SUFFIX}",
+                "sha256": file_sha256(file),
+                **measured,
+            }
+            targets.setdefault(target, measured)
+        adapters[branch.name] = record
+    first = next(iter(targets.values()))
+    return {
+        "content_sha256": content_sha256(parts),
+        "base_model": str(model.path),
+        # where the base model came from: reference, kind, hub commit or Azure ML version, content hash
+        "model_source": model.lineage(),
+        "data": {
+            "sha256": run.data_hash,
+            "calibration_datasets": run.config.calibration_datasets or [b.name for b in branches],
+            "datasets": {b.name: {"path": b.source, "sha256": b.data_sha256} for b in branches},
+        },
+        "config": run.config.model_dump(mode="json"),
+        "targets": targets,
+        "metrics": first["metrics"],
+        "gate": first["gate"],
+        "adapters": adapters,
+        "failed_adapters": failed,
+        # the adapter whose files (and merged graph) the entry's model/<target>/ holds, on the targets it passed
+        "model_adapter": branches[0].name if any(branches[0].passed(t) for t in targets) else None,
+        "library_versions": library_versions(),
+        "flow_run_id": current_flow_run_id(),
     }
-    return {"data": data, "adapters": adapters, "failed_adapters": failed, "model_adapter": in_model}
+
+
+def register(run: Run, model: ResolvedModel, branches: list[Branch], report_dir: Path) -> Registration:
+    """Register every target and adapter that passed, with the report and lineage, retried as
+    ``retries.*`` says. Runs sharing a store register one model content one at a time: a backend's
+    check-then-create (Azure ML's tag lookup) then sees the other's version and returns it instead of
+    adding one."""
+    from datetime import UTC, datetime
+
+    from olivepress.steps import prefect_retries
+    from olivepress.tasks.register import register_task
+
+    parts = entry_parts(run, branches)
+    record = lineage(run, model, branches, parts)
+    record["registered_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    sources = {**parts, "report": report_dir}
+    task = register_task.with_options(**prefect_retries(run.config.retries))
+    with run.store.key_lock("register", record["content_sha256"]):
+        registration = timed(run.records, "register", task, run.config, model.name, sources, record)
+    verb = "already registered as" if registration.reused else "registered"
+    run.log.info("%s %s version %s (%s)", verb, registration.name, registration.version, registration.uri)
+    return registration
+
+
+def anything_passed(run: Run, branches: list[Branch]) -> bool:
+    return any(b.passed(target) for b in branches for target in run.config.targets)
+
+
+def raise_failures(branches: list[Branch], targets: list[str], headline: str) -> None:
+    """Fail the flow run naming every dataset and target that failed and why; a run of one dataset and one
+    target raises its error as it was (bad data as InvalidData, a failed gate as GateFailed)."""
+    failures = [(b.name, None, b.failure, b.error) for b in branches if b.failure]
+    failures += [
+        (b.name, t, r.failure, r.error)
+        for b in branches
+        if not b.failure
+        for t, r in b.targets.items()
+        if r.failure
+    ]
+    if not failures:
+        return
+    if len(branches) == 1 and len(targets) <= 1 and len(failures) == 1 and failures[0][3] is not None:
+        raise failures[0][3]
+    lines = [f"  {name}{f' ({target})' if target else ''}: {why}" for name, target, why, _ in failures]
+    raise DatasetsFailed(headline + ":\n" + "\n".join(lines))
+
+
+def outcome(run: Run, branches: list[Branch], report_dir: Path, registration: Registration | None) -> dict:
+    """The flow's result, after the summary; raises naming what failed when anything did."""
+    targets = run.config.targets
+    finetuned = any(r.step == "finetune" and r.status == "completed" for r in run.records)
+    if registration is not None and not run.several_datasets and finetuned:
+        run.log.info(fuller_run_estimate(run.config, run.records, len(branches[0].train)))
+    failed = sum(1 for b in branches if b.failure) + sum(
+        1 for b in branches if not b.failure for r in b.targets.values() if r.failure
+    )
+    registered = (
+        f"registered {registration.name} version {registration.version}"
+        if registration
+        else "nothing was registered"
+    )
+    raise_failures(
+        branches,
+        targets,
+        f"{failed} of {len(branches) * len(targets)} dataset × target results failed; {registered}",
+    )
+    adapters_dir = run.dir / ADAPTERS_DIR
+    return {
+        "flow_run_id": current_flow_run_id(),
+        "run_dir": str(run.dir),
+        "onnx": str(run.dir / "onnx"),
+        "exports": {t: str(run.dir / "onnx" / t) for t in targets},
+        "adapters": {
+            t: {b.name: str(adapters_dir / t / f"{b.name}{ADAPTER_SUFFIX}") for b in branches if b.passed(t)}
+            for t in targets
+        },
+        "report": str(report_dir / "report.md"),
+        "registration": asdict(registration),
+    }

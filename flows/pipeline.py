@@ -1,44 +1,48 @@
-"""The olivepress flow: validate → quantize (AWQ) → finetune (LoRA) → optimize (ONNX Runtime GenAI) →
-evaluate (the gate) → report → register.
+"""The olivepress flow: validate → quantize (AWQ) → finetune (LoRA) → for each target: optimize (ONNX Runtime
+GenAI) → evaluate (the gate) → report → register.
 
-Each step is a Prefect task wrapping a plain function from ``olivepress.tasks``. The steps that compute
-(validate, quantize, finetune, optimize, evaluate) declare in their own module what their output depends on
+A run is a list of datasets (``data`` is a list of one) and a list of targets (``targets``, default cpu),
+and every run takes this one path. Each step is a Prefect task wrapping a plain function from
+``olivepress.tasks``; the steps that compute declare in their own module what their output depends on
 (:class:`olivepress.steps.Step`) and publish it to the artifact store under a key made from that
 (:mod:`olivepress.store`): a re-run with the same inputs reuses them, a crashed run resumes from the last
-published step. The run folder, the store and the summary are :class:`olivepress.flows.runs.Run`'s. A model
-that fails the gate gets its report, and the run fails before register. On a GPU the base model evaluate
-compares against is built from the start in a child process (:mod:`olivepress.base_ahead`), beside quantize
-and finetune, instead of on evaluate's clock. A run with several datasets
-(``datasets``) goes its own way from the start: :mod:`olivepress.flows.datasets`.
+published step, and a target added later builds only its own export and evaluation. The run folder and the
+store are :class:`olivepress.flows.runs.Run`'s; what each dataset went through, and the steps on it, are
+:mod:`olivepress.flows.datasets`'. Where the heavy steps compute is ``device`` (auto: the GPU when one is
+visible). On a GPU the base models evaluate compares against are built from the start in child processes
+(:mod:`olivepress.base_ahead`), beside quantize and finetune. Only what passed its gate is registered; a
+run in which anything failed then fails, naming what and why.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow
 
 from olivepress.base_ahead import built_early
 from olivepress.config import RunConfig
-from olivepress.flows.datasets import link_adapters, run_datasets
+from olivepress.flows.datasets import (
+    anything_passed,
+    calibration_examples,
+    evaluate_target,
+    export_target,
+    outcome,
+    register,
+    report,
+    train_adapters,
+    validated_branches,
+)
 from olivepress.flows.runs import (
     Run,
     StepRecord,
-    current_flow_run_id,
     format_summary,
     fuller_run_estimate,
     new_run_dir,
     open_store,
     resolve_model,
 )
-from olivepress.genai import ADAPTER_FILE
-from olivepress.registry import ADAPTERS_DIR
-from olivepress.tasks.evaluate import GateFailed, evaluate_task
-from olivepress.tasks.finetune import finetune_task
-from olivepress.tasks.optimize import optimize_task
 from olivepress.tasks.quantize import quantize_task
-from olivepress.tasks.validate import read_examples, validate_task
 
 # the run's helpers that callers (the CLI, tests, benchmarks) import from here
 __all__ = [
@@ -57,36 +61,17 @@ def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
     the summary is printed at the end. ``config`` is the deployment's parameter: the Prefect UI's run form
     is built from its schema, and Prefect validates it before the run starts."""
     with Run(config, run_dir) as run:
-        if config.datasets is not None:
-            return run_datasets(run, resolve_model(config))
-        data_file = run.fetch_data()
-        run.step(validate_task, data_file=data_file, run_dir=run.dir, data_name=str(config.data))
-        examples = read_examples(data_file)
-        train, held_out = run.split(examples)
-        model = resolve_model(config)
-        model_dir = model.path
-
-        with built_early(config, model_dir, run.store.scratch_root()) as base_ahead:
-            quantized = run.step(quantize_task, model_dir=model_dir, examples=train)
-            adapter = run.step(finetune_task, checkpoint_dir=quantized, examples=train)
-            onnx = run.step(optimize_task, checkpoint_dir=quantized, adapter_dir=adapter)
-            # the adapter by its dataset's name too, as a run with several datasets names each one
-            link_adapters(run.dir / ADAPTERS_DIR, {config.dataset_name(): onnx.folder / ADAPTER_FILE})
-            measured = run.step(
-                evaluate_task, model_dir=model_dir, onnx_dir=onnx, held_out=held_out, base_ahead=base_ahead
-            )
-        evaluation = run.evaluation(measured)
-
-        report_dir = run.report(evaluation, examples, train, held_out, adapter)
-        if not evaluation.gate.passed:
-            raise GateFailed(f"the model is not registered: {evaluation.gate.to_text()}")
-        registration = run.register(model, report_dir, evaluation)
-    run.announce(registration, trained_pairs=len(train))
-    return {
-        "flow_run_id": current_flow_run_id(),
-        "run_dir": str(run.dir),
-        "onnx": str(run.link("optimize")),
-        "adapter": str(adapter.folder),
-        "report": str(report_dir / "report.md"),
-        "registration": asdict(registration),
-    }
+        branches = validated_branches(run)
+        calibration = calibration_examples(run, branches)
+        model = resolve_model(run.config)
+        with built_early(run.config, model.path, run.store.scratch_root()) as bases_ahead:
+            quantized = run.step(quantize_task, model_dir=model.path, examples=calibration)
+            train_adapters(run, [b for b in branches if not b.failure], quantized)
+            trained = [b for b in branches if not b.failure]
+            for target in run.config.targets if trained else ():
+                onnx = export_target(run, target, trained, quantized)
+                if onnx is not None:
+                    evaluate_target(run, target, trained, model, onnx, bases_ahead.get(target))
+        report_dir = report(run, branches)
+        registration = register(run, model, branches, report_dir) if anything_passed(run, branches) else None
+    return outcome(run, branches, report_dir, registration)

@@ -30,7 +30,8 @@ from olivepress.store import ArtifactStore, Manifest, fetch_file
 if TYPE_CHECKING:
     from olivepress.model_source import ResolvedModel
 
-# run-folder names of the stored outputs linked there (validate's report files are copied instead)
+# run-folder names of the stored outputs linked there, for people and chat (a target's export as
+# onnx/<target>); the other steps' files (validate's report, evaluate's measurements) are copied instead
 LINKS = {"quantize": "quantized", "finetune": "adapter", "optimize": "onnx", "export_adapter": "onnx_adapter"}
 REPORT = "report"
 HELD_OUT_FILE = "held_out.jsonl"
@@ -205,31 +206,28 @@ def local_data_file(config: RunConfig, source: Path | str | None = None) -> Path
     return fetch_file(source, config.store.cache_dir / "data", s3_options(config), retry_policy(config))
 
 
-def link_output(run_dir: Path, name: str, folder: Path) -> Path:
-    """``run_dir/name`` → the step's output folder in the store (or its local copy), for people and chat."""
-    link = run_dir / name
-    link.symlink_to(folder.resolve(), target_is_directory=True)
-    return link
-
-
 class Run:
     """One flow run's folder, store and summary. Use as a context manager: the summary is written when the
-    block ends, whether the run failed or not."""
+    block ends, whether the run failed or not. ``config`` is the run's with ``device`` decided for this
+    machine (:func:`olivepress.devices.decided`)."""
 
     def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
         from prefect import get_run_logger
 
+        from olivepress.devices import decided
+
         quiet_user_error_tracebacks()
         self.log = get_run_logger()
-        self.config = config
+        self.config = decided(config)
         self.dir = run_dir or new_run_dir(config)
-        self.log.info("run folder %s", self.dir)
+        self.log.info(
+            "run folder %s; computing on %s for %s", self.dir, self.config.device, self.targets_text()
+        )
         self.records: list[StepRecord] = []
-        atomic_write_text(self.dir / "config.json", config.model_dump_json(indent=1))
-        self.store = open_store(config)
-        self.data_file: Path | None = None
-        self.data_hash: str | None = None
-        self.data_hashes: dict[str, str] = {}  # a run with several datasets: each one's, by name
+        atomic_write_text(self.dir / "config.json", self.config.model_dump_json(indent=1))
+        self.store = open_store(self.config)
+        self.data_hash: str | None = None  # the steps shared by every dataset (see share_data)
+        self.data_hashes: dict[str, str] = {}  # each dataset's, by name
         self._digests: dict[Path, str] = {}
 
     def __enter__(self) -> Run:
@@ -238,16 +236,19 @@ class Run:
     def __exit__(self, *exc_info: object) -> None:
         self.log.info("\n%s", write_summary(self.dir, self.records))
 
-    def fetch_data(self) -> Path:
-        """The run's data as a local file; its hash is part of every step's key, so one edited line of the
-        JSONL invalidates every step, even one whose other inputs happen to come out the same."""
-        self.data_file = local_data_file(self.config)
-        self.data_hash = file_sha256(self.data_file)
-        return self.data_file
+    def targets_text(self) -> str:
+        return "target " + ", ".join(self.config.targets)
+
+    @property
+    def several_datasets(self) -> bool:
+        """Named datasets (``datasets``) keep their files in ``datasets/<name>/``; a run's ``data`` in the
+        run folder itself."""
+        return self.config.datasets is not None
 
     def fetch_datasets(self) -> dict[str, Path]:
-        """Each dataset as a local file, by name. A step of one dataset's branch keys on that dataset's hash
-        (``step(..., dataset=name)``); the steps shared by all on :meth:`share_data`'s."""
+        """Each dataset as a local file, by name. Its hash is part of every key of its branch's steps, so
+        one edited line of the JSONL invalidates them, even a step whose other inputs come out the same; the
+        steps shared by all key on :meth:`share_data`'s."""
         files = {
             name: local_data_file(self.config, source)
             for name, source in self.config.dataset_sources().items()
@@ -263,16 +264,17 @@ class Run:
         joined = hashlib.sha256("\n".join(hashes).encode()).hexdigest()
         self.data_hash = hashes[0] if len(hashes) == 1 else joined
 
-    def folder(self, dataset: str | None = None) -> Path:
-        """Where a dataset's branch keeps its files: ``datasets/<name>/`` in the run folder (the run folder
-        itself for a run's only dataset)."""
-        if dataset is None:
-            return self.dir
-        folder = self.dir / "datasets" / dataset
+    def folder(self, dataset: str | None = None, target: str | None = None) -> Path:
+        """Where a dataset's branch keeps its files: ``datasets/<name>/`` in the run folder with several
+        datasets, the run folder itself otherwise; a target's measurements in ``evaluations/<target>/``
+        there."""
+        folder = self.dir / "datasets" / dataset if dataset and self.several_datasets else self.dir
+        if target:
+            folder = folder / "evaluations" / target
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def split(self, examples: list[dict], dataset: str | None = None) -> tuple[list[dict], list[dict]]:
+    def split(self, examples: list[dict], dataset: str) -> tuple[list[dict], list[dict]]:
         """Training and held-out pairs, split by prompt; the held-out ones are kept in the run folder."""
         from olivepress.scoring import split_by_prompt
 
@@ -280,7 +282,7 @@ class Run:
         write_split(self.folder(dataset), self.config, train, held_out)
         self.log.info(
             "%ssplit by prompt: %d training pairs, %d held out",
-            f"{dataset}: " if dataset else "",
+            f"{dataset}: " if self.several_datasets else "",
             len(train),
             len(held_out),
         )
@@ -294,16 +296,25 @@ class Run:
             self._digests[path] = input_digest(path)
         return self._digests[path]
 
+    def label(self, step: str, dataset: str | None, target: str | None) -> str:
+        """A step's name in the summary: with the dataset's name when the run has several, with the target's
+        when it builds for several."""
+        parts = [step]
+        parts += [dataset] if dataset and self.several_datasets else []
+        parts += [target] if target and len(self.config.targets) > 1 else []
+        return " ".join(parts)
+
     def step(self, task, dataset: str | None = None, **arguments: Any) -> StepOutput:
         """Run one cached step (a task made by :meth:`olivepress.steps.Step.task`) on ``arguments``, its
         declared inputs and context; with ``dataset``, as a step of that dataset's branch (its data hash,
-        its folder, its name in the summary). Prefect's cache is used only while the store holds a verified
-        output for the key; a step that another run computed while this one waited for the key's lock (see
-        ``ArtifactStore.produce``) counts as reused."""
+        its folder), and with a ``target`` argument as that target's. Prefect's cache is used only while
+        the store holds a verified output for the key; a step that another run computed while this one
+        waited for the key's lock (see ``ArtifactStore.produce``) counts as reused."""
         step = task.step
         data_hash = self.data_hashes[dataset] if dataset else self.data_hash
-        assert data_hash is not None, "fetch_data() or fetch_datasets() comes first"
-        label = f"{step.name} {dataset}" if dataset else step.name
+        assert data_hash is not None, "fetch_datasets() and share_data() come first"
+        target = arguments.get("target")
+        label = self.label(step.name, dataset, target)
         settings = step.settings_of(self.config)
         inputs = {"data": data_hash} | {name: self.digest(arguments[name]) for name in step.inputs}
         key = step.key(inputs, settings)
@@ -322,92 +333,23 @@ class Run:
         manifest = stored or manifest
         output = StepOutput(manifest, self.store.local_copy(manifest))
         if step.name in LINKS:
-            link_output(self.folder(dataset), LINKS[step.name], output.folder)
+            link_dir = self.folder(dataset) / LINKS[step.name]
+            if target:
+                link_dir.mkdir(exist_ok=True)
+                link_dir = link_dir / target
+            link_dir.symlink_to(output.folder.resolve(), target_is_directory=True)
         else:
             for stored in output.folder.iterdir():
-                atomic_write_text(self.folder(dataset) / stored.name, stored.read_text(encoding="utf-8"))
+                copy = self.folder(dataset, target) / stored.name
+                atomic_write_text(copy, stored.read_text(encoding="utf-8"))
         return output
 
-    def link(self, step: str) -> Path:
-        """The run folder's link to ``step``'s output."""
-        return self.dir / LINKS[step]
-
-    def evaluation(self, measured: StepOutput, dataset: str | None = None):
-        """The stored measurements with the gate decided now, kept in the run folder as evaluation.json."""
+    def evaluation(self, measured: StepOutput, dataset: str, target: str):
+        """The stored measurements with the gate decided now, kept beside them as evaluation.json."""
         from olivepress.tasks.evaluate import read_evaluation
 
         evaluation = read_evaluation(measured.folder, self.config.gate)
-        atomic_write_text(
-            self.folder(dataset) / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1)
-        )
-        self.log.info("%s%s", f"{dataset}: " if dataset else "\n", evaluation.gate.to_text())
+        folder = self.folder(dataset, target)
+        atomic_write_text(folder / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1))
+        self.log.info("%s\n%s", self.label("evaluate", dataset, target), evaluation.gate.to_text())
         return evaluation
-
-    def report(
-        self, evaluation, examples: list[dict], train: list[dict], held_out: list[dict], adapter
-    ) -> Path:
-        """The report (run folder ``report/`` and the flow run's Artifacts tab)."""
-        from olivepress.tasks.finetune import LOSS_FILE, read_training_memory
-        from olivepress.tasks.report import ReportInputs, report_task
-
-        inputs = ReportInputs(
-            config=self.config,
-            data_sha256=self.data_hash,
-            n_records=len(examples),
-            n_warnings=len(json.loads((self.dir / "validation.json").read_text())["warnings"]),
-            train_pairs=len(train),
-            held_out_pairs=len(held_out),
-            steps=[asdict(record) for record in self.records],
-            loss_history=json.loads((adapter.folder / LOSS_FILE).read_text()),
-            evaluation=evaluation,
-            flow_run_id=current_flow_run_id(),
-            training_memory=read_training_memory(adapter.folder),
-        )
-        return timed(self.records, "report", report_task, inputs, self.dir / REPORT)
-
-    def report_adapters(self, outcomes: list) -> Path:
-        """The report of a run with several datasets: the adapters side by side (run folder ``report/`` and
-        the flow run's Artifacts tab)."""
-        from olivepress.tasks.report import AdaptersReportInputs, adapters_report_task
-
-        steps = [asdict(record) for record in self.records]
-        inputs = AdaptersReportInputs(self.config, outcomes, steps, current_flow_run_id())
-        return timed(self.records, "report", adapters_report_task, inputs, self.dir / REPORT)
-
-    def register(
-        self,
-        model: ResolvedModel,
-        report_dir: Path,
-        evaluation,
-        parts: dict[str, Path] | None = None,
-        more_lineage: dict[str, Any] | None = None,
-    ):
-        """Register the run's export and report with their lineage, retried as ``retries.*`` says; ``parts``
-        are further entry folders (``model`` among them replaces the export), ``more_lineage`` further
-        lineage records. Runs sharing a store register one model content one at a time: a backend's
-        check-then-create (Azure ML's tag lookup) then sees the other's version and returns it instead of
-        adding one."""
-        from olivepress.tasks.register import build_lineage, register_task
-
-        sources = {"model": self.link("optimize"), **(parts or {}), "report": report_dir}
-        lineage = build_lineage(
-            self.config,
-            model.path,
-            self.data_hash,
-            evaluation,
-            sources,
-            current_flow_run_id(),
-            model_source=model.lineage(),
-        ) | (more_lineage or {})
-        task = register_task.with_options(**prefect_retries(self.config.retries))
-        with self.store.key_lock("register", lineage["content_sha256"]):
-            return timed(self.records, "register", task, self.config, model.name, sources, lineage)
-
-    def announce(self, registration, trained_pairs: int) -> None:
-        """After the summary: where the model went, and what a longer fine-tune would cost."""
-        verb = "already registered as" if registration.reused else "registered"
-        self.log.info(
-            "%s %s version %s (%s)", verb, registration.name, registration.version, registration.uri
-        )
-        if any(record.step == "finetune" and record.status == "completed" for record in self.records):
-            self.log.info(fuller_run_estimate(self.config, self.records, trained_pairs))

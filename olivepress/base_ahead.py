@@ -14,8 +14,8 @@ validate: bad data still stops the run first), the build overlaps with the GPU s
   still running and deletes the folder (scratch space: the base is ~3× the int4 model, measured, not kept).
 * **A failed build is not the run's failure**: :meth:`take` logs why and returns None, and evaluate builds
   the base itself, where a failure comes with the step's retries and error.
-* **One build for every evaluation of the run**: with several datasets each adapter's evaluation takes the
-  same folder (it is only read), where each used to build its own.
+* **One build per target for every evaluation of the run**: with several datasets each adapter's evaluation
+  takes the same folder (it is only read), where each used to build its own.
 
 Default (``build_base_early`` in the config): on with ``device: gpu``, and with several datasets; off for one
 dataset on CPU, where the build shares the cores with the training: the quickstart on 2 cores took 354.6 s
@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,20 +52,22 @@ class BaseAhead:
         self,
         model_dir: Path,
         scratch_root: Path,
-        device: str,
+        target: str,
         cuda_graph: bool,
         trust_remote_code: bool,
     ) -> None:
         scratch_root.mkdir(parents=True, exist_ok=True)
         self.folder = Path(tempfile.mkdtemp(prefix="base-ahead-", dir=scratch_root))
         self.base_dir = self.folder / "model"
-        command = [sys.executable, "-m", __name__, str(model_dir), str(self.base_dir), device]
+        command = [sys.executable, "-m", __name__, str(model_dir), str(self.base_dir), target]
         command += ["--done-file", str(self.folder / BUILT_MARKER)]
         command += ["--cuda-graph"] if cuda_graph else []
         command += ["--trust-remote-code"] if trust_remote_code else []
         with (self.folder / LOG_FILE).open("wb") as output:
             self.child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-        log.info("building the base model ahead (process %d) into %s", self.child.pid, self.base_dir)
+        log.info(
+            "building the %s base model ahead (process %d) into %s", target, self.child.pid, self.base_dir
+        )
 
     def take(self) -> Path | None:
         """The built base model's folder, once the child is done; None if the build failed (logged once)."""
@@ -101,20 +103,22 @@ class BaseAhead:
 
 
 @contextmanager
-def built_early(config: RunConfig, model_dir: Path, scratch_root: Path) -> Iterator[BaseAhead | None]:
-    """The base model evaluate compares against, building in a child process (None where
-    ``build_base_early`` is off, see the module docstring); the child stops and its folder goes when the
-    block ends."""
+def built_early(config: RunConfig, model_dir: Path, scratch_root: Path) -> Iterator[dict[str, BaseAhead]]:
+    """The base models evaluate compares against, one per target, each building in a child process (none
+    where ``build_base_early`` is off, see the module docstring); the children stop and their folders go
+    when the block ends. ``config.device`` is the run's, decided (cpu or gpu)."""
     early = config.build_base_early
     if early is None:
         early = config.device == "gpu" or config.datasets is not None
-    if not early:
-        yield None
-        return
-    with BaseAhead(
-        model_dir, scratch_root, config.device, config.optimize.cuda_graph, config.trust_remote_code
-    ) as base_ahead:
-        yield base_ahead
+    with ExitStack() as stack:
+        yield {
+            target: stack.enter_context(
+                BaseAhead(
+                    model_dir, scratch_root, target, config.optimize.cuda_graph, config.trust_remote_code
+                )
+            )
+            for target in (config.targets if early else ())
+        }
 
 
 def main() -> None:
@@ -123,12 +127,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="build the base model evaluate compares against")
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("device", choices=["cpu", "gpu"])
+    parser.add_argument("target", choices=["cpu", "cuda"])
     parser.add_argument("--done-file", type=Path, required=True, help="written once the model is built")
     parser.add_argument("--cuda-graph", action="store_true")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args()
-    build_base_model(args.model_dir, args.out_dir, args.device, args.cuda_graph, args.trust_remote_code)
+    build_base_model(args.model_dir, args.out_dir, args.target, args.cuda_graph, args.trust_remote_code)
     args.done_file.touch()
 
 

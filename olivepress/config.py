@@ -33,6 +33,9 @@ class ValidationSettings(Section):
         return self
 
 
+Target = Literal["cpu", "cuda"]  # the runtimes an export is built and gated for
+TARGETS: tuple[str, ...] = get_args(Target)
+
 GroupSize = Literal[16, 32, 64, 128]  # block sizes ONNX Runtime's MatMulNBits runs on CPU and GPU
 GROUP_SIZES: tuple[int, ...] = get_args(GroupSize)
 
@@ -89,38 +92,51 @@ class FinetuneSettings(Section):
 class OptimizeSettings(Section):
     cuda_graph: bool = Field(
         True,
-        description="With device gpu, decode through CUDA graphs (ONNX Runtime GenAI's enable_cuda_graph): "
+        description="For the cuda target, decode through CUDA graphs (ONNX Runtime GenAI's enable_cuda_graph): "
         "each token replays one captured graph instead of launching every kernel, which batch-1 decoding is "
-        "bound by. Applies to the base model measured by evaluate too. Ignored on cpu.",
+        "bound by. Applies to the base model measured by evaluate too. Ignored by the cpu target.",
     )
     lora_kernel: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="With device gpu, the LoRA branches as olivepress's own CUDA operators, built with nvcc "
+        description="For the cuda target, the LoRA branches as olivepress's own CUDA operators, built with nvcc "
         "into the model folder: each adapted int4 linear and its branch as one MatMulNBitsLora kernel (LoraAdd, "
         "the branch alone in one kernel, where that cannot go) instead of onnxruntime's int4 kernel and three "
         "more (MatMul, MatMul, Add). It needs nvcc and ONNX Runtime's C API header ($OLIVEPRESS_ORT_INCLUDE; "
         "the GPU image has both): auto uses them when both are there and warns otherwise, on fails without "
-        "them, off keeps ONNX Runtime's own operators. Ignored on cpu.",
+        "them, off keeps ONNX Runtime's own operators. Ignored by the cpu target.",
     )
 
 
 class EvaluateSettings(Section):
+    """What evaluate measures. Quality: teacher-forced loss of every held-out response, for the base, the
+    int4 model and the fine-tuned model; ROUGE-L of the fine-tuned model's free answers. Speed: a fixed decode
+    of ``speed_tokens`` on ``speed_samples`` prompts per variant. The base never answers freely (at fp32 on a
+    CPU that was most of the step's time): its measurements are a step of their own, kept under their own
+    key, so another adapter, target or run on the same data reuses them."""
+
     held_out_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of distinct prompts held out of training and used by the gate."
     )
     generation_samples: int = Field(
-        16, ge=1, le=10_000, description="Held-out prompts generated from for ROUGE-L and speed."
+        16,
+        ge=1,
+        le=10_000,
+        description="Held-out prompts the fine-tuned model answers freely (greedy) for ROUGE-L and the "
+        "report's sample answers.",
     )
-    max_new_tokens: int = Field(64, ge=2, le=4096, description="Tokens generated per held-out prompt.")
+    max_new_tokens: int = Field(64, ge=2, le=4096, description="Longest free answer, in tokens.")
     speed_samples: int = Field(
         4,
         ge=1,
         le=10_000,
-        description="Held-out prompts each variant decodes exactly max_new_tokens for (end-of-text "
-        "suppressed), interleaved, to measure decode tokens/s on equal work. Free generations stop at "
-        "end-of-text after different lengths per variant, and each generation's first decode steps cost a "
-        "fixed extra time (about 20 ms on an H100 with CUDA graphs), so their tokens/s would favour the "
-        "variant that talks longest.",
+        description="Held-out prompts each variant decodes exactly speed_tokens for (end-of-text suppressed) "
+        "to measure decode tokens/s and time to first token on equal work. Free answers stop at end-of-text "
+        "after different lengths per variant, and each generation's first decode steps cost a fixed extra "
+        "time (about 20 ms on an H100 with CUDA graphs), so their tokens/s would favour the variant that "
+        "talks longest.",
+    )
+    speed_tokens: int = Field(
+        32, ge=2, le=4096, description="Tokens each speed measurement decodes, the first one included."
     )
 
 
@@ -224,10 +240,20 @@ class RunConfig(Section):
         "quantizing again and retraining every adapter.",
     )
     output: Path = Field(Path("runs"), description="Folder that receives one sub-folder per run.")
-    device: Literal["cpu", "gpu"] = Field(
-        "cpu",
-        description="Where to train and which ONNX target to build: cpu, or gpu (CUDA training, CUDA "
-        "execution provider in the ONNX model).",
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="Where the heavy steps (quantize, finetune) run: cpu, gpu (CUDA), or auto: gpu when a CUDA "
+        "device is visible, else cpu. Decided when the run starts, on the machine that runs it. What the "
+        "model is built for is targets.",
+    )
+    targets: list[Target] = Field(
+        default_factory=lambda: ["cpu"],
+        min_length=1,
+        description="What optimize builds and evaluate gates, each on its own runtime against its own base: cpu "
+        "(int4 for ONNX Runtime's CPU provider, gated on this machine's cores against the fp32 base, as in the "
+        "Olive lab), cuda (int4 for the CUDA provider, gated on the GPU against the fp16 base; needs a visible "
+        "CUDA device). One quantized checkpoint and one adapter per dataset serve every target; a target "
+        "added later builds only its own export and evaluation.",
     )
     trainings_at_once: int | None = Field(
         None,
@@ -242,8 +268,9 @@ class RunConfig(Section):
         description="Build the base model evaluate compares against in a child process from the start of the "
         "run (after validate), while quantize and finetune run, instead of inside evaluate: the builder "
         "works on the CPU and the disk, so on a GPU run it overlaps with the GPU steps, and with several "
-        "datasets every adapter's evaluation shares the one build. Default: on with device gpu or several "
-        "datasets, off for one dataset on cpu (there it shares the cores with training and saves little). "
+        "datasets every adapter's evaluation shares the one build (one build per target). Default: on with "
+        "device gpu or several datasets, off for one dataset on cpu (there it shares the cores with training "
+        "and saves little). "
         "The same model either way: part of no cache key.",
     )
     text_template: str | None = Field(
@@ -304,6 +331,13 @@ class RunConfig(Section):
         if reason := unsupported_reason(value):
             raise ValueError(reason)
         return value.resolve()
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) < len(value):
+            raise ValueError(f"each target once: {value}")
+        return value
 
     @field_validator("data")
     @classmethod

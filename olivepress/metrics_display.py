@@ -35,7 +35,7 @@ def display_row(raw: Mapping[str, Any], *, gpu_memory: bool | None = None) -> di
         "variant": raw["variant"],
         "loss": round(raw["loss"], 4),
         "perplexity": round(raw["perplexity"], 2),
-        "rouge_l": round(raw["rouge_l"], 4),
+        "rouge_l": _rounded(raw["rouge_l"], 4),  # None: the variant answered nothing freely
         "decode_tok_s": round(raw["decode_tokens_per_s"], 1),
         "first_token_s": round(raw["time_to_first_token_s"], 3),
         "size_mb": round(raw["bytes_on_disk"] / 1e6, 1),

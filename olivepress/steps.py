@@ -135,8 +135,10 @@ def prefect_retries(retries: RetrySettings) -> dict[str, Any]:
 
 
 def input_digest(value: Any) -> str:
-    """A step input's content hash: a stored output's manifest digest, a folder's or file's SHA-256, or the
-    hash of a list of examples."""
+    """A step input's content hash: a stored output's manifest digest, a folder's or file's SHA-256, the
+    hash of a list of examples, or of a name (the target an export is built for)."""
+    import hashlib
+
     from olivepress.files import file_sha256, folder_sha256
 
     if isinstance(value, StepOutput):
@@ -145,4 +147,6 @@ def input_digest(value: Any) -> str:
         return folder_sha256(value) if value.is_dir() else file_sha256(value)
     if isinstance(value, list):
         return records_sha256(value)
+    if isinstance(value, str):
+        return hashlib.sha256(value.encode()).hexdigest()
     raise TypeError(f"no content hash for a step input of type {type(value).__name__}")

@@ -1,20 +1,25 @@
 """The gate: measure the exported model against its base on held-out data, and decide whether it may ship.
 
-Three variants run in the same runtime (ONNX Runtime GenAI) on the same machine in the same process:
-*base* (the unquantized model through the same builder: fp32 on CPU, fp16 on CUDA), *quantized* (the int4
-model, adapter off) and *fine-tuned* (the int4 model with its LoRA adapter). For each: teacher-forced loss
-and perplexity of the held-out responses, ROUGE-L of greedy generations against them, decode tokens/s and
-time to first token, bytes on disk and the memory it added. Generations are interleaved prompt by prompt, so
-a burst of load on a shared machine slows every variant alike and the speed ratio stays fair. Decode speed
-comes from separate generations of exactly ``max_new_tokens`` per variant (``speed_samples`` prompts), not
-from the free ones: those end at end-of-text after lengths that differ by variant, and a generation's first
-decode steps cost a fixed extra time, so a variant that stops early looked slower than it decodes (on an
-H100, a 3.8 B fine-tuned model that stopped after 16 tokens measured 180 tokens/s against 255 steady).
+Three variants run in the same runtime (ONNX Runtime GenAI) on the same machine, for each target the run
+builds: *base* (the unquantized model through the same builder: fp32 for the cpu target, fp16 for cuda),
+*quantized* (the int4 model, adapter off) and *fine-tuned* (the int4 model with its LoRA adapter). For
+each: teacher-forced loss and perplexity of every held-out response, decode tokens/s and time to first token
+from a fixed decode of ``speed_tokens`` (end-of-text suppressed) on ``speed_samples`` prompts, bytes on disk
+and the memory it added; and for the fine-tuned model, ROUGE-L of its free (greedy) answers to
+``generation_samples`` prompts. That is all the gate needs: the base never answers freely, which at fp32 on
+a CPU was most of this step's time.
 
-On a GPU each variant's device memory is measured too, before the three are loaded here: each alone in a
-fresh process (see :mod:`olivepress.gpu_memory` for why and for the method's limits). The base model comes
-from :mod:`olivepress.base_ahead` when the flow built it early, else it is built here; ``phase_seconds`` in
-``metrics.json`` says where the step's time went.
+Two steps: ``evaluate_base`` measures the base model alone and is kept under its own key (the base model,
+the held-out pairs, the target and the machine), so a second adapter, another target's export or a later
+run on the same data reuses it; ``evaluate`` measures the int4 variants, speed interleaved prompt by prompt
+so that a burst of load slows both alike, and records the three side by side. Decode speed is a property of
+the machine as much as of the model: both keys hold the machine (:func:`machine_name`), so speeds measured
+on different hardware are never compared.
+
+For the cuda target each variant's device memory is measured too, each alone in a fresh process (see
+:mod:`olivepress.gpu_memory` for why and for the method's limits). The base model comes from
+:mod:`olivepress.base_ahead` when the flow built it early, else it is built here; ``phase_seconds`` says
+where each step's time went.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ BASE, QUANTIZED, FINE_TUNED = "base", "quantized", "fine-tuned"
 VARIANTS = (BASE, QUANTIZED, FINE_TUNED)
 MODEL_FILES = ("model.onnx", "model.onnx.data")
 METRICS_FILE = "metrics.json"
+BASE_FILE = "base.json"
 
 
 @dataclass
@@ -54,12 +60,14 @@ class VariantMetrics:
     variant: str
     loss: float  # mean cross-entropy per held-out response token
     perplexity: float
-    rouge_l: float  # mean ROUGE-L F1 of greedy generations against the references
+    # mean ROUGE-L F1 of the free (greedy) answers against the references; None for a variant that did not
+    # answer freely (the base and the int4 model: the gate reads the fine-tuned model's only)
+    rouge_l: float | None
     decode_tokens_per_s: float  # tokens after the first over their time, in generations of equal length
     time_to_first_token_s: float  # median over the prompts
     bytes_on_disk: int  # model files, plus the adapter file for the fine-tuned variant
     peak_memory_mib: float | None  # resident memory the model added, loading and generating
-    generated_tokens: int
+    generated_tokens: int  # tokens of the free answers
     # GPU memory the model added, loading and generating, alone in a fresh process; None on CPU and in
     # records measured before it was recorded
     gpu_memory_mib: float | None = None
@@ -101,11 +109,15 @@ class Evaluation:
     held_out_pairs: int
     generation_prompts: int
     seconds: float
-    # seconds of each part of the measurement, in order: build_base (or the wait for the base built early),
-    # gpu_memory (GPU runs), load (with each variant's warm-up generation), loss, generate, decode_speed.
-    # Evaluate's two minutes at 3.8 B on a GPU are theirs, and each calls for a different remedy. Empty in
-    # records measured before it was recorded.
+    # seconds of each part of the int4 variants' measurement, in order: gpu_memory (cuda), load (with each
+    # variant's warm-up generation), loss, generate (the fine-tuned model's free answers), decode_speed; the
+    # base's (base_phase_seconds) start with build_base (or the wait for the base built early) and answer
+    # nothing. Each phase calls for a different remedy when the step is slow.
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    target: str = "cpu"  # the runtime measured: cpu or cuda
+    # the base's own measurement (evaluate_base): its seconds and phases, measured once per key and reused
+    base_seconds: float | None = None
+    base_phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,34 +164,34 @@ def timed(phase_seconds: dict[str, float], phase: str) -> Iterator[None]:
         phase_seconds[phase] = round(time.perf_counter() - started, 2)
 
 
-def evaluate_models(
-    base_dir: Path,
-    onnx_dir: Path,
-    adapter_file: Path,
+def measure_variants(
+    sources: dict[str, tuple[Path, Path | None]],
     held_out: list[dict],
     settings: EvaluateSettings,
-    text_template: str | None = None,
-    device: str = "cpu",
-    phase_seconds: dict[str, float] | None = None,
+    text_template: str | None,
+    target: str,
+    phases: dict[str, float],
+    answering: tuple[str, ...] = (),
 ) -> list[VariantMetrics]:
-    """Measure the three variants on ``held_out``; see the module docstring. ``phase_seconds`` receives the
-    seconds of each phase after build_base (see Evaluation.phase_seconds)."""
+    """Measure each variant of ``sources`` (its model folder and adapter file) on ``held_out``; the ones in
+    ``answering`` also answer ``generation_samples`` prompts freely, for ROUGE-L. ``phases`` receives the
+    seconds of each phase (see Evaluation.phase_seconds)."""
     from olivepress.genai import open_model, prompt_token_ids, response_loss, stream_generate
 
-    phases = {} if phase_seconds is None else phase_seconds
-    sources = {BASE: (base_dir, None), QUANTIZED: (onnx_dir, None), FINE_TUNED: (onnx_dir, adapter_file)}
-    prompts = held_out[: settings.generation_samples]
-    gpu_memory = dict.fromkeys(VARIANTS)
-    if device == "gpu":
+    answer_prompts = held_out[: settings.generation_samples]
+    speed_prompts = held_out[: settings.speed_samples]
+    gpu_memory = dict.fromkeys(sources)
+    if target == "cuda":
         from olivepress.gpu_memory import variant_peak_mib
 
         with timed(phases, "gpu_memory"):
             for variant, (model_dir, adapter) in sources.items():
                 gpu_memory[variant] = variant_peak_mib(
-                    model_dir, adapter, prompts[0]["prompt"], text_template, settings.max_new_tokens
+                    model_dir, adapter, held_out[0]["prompt"], text_template, settings.speed_tokens
                 )
     models, peak_memory, prompt_ids, max_length = {}, {}, {}, {}
     can_measure_memory = peak_rss_reset()
+    longest = max(settings.max_new_tokens if answering else 0, settings.speed_tokens)
     with timed(phases, "load"):
         for variant, (model_dir, adapter) in sources.items():
             gc.collect()
@@ -187,66 +199,69 @@ def evaluate_models(
             peak_rss_reset()
             progress.update("evaluate", f"loading {variant}")
             models[variant] = open_model(model_dir, adapter)
+            # the prompts it answers or decodes for speed, whichever are more (the speed ones come first)
+            count = max(len(speed_prompts), len(answer_prompts) if variant in answering else 0)
+            prompts = held_out[:count]
             prompt_ids[variant] = [
-                prompt_token_ids(models[variant], pair["prompt"], text_template) for pair in prompts
+                prompt_token_ids(models[variant], p["prompt"], text_template) for p in prompts
             ]
             # one generator length for every prompt of the variant: with CUDA graphs the warm-up's capture is
             # then replayed by every later generation rather than each one capturing its own (see stream_generate)
-            max_length[variant] = max(map(len, prompt_ids[variant])) + settings.max_new_tokens
+            max_length[variant] = max(map(len, prompt_ids[variant])) + longest
             warm_up = prompt_ids[variant][0]
             stream_generate(
-                models[variant], warm_up, settings.max_new_tokens, lambda _text: None, max_length[variant]
+                models[variant], warm_up, settings.speed_tokens, lambda _text: None, max_length[variant]
             )
             peak_memory[variant] = rss_mib("VmHWM") - before if can_measure_memory else None
 
     with timed(phases, "loss"):
-        losses = {variant: response_loss(models[variant], held_out, text_template) for variant in VARIANTS}
+        losses = {variant: response_loss(models[variant], held_out, text_template) for variant in sources}
 
-    outputs: dict[str, list[str]] = {variant: [] for variant in VARIANTS}
-    first_token = {variant: [] for variant in VARIANTS}
-    generated = dict.fromkeys(VARIANTS, 0)
-    progress.update("evaluate", "generating, prompt", 0, len(prompts))
-    with timed(phases, "generate"):
-        for index in range(len(prompts)):
-            for variant in VARIANTS:
-                pieces: list[str] = []
-                ids = prompt_ids[variant][index]
-                stats = stream_generate(
-                    models[variant], ids, settings.max_new_tokens, pieces.append, max_length[variant]
-                )
-                outputs[variant].append("".join(pieces).strip())
-                first_token[variant].append(stats.time_to_first_token_s)
-                generated[variant] += stats.new_tokens
-            log.info("evaluate: generated for %d/%d held-out prompts", index + 1, len(prompts))
-            progress.update("evaluate", "generating, prompt", index + 1, len(prompts))
+    answers: dict[str, list[str]] = {variant: [] for variant in answering}
+    generated = dict.fromkeys(sources, 0)
+    if answering:
+        progress.update("evaluate", "answering, prompt", 0, len(answer_prompts))
+        with timed(phases, "generate"):
+            for index in range(len(answer_prompts)):
+                for variant in answering:
+                    pieces: list[str] = []
+                    stats = stream_generate(
+                        models[variant],
+                        prompt_ids[variant][index],
+                        settings.max_new_tokens,
+                        pieces.append,
+                        max_length[variant],
+                    )
+                    answers[variant].append("".join(pieces).strip())
+                    generated[variant] += stats.new_tokens
+                progress.update("evaluate", "answering, prompt", index + 1, len(answer_prompts))
 
-    decode_tokens = dict.fromkeys(VARIANTS, 0)
-    decode_seconds = dict.fromkeys(VARIANTS, 0.0)
+    first_token = {variant: [] for variant in sources}
+    decode_tokens = dict.fromkeys(sources, 0)
+    decode_seconds = dict.fromkeys(sources, 0.0)
     with timed(phases, "decode_speed"):
-        for index in range(min(settings.speed_samples, len(prompts))):
-            progress.update(
-                "evaluate", "decode speed, prompt", index + 1, min(settings.speed_samples, len(prompts))
-            )
-            for variant in VARIANTS:
-                ids = prompt_ids[variant][index]
+        for index in range(len(speed_prompts)):
+            progress.update("evaluate", "decode speed, prompt", index + 1, len(speed_prompts))
+            for variant in sources:  # interleaved: a burst of load slows every variant alike
                 stats = stream_generate(
                     models[variant],
-                    ids,
-                    settings.max_new_tokens,
+                    prompt_ids[variant][index],
+                    settings.speed_tokens,
                     lambda _text: None,
                     max_length[variant],
                     exact=True,
                 )
+                first_token[variant].append(stats.time_to_first_token_s)
                 decode_tokens[variant] += stats.new_tokens - 1
                 decode_seconds[variant] += stats.seconds - stats.time_to_first_token_s
 
-    references = [pair["response"] for pair in prompts]
+    references = [pair["response"] for pair in answer_prompts]
     return [
         VariantMetrics(
             variant=variant,
             loss=losses[variant],
             perplexity=math.exp(losses[variant]),
-            rouge_l=rouge_l(references, outputs[variant]),
+            rouge_l=rouge_l(references, answers[variant]) if variant in answering else None,
             decode_tokens_per_s=decode_tokens[variant] / decode_seconds[variant]
             if decode_seconds[variant]
             else 0.0,
@@ -258,6 +273,27 @@ def evaluate_models(
         )
         for variant, (model_dir, adapter) in sources.items()
     ]
+
+
+def machine_name(target: str) -> str:
+    """The hardware a target's speed is measured on: the GPU's name for cuda, the processor's model and the
+    cores this process may use for cpu. Part of both evaluation keys."""
+    import os
+    import platform
+
+    if target == "cuda":
+        import pynvml
+
+        from olivepress.gpu_memory import nvml_device
+
+        return f"cuda: {pynvml.nvmlDeviceGetName(nvml_device())}"
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"cpu: {model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def at_most(name: str, description: str, measured: float, limit: float) -> GateCheck:
@@ -299,49 +335,70 @@ def decide_gate(metrics: list[VariantMetrics], gate: GateSettings) -> GateDecisi
     return GateDecision(passed=all(check.passed for check in checks), checks=checks)
 
 
-def measure(
-    config: StepSettings,
+def measure_base(
+    settings: StepSettings,
     model_dir: Path,
-    onnx_dir: Path,
     held_out: list[dict],
+    target: str,
     out: Path,
     scratch_root: Path,
-    adapter_file: Path | None = None,
     base_ahead: BaseAhead | None = None,
 ) -> None:
-    """Build the base model in scratch space (it is ~3× the int4 model: measured, not kept), or take the one
-    ``base_ahead`` built while the earlier steps ran, measure the three variants, and write ``metrics.json``
-    into ``out``. The fine-tuned variant runs ``adapter_file``, by default the export's own adapter."""
-    from olivepress.genai import ADAPTER_FILE
+    """Build the base model for ``target`` in scratch space (it is ~3× the int4 model: measured, not kept),
+    or take the one ``base_ahead`` built while the earlier steps ran, measure it, and write ``base.json``
+    into ``out``."""
     from olivepress.tasks.optimize import build_base_model
 
     started = time.perf_counter()
-    phase_seconds: dict[str, float] = {}
+    phases: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="base-model-", dir=scratch_root) as scratch:
         progress.update("evaluate", "building the base model")
-        with timed(phase_seconds, "build_base"):  # with a build ahead: the wait for it
+        with timed(phases, "build_base"):  # with a build ahead: the wait for it
             base_dir = base_ahead.take() if base_ahead is not None else None
             if base_dir is None:
                 base_dir = Path(scratch)
                 build_base_model(
-                    model_dir, base_dir, config.device, config.optimize.cuda_graph, config.trust_remote_code
+                    model_dir,
+                    base_dir,
+                    target,
+                    settings.optimize.cuda_graph,
+                    settings.trust_remote_code,
                 )
-        metrics = evaluate_models(
-            base_dir,
-            onnx_dir,
-            adapter_file or onnx_dir / ADAPTER_FILE,
-            held_out,
-            config.evaluate,
-            config.text_template,
-            config.device,
-            phase_seconds,
+        [metrics] = measure_variants(
+            {BASE: (base_dir, None)}, held_out, settings.evaluate, settings.text_template, target, phases
         )
+    record = {"metrics": asdict(metrics), "seconds": time.perf_counter() - started, "phase_seconds": phases}
+    (out / BASE_FILE).write_text(json.dumps(record, indent=1))
+
+
+def measure(
+    settings: StepSettings,
+    onnx_dir: Path,
+    adapter_file: Path,
+    held_out: list[dict],
+    base_dir: Path,
+    target: str,
+    out: Path,
+) -> None:
+    """Measure the int4 model without and with ``adapter_file`` (the export's own, or another dataset's
+    .onnx_adapter for it), and write ``metrics.json`` into ``out``: the three variants side by side, the base
+    as ``evaluate_base`` measured it (in ``base_dir``)."""
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    base = json.loads((base_dir / BASE_FILE).read_text())
+    sources = {QUANTIZED: (onnx_dir, None), FINE_TUNED: (onnx_dir, adapter_file)}
+    metrics = measure_variants(
+        sources, held_out, settings.evaluate, settings.text_template, target, phases, (FINE_TUNED,)
+    )
     record = {
-        "metrics": [asdict(m) for m in metrics],
+        "target": target,
+        "metrics": [base["metrics"], *(asdict(m) for m in metrics)],
         "held_out_pairs": len(held_out),
-        "generation_prompts": min(len(held_out), config.evaluate.generation_samples),
+        "generation_prompts": min(len(held_out), settings.evaluate.generation_samples),
         "seconds": time.perf_counter() - started,
-        "phase_seconds": phase_seconds,
+        "phase_seconds": phases,
+        "base_seconds": base["seconds"],
+        "base_phase_seconds": base["phase_seconds"],
     }
     (out / METRICS_FILE).write_text(json.dumps(record, indent=1))
 
@@ -357,16 +414,48 @@ def read_evaluation(folder: Path, gate: GateSettings) -> Evaluation:
         generation_prompts=record["generation_prompts"],
         seconds=record["seconds"],
         phase_seconds=record.get("phase_seconds", {}),
+        target=record.get("target", "cpu"),
+        base_seconds=record.get("base_seconds"),
+        base_phase_seconds=record.get("base_phase_seconds", {}),
+    )
+
+
+BASE_STEP = Step(
+    "evaluate_base",
+    __name__,
+    inputs=("model_dir", "held_out", "target", "machine"),
+    # optimize, trust_remote_code: the base model is built as the export is
+    settings=("evaluate", "optimize", "text_template", "trust_remote_code"),
+    context=("base_ahead",),  # the base model built ahead (or None): the same model, sooner
+)
+
+
+@BASE_STEP.task
+def evaluate_base_task(
+    store: ArtifactStore,
+    key: str,
+    settings: StepSettings,
+    model_dir: Path,
+    held_out: list[dict],
+    target: str,
+    machine: str,
+    base_ahead: BaseAhead | None = None,
+) -> Manifest:
+    """The base model's measurements for ``target`` on ``machine`` (the hardware this process runs on)."""
+    return store.produce(
+        "evaluate_base",
+        key,
+        lambda out: measure_base(
+            settings, model_dir, held_out, target, out, store.scratch_root(), base_ahead
+        ),
     )
 
 
 STEP = Step(
     "evaluate",
     __name__,
-    inputs=("model_dir", "onnx_dir", "held_out"),
-    # optimize, trust_remote_code: the base model is built alike
-    settings=("evaluate", "optimize", "device", "text_template", "trust_remote_code"),
-    context=("base_ahead",),  # the base model built ahead (or None): the same model, sooner
+    inputs=("onnx_dir", "adapter_dir", "held_out", "base", "target", "machine"),
+    settings=("evaluate", "text_template"),
 )
 
 
@@ -375,56 +464,20 @@ def evaluate_task(
     store: ArtifactStore,
     key: str,
     settings: StepSettings,
-    model_dir: Path,
-    onnx_dir: Path,
-    held_out: list[dict],
-    base_ahead: BaseAhead | None = None,
-) -> Manifest:
-    """The held-out measurements for ``key``; the gate thresholds are not part of it (see read_evaluation)."""
-    return store.produce(
-        "evaluate",
-        key,
-        lambda out: measure(
-            settings, model_dir, onnx_dir, held_out, out, store.scratch_root(), base_ahead=base_ahead
-        ),
-    )
-
-
-ADAPTER_STEP = Step(
-    "evaluate_adapter",
-    __name__,
-    inputs=("model_dir", "onnx_dir", "adapter_dir", "held_out"),
-    settings=STEP.settings,
-    context=STEP.context,
-)
-
-
-@ADAPTER_STEP.task
-def evaluate_adapter_task(
-    store: ArtifactStore,
-    key: str,
-    settings: StepSettings,
-    model_dir: Path,
     onnx_dir: Path,
     adapter_dir: Path,
     held_out: list[dict],
-    base_ahead: BaseAhead | None = None,
+    base: Path,
+    target: str,
+    machine: str,
 ) -> Manifest:
-    """One dataset's adapter (``adapter_dir``'s .onnx_adapter: the export's own, or one written for it by
-    export_adapter) measured on that dataset's held-out pairs, in a run with several datasets."""
+    """One dataset's adapter (``adapter_dir``'s .onnx_adapter: the export's own, or one export_adapter wrote
+    for it) on the ``target`` export in ``onnx_dir``, measured on that dataset's held-out pairs beside the
+    base's measurements in ``base``; the gate's limits are not part of the key (see read_evaluation)."""
     from olivepress.genai import ADAPTER_FILE
 
     return store.produce(
-        "evaluate_adapter",
+        "evaluate",
         key,
-        lambda out: measure(
-            settings,
-            model_dir,
-            onnx_dir,
-            held_out,
-            out,
-            store.scratch_root(),
-            adapter_dir / ADAPTER_FILE,
-            base_ahead,
-        ),
+        lambda out: measure(settings, onnx_dir, adapter_dir / ADAPTER_FILE, held_out, base, target, out),
     )

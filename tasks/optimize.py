@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from olivepress import progress
+from olivepress.config import Target
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE, edit_genai_config
 from olivepress.lora_graph import Branch, LoraMatrices
@@ -38,7 +39,7 @@ from olivepress.store import ArtifactStore, Manifest
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-EXECUTION_PROVIDERS = {"cpu": "cpu", "gpu": "cuda"}
+EXECUTION_PROVIDERS = {"cpu": "cpu", "cuda": "cuda"}  # target → the builder's execution provider
 # Tied or not, the embedding and LM head stay float as in the checkpoint: rounding them would add an error
 # the quantize step never measured. Every other MatMul comes from the checkpoint already in int4.
 FLOAT_NODES = ("/lm_head/MatMul", "/model/embed_tokens/Gather")
@@ -58,7 +59,7 @@ def export_onnx(
     checkpoint_dir: Path,
     adapter_dir: Path | None,
     out_dir: Path,
-    device: Literal["cpu", "gpu"] = "cpu",
+    target: Target = "cpu",
     accuracy_level: int | None = None,
     cuda_graph: bool = False,
     trust_remote_code: bool = False,
@@ -66,29 +67,30 @@ def export_onnx(
 ) -> ExportResult:
     """Write genai_config.json, the int4 model, tokenizer files and (given an adapter) the adapter file.
 
-    ``accuracy_level`` is MatMulNBits' compute type; None keeps the builder's default for the device: on
+    ``target`` is the runtime the model is built for (cpu or cuda); building needs no GPU.
+    ``accuracy_level`` is MatMulNBits' compute type; None keeps the builder's default for the target: on
     CPU 4, int8 activations, the fastest; 1 computes in float32, the dequantized PyTorch model's math.
-    ``cuda_graph`` (device gpu only) has the runtime capture decoding in CUDA graphs. ``lora_kernel``
-    (device gpu only) is ``optimize.lora_kernel``: whether the branches are olivepress's CUDA operators.
+    ``cuda_graph`` (cuda only) has the runtime capture decoding in CUDA graphs. ``lora_kernel`` (cuda only)
+    is ``optimize.lora_kernel``: whether the branches are olivepress's CUDA operators.
     """
-    if device not in EXECUTION_PROVIDERS:
-        raise UserError(f"device must be one of {sorted(EXECUTION_PROVIDERS)}, not {device!r}")
+    if target not in EXECUTION_PROVIDERS:
+        raise UserError(f"target must be one of {sorted(EXECUTION_PROVIDERS)}, not {target!r}")
     started = time.perf_counter()
     lora = read_lora(adapter_dir) if adapter_dir is not None else {}
     progress.update("optimize", "exporting the int4 model")
     build_int4_model(
         checkpoint_dir,
         out_dir,
-        EXECUTION_PROVIDERS[device],
+        EXECUTION_PROVIDERS[target],
         accuracy_level=accuracy_level,
-        cuda_graph=cuda_graph and device == "gpu",
+        cuda_graph=cuda_graph and target == "cuda",
         trust_remote_code=trust_remote_code,
     )
     adapter_file = None
     if lora:
         model, branches = graph_and_branches(out_dir, checkpoint_dir, lora)
         adapter_file = out_dir / ADAPTER_FILE
-        library = lora_add_library(out_dir, lora_kernel) if device == "gpu" else None
+        library = lora_add_library(out_dir, lora_kernel) if target == "cuda" else None
         progress.update("optimize", "adding the LoRA adapter")
         add_lora_branches(model, branches, out_dir, lora_add=library is not None)
         if library is not None:
@@ -128,21 +130,21 @@ def build_int4_model(
 def build_base_model(
     model_dir: Path,
     out_dir: Path,
-    device: Literal["cpu", "gpu"] = "cpu",
+    target: Target = "cpu",
     cuda_graph: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
     """The unquantized model through the same builder and runtime (fp32 on CPU, fp16 on CUDA, CUDA graphs
     as the int4 model has them): the baseline evaluate compares loss, speed and size against, runtime for
     runtime."""
-    precision = "fp16" if device == "gpu" else "fp32"
+    precision = "fp16" if target == "cuda" else "fp32"
     run_model_builder(
         model_dir,
         out_dir,
         precision,
-        EXECUTION_PROVIDERS[device],
+        EXECUTION_PROVIDERS[target],
         [],
-        cuda_graph and device == "gpu",
+        cuda_graph and target == "cuda",
         trust_remote_code,
     )
     return out_dir
@@ -549,24 +551,30 @@ def add_lora_branches(model, branches: list[Branch], out_dir: Path, *, lora_add:
 STEP = Step(
     "optimize",
     __name__,
-    inputs=("checkpoint_dir", "adapter_dir"),
-    settings=("optimize", "device", "text_template", "trust_remote_code"),
+    inputs=("checkpoint_dir", "adapter_dir", "target"),
+    settings=("optimize", "text_template", "trust_remote_code"),
     tags=("onnx",),
 )
 
 
 @STEP.task
 def optimize_task(
-    store: ArtifactStore, key: str, settings: StepSettings, checkpoint_dir: Path, adapter_dir: Path
+    store: ArtifactStore,
+    key: str,
+    settings: StepSettings,
+    checkpoint_dir: Path,
+    adapter_dir: Path,
+    target: Target,
 ) -> Manifest:
-    """The ONNX folder for ``key``, with the prompt format chat needs to match training."""
+    """The ONNX folder for ``key``, built for ``target``, with the prompt format chat needs to match
+    training."""
 
     def compute(out: Path) -> None:
         export_onnx(
             checkpoint_dir,
             adapter_dir,
             out,
-            device=settings.device,
+            target=target,
             cuda_graph=settings.optimize.cuda_graph,
             trust_remote_code=settings.trust_remote_code,
             lora_kernel=settings.optimize.lora_kernel,

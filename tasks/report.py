@@ -1,8 +1,10 @@
 """The run report: one markdown page with plots, written into the run folder and published as Prefect artifacts.
 
-The same page serves both readers: ``report/report.md`` beside its PNGs for someone with only the run
-folder, and on the flow run's Artifacts tab (markdown with the plots inlined, a metrics table, the gate
-record) for the data team in the Prefect UI.
+One page for every run, whatever its datasets and targets: the adapters × targets side by side, then each
+dataset's data, and each target's measurements, comparison plot and gate. The same page serves both
+readers: ``report/report.md`` beside its PNGs for someone with only the run folder, and on the flow run's
+Artifacts tab (markdown with the plots inlined, a metrics table, the gate records) for the data team in the
+Prefect UI.
 """
 
 from __future__ import annotations
@@ -29,32 +31,108 @@ METRICS_KEY = "olivepress-metrics"
 GATE_KEY = "olivepress-gate"
 VALIDATION_KEY = "olivepress-validation"
 LOSS_PLOT = "training_loss.png"
-COMPARISON_PLOT = "comparison.png"
 TRAINING_MEMORY = "training_memory.json"
 MAX_ISSUES_SHOWN = 50
 
 
 @dataclass(frozen=True)
+class TargetOutcome:
+    """One adapter on one target: its measurements, and why it failed if it did (export, evaluation,
+    gate)."""
+
+    target: str
+    evaluation: Evaluation | None = None
+    failure: str | None = None
+
+
+@dataclass(frozen=True)
+class AdapterOutcome:
+    """One dataset's way through the run: its data, its training, each target's outcome, and why it failed
+    before any target if it did (bad data, a failed training)."""
+
+    name: str
+    data: str
+    data_sha256: str
+    n_records: int = 0
+    n_warnings: int = 0
+    train_pairs: int = 0
+    held_out_pairs: int = 0
+    loss_history: list[dict[str, Any]] = field(default_factory=list)
+    # torch's peak GPU memory in training (finetune's training_memory.json); None when not measured
+    training_memory: dict[str, Any] | None = None
+    targets: list[TargetOutcome] = field(default_factory=list)
+    failure: str | None = None
+
+    def results(self) -> list[tuple[str, TargetOutcome | None, str | None]]:
+        """(target, its outcome, why it failed) for every target; a failure before the targets fails each."""
+        if not self.targets:
+            return [("-", None, self.failure)]
+        return [(t.target, t, self.failure or t.failure) for t in self.targets]
+
+
+@dataclass(frozen=True)
 class ReportInputs:
     config: RunConfig
-    data_sha256: str
-    n_records: int
-    n_warnings: int
-    train_pairs: int
-    held_out_pairs: int
+    outcomes: list[AdapterOutcome]
     steps: list[dict[str, Any]]  # the flow's StepRecords as dicts
-    loss_history: list[dict[str, Any]]  # {"step", "loss"} per training step
-    evaluation: Evaluation
     flow_run_id: str | None
-    # torch's peak GPU memory in training (finetune's training_memory.json); None for an older adapter
-    training_memory: dict[str, Any] | None = None
+
+    def failures(self) -> list[tuple[str, str, str]]:
+        """(adapter, target, why) of every adapter × target that failed."""
+        return [(o.name, t, why) for o in self.outcomes for t, _, why in o.results() if why]
+
+    def verdict(self) -> str:
+        """The headline: the gate's verdict for one adapter on one target, else how many passed."""
+        results = [result for outcome in self.outcomes for result in outcome.results()]
+        failed = len(self.failures())
+        if len(results) == 1:
+            return "gate passed" if not failed else "gate FAILED"
+        return f"{len(results) - failed} of {len(results)} adapter × target results passed"
+
+
+def comparison_plot(adapter: str, target: str) -> str:
+    return f"comparison_{adapter}_{target}.png"
 
 
 def metrics_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     """One row per variant, rounded for reading (only the report's page, tables and ``metrics.json`` are
     rounded; evaluation.json and the registry's lineage keep the raw values). GPU memory is a column only
-    when it was measured (a GPU run)."""
+    when it was measured (the cuda target)."""
     return display_rows([asdict(m) for m in evaluation.metrics])
+
+
+def result_rows(outcomes: list[AdapterOutcome]) -> list[dict[str, Any]]:
+    """The adapters × targets side by side: each fine-tuned model (int4 + its adapter) on its own held-out
+    split and its target's runtime, rounded for reading, with the base's loss and speed beside it and the
+    verdict."""
+    rows = []
+    for outcome in outcomes:
+        for target, result, failure in outcome.results():
+            evaluation = result.evaluation if result else None
+            metrics = {m.variant: m for m in evaluation.metrics} if evaluation else {}
+            tuned = display_rows([asdict(metrics["fine-tuned"])])[0] if "fine-tuned" in metrics else {}
+            base = metrics.get("base")
+            speedup = (
+                round(metrics["fine-tuned"].decode_tokens_per_s / base.decode_tokens_per_s, 2)
+                if base and base.decode_tokens_per_s
+                else None
+            )
+            rows.append(
+                {
+                    "adapter": outcome.name,
+                    "target": target,
+                    "held_out": outcome.held_out_pairs or None,
+                    "loss": tuned.get("loss"),
+                    "base_loss": round(base.loss, 4) if base else None,
+                    "perplexity": tuned.get("perplexity"),
+                    "rouge_l": tuned.get("rouge_l"),
+                    "decode_tok_s": tuned.get("decode_tok_s"),
+                    "speedup": speedup,
+                    "size_mb": tuned.get("size_mb"),
+                    "result": "passed" if failure is None else "failed",
+                }
+            )
+    return rows
 
 
 def training_gpu_peak(training_memory: dict[str, Any] | None) -> str | None:
@@ -76,15 +154,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_training_loss(loss_history: list[dict[str, Any]], path: Path) -> None:
+def plot_training_loss(outcomes: list[AdapterOutcome], path: Path) -> None:
+    """Every adapter's training loss in one plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.2), dpi=100)
-    axes.plot([row["step"] for row in loss_history], [row["loss"] for row in loss_history], marker=".")
+    for outcome in outcomes:
+        if outcome.loss_history:
+            steps = [row["step"] for row in outcome.loss_history]
+            axes.plot(steps, [row["loss"] for row in outcome.loss_history], marker=".", label=outcome.name)
     axes.set(xlabel="training step", ylabel="loss", title="LoRA training loss")
+    if len(outcomes) > 1:
+        axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
@@ -110,23 +194,103 @@ def plot_comparison(evaluation: Evaluation, path: Path) -> None:
         axis.bar_label(bars, fmt="%.3g")
         axis.set_title(title, fontsize=10)
         axis.margins(y=0.15)
+    figure.suptitle(f"{evaluation.target} target", fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
 
 
 def evaluate_phases(evaluation: Evaluation) -> str:
-    """Where evaluate's measurement spent its time, as a sentence under the steps table ("" if unrecorded)."""
+    """Where evaluate's measurement spent its time, as a sentence ("" if unrecorded)."""
     if not evaluation.phase_seconds:
         return ""
     parts = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in evaluation.phase_seconds.items())
-    return f"\n\nEvaluate's measurement ({evaluation.seconds:.1f} s): {parts}."
+    text = f"\n\nEvaluate's measurement ({evaluation.seconds:.1f} s): {parts}."
+    if evaluation.base_phase_seconds:
+        base = ", ".join(
+            f"{phase} {seconds:.1f} s" for phase, seconds in evaluation.base_phase_seconds.items()
+        )
+        text += f" The base's ({evaluation.base_seconds:.1f} s, reused while its inputs hold): {base}."
+    return text
+
+
+def gate_table(evaluation: Evaluation) -> str:
+    return markdown_table(
+        [
+            {
+                "check": c.name,
+                "measured": f"{c.measured:.4g}",
+                "limit": f"{c.limit:.4g}",
+                "verdict": "pass" if c.passed else "**FAIL**",
+            }
+            for c in evaluation.gate.checks
+        ]
+    )
+
+
+def dataset_section(outcome: AdapterOutcome, seed: int, image: dict[str, str], heading: str) -> str:
+    """One dataset: its data and split, then each target's measurements, comparison plot and gate."""
+    lines = [
+        f"{heading}\n\n"
+        f"- File `{outcome.data}`, SHA-256 `{outcome.data_sha256}`.\n"
+        f"- Validation: valid, {outcome.n_records} records, {outcome.n_warnings} warnings (see validation.txt).\n"
+        f"- Split by prompt (seed {seed}): {outcome.train_pairs} training pairs, {outcome.held_out_pairs} "
+        "held out."
+    ]
+    for target in outcome.targets:
+        evaluation = target.evaluation
+        if evaluation is None:
+            continue
+        lines.append(
+            f"{heading}#"
+            + f" {target.target} target: gate {'passed' if evaluation.gate.passed else 'FAILED'}\n\n"
+            + markdown_table(metrics_rows(evaluation))
+            + f"\n\n![comparison]({image[comparison_plot(outcome.name, target.target)]})\n\n"
+            + gate_table(evaluation)
+            + evaluate_phases(evaluation)
+        )
+    return "\n\n".join(lines)
 
 
 def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
     """The report page; ``image`` maps each plot's file name to what the page links (a path or data URI)."""
-    config, evaluation = inputs.config, inputs.evaluation
-    gate = evaluation.gate
+    config, outcomes = inputs.config, inputs.outcomes
+    model = str(config.model) if config.model else "SmolLM2-135M-Instruct (default)"
+    sections = [
+        f"# olivepress run: {inputs.verdict()}",
+        f"Model `{model}`, computed on {config.device}, built for {', '.join(config.targets)}; flow run "
+        f"`{inputs.flow_run_id or '-'}`.",
+        "## Results\n\n"
+        + markdown_table(result_rows(outcomes))
+        + "\n\nEach adapter on the int4 model of each target, measured on its own dataset's held-out pairs "
+        "in that target's runtime (cpu: this machine's cores, against the fp32 base; cuda: the GPU, against "
+        "the fp16 base). Loss is teacher-forced over every held-out response's tokens (base_loss: the "
+        "unquantized model on the same pairs); ROUGE-L F1 of the fine-tuned model's greedy answers; decode "
+        "speed from a fixed decode of equal length per variant (speedup: ÷ the base's); size: the int4 model "
+        "and the adapter file.",
+    ]
+    if failures := inputs.failures():
+        sections.append(
+            "## Failed\n\n" + "\n".join(f"- `{name}` ({target}): {why}" for name, target, why in failures)
+        )
+    single = len(outcomes) == 1
+    for outcome in outcomes:
+        if outcome.n_records:
+            heading = "## Data" if single else f"## {outcome.name}"
+            sections.append(dataset_section(outcome, config.seed, image, heading))
+    trained = [outcome for outcome in outcomes if outcome.loss_history]
+    notes = [f"{o.name}: {peak}." for o in outcomes if (peak := training_gpu_peak(o.training_memory))]
+    if trained:
+        summaries = [
+            f"{o.name}: {len(o.loss_history)} steps, loss {o.loss_history[0]['loss']:.3f} → "
+            f"{o.loss_history[-1]['loss']:.3f}."
+            for o in trained
+        ]
+        sections.append(
+            "## Training\n\n"
+            + "\n".join(f"- {line}" for line in summaries + notes)
+            + f"\n\n![training loss]({image[LOSS_PLOT]})"
+        )
     step_rows = [
         {
             "step": s["step"],
@@ -136,182 +300,18 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
         }
         for s in inputs.steps
     ]
-    gate_rows = [
-        {
-            "check": c.name,
-            "measured": f"{c.measured:.4g}",
-            "limit": f"{c.limit:.4g}",
-            "verdict": "pass" if c.passed else "**FAIL**",
-        }
-        for c in gate.checks
-    ]
-    model = str(config.model) if config.model else "SmolLM2-135M-Instruct (default)"
-    gpu_peak = training_gpu_peak(inputs.training_memory)
-    training_notes = f"\n\n{gpu_peak}." if gpu_peak else ""
-    return "\n\n".join(
-        [
-            f"# olivepress run: gate {'passed' if gate.passed else 'FAILED'}",
-            f"Model `{model}` on `{Path(str(config.data)).name}` ({config.device}); flow run `{inputs.flow_run_id or '-'}`.",
-            "## Data\n\n"
-            f"- File `{config.data}`, SHA-256 `{inputs.data_sha256}`.\n"
-            f"- Validation: valid, {inputs.n_records} records, {inputs.n_warnings} warnings (see validation.txt).\n"
-            f"- Split by prompt (seed {config.seed}): {inputs.train_pairs} training pairs, "
-            f"{inputs.held_out_pairs} held out. ROUGE-L and decode speed come from greedy generations for "
-            f"{evaluation.generation_prompts} of the held-out prompts.",
-            "## Steps\n\n" + markdown_table(step_rows) + evaluate_phases(evaluation),
-            "## Metrics on held-out data\n\n"
-            + markdown_table(metrics_rows(evaluation))
-            + "\n\nbase: the unquantized model in the same runtime; quantized: int4, adapter off; "
-            "fine-tuned: int4 with the LoRA adapter. Loss is teacher-forced over response tokens; ROUGE-L F1 "
-            "of greedy generations against the references.",
-            f"![comparison]({image[COMPARISON_PLOT]})",
-            "## Gate\n\n" + markdown_table(gate_rows),
-            "## Training\n\n"
-            f"{len(inputs.loss_history)} steps, loss {inputs.loss_history[0]['loss']:.3f} → "
-            f"{inputs.loss_history[-1]['loss']:.3f}.{training_notes}\n\n![training loss]({image[LOSS_PLOT]})"
-            if inputs.loss_history
-            else f"## Training\n\nNo loss history.{training_notes}",
-        ]
-    )
-
-
-@dataclass(frozen=True)
-class AdapterOutcome:
-    """One dataset's branch in a run with several: what it trained and measured, and why it failed if it
-    did (bad data, a failed training or export, the gate)."""
-
-    name: str
-    data: str
-    data_sha256: str
-    train_pairs: int = 0
-    held_out_pairs: int = 0
-    loss_history: list[dict[str, Any]] = field(default_factory=list)
-    evaluation: Evaluation | None = None
-    failure: str | None = None
-
-
-def adapter_rows(outcomes: list[AdapterOutcome]) -> list[dict[str, Any]]:
-    """The adapters side by side: each fine-tuned (int4 + its adapter) on its own held-out split, rounded for
-    reading, with the base's loss on that split and the verdict."""
-    rows = []
-    for outcome in outcomes:
-        metrics = {m.variant: m for m in outcome.evaluation.metrics} if outcome.evaluation else {}
-        tuned = display_rows([asdict(metrics["fine-tuned"])])[0] if "fine-tuned" in metrics else {}
-        rows.append(
-            {
-                "adapter": outcome.name,
-                "held_out": outcome.held_out_pairs or None,
-                "loss": tuned.get("loss"),
-                "base_loss": round(metrics["base"].loss, 4) if "base" in metrics else None,
-                "perplexity": tuned.get("perplexity"),
-                "rouge_l": tuned.get("rouge_l"),
-                "decode_tok_s": tuned.get("decode_tok_s"),
-                "size_mb": tuned.get("size_mb"),
-                "result": "registered" if outcome.failure is None else "failed",
-            }
-        )
-    return rows
-
-
-def plot_adapter_losses(outcomes: list[AdapterOutcome], path: Path) -> None:
-    """Every adapter's training loss in one plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for outcome in outcomes:
-        if outcome.loss_history:
-            steps = [row["step"] for row in outcome.loss_history]
-            axes.plot(steps, [row["loss"] for row in outcome.loss_history], marker=".", label=outcome.name)
-    axes.set(xlabel="training step", ylabel="loss", title="LoRA training loss per adapter")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
-@dataclass(frozen=True)
-class AdaptersReportInputs:
-    """What the report of a run with several datasets shows."""
-
-    config: RunConfig
-    outcomes: list[AdapterOutcome]
-    steps: list[dict[str, Any]]  # the flow's StepRecords as dicts
-    flow_run_id: str | None
-
-
-def render_adapters_markdown(inputs: AdaptersReportInputs, image: str) -> str:
-    """The report page of a run with several datasets; ``image`` is what the page links for the loss plot."""
-    config, outcomes = inputs.config, inputs.outcomes
-    failed = [outcome for outcome in outcomes if outcome.failure]
-    model = str(config.model) if config.model else "SmolLM2-135M-Instruct (default)"
-    title = f"{len(outcomes) - len(failed)} of {len(outcomes)} adapters passed"
-    sections = [
-        f"# olivepress run: {title}",
-        f"Model `{model}`, one int4 base and an adapter per dataset ({config.device}); flow run "
-        f"`{inputs.flow_run_id or '-'}`.",
-        "## Adapters\n\n"
-        + markdown_table(adapter_rows(outcomes))
-        + "\n\nEach adapter on the int4 base, measured on its own dataset's held-out pairs (loss "
-        "teacher-forced over response tokens; base_loss: the unquantized model on the same pairs; ROUGE-L F1 "
-        "of greedy generations; size: the int4 model and the adapter file).",
-        f"![training loss per adapter]({image})",
-    ]
-    if failed:
-        sections.append(
-            "## Failed\n\n" + "\n".join(f"- `{outcome.name}`: {outcome.failure}" for outcome in failed)
-        )
-    for outcome in outcomes:
-        if outcome.evaluation is None:
-            continue
-        sections.append(
-            f"## {outcome.name}\n\n"
-            f"`{outcome.data}` (SHA-256 `{outcome.data_sha256}`): {outcome.train_pairs} training pairs, "
-            f"{outcome.held_out_pairs} held out.\n\n"
-            + markdown_table(metrics_rows(outcome.evaluation))
-            + f"\n\n```\n{outcome.evaluation.gate.to_text()}\n```"
-        )
-    step_rows = [
-        {"step": s["step"], "status": s["status"], "seconds": round(s["seconds"], 1)} for s in inputs.steps
-    ]
     sections.append("## Steps\n\n" + markdown_table(step_rows))
     return "\n\n".join(sections)
 
 
-def write_adapters_report(inputs: AdaptersReportInputs, report_dir: Path) -> Path:
-    """report.md, the loss plot and adapters.json (the side-by-side rows) of a run with several datasets."""
-    with atomic_dir(report_dir) as staging:
-        plot_adapter_losses(inputs.outcomes, staging / LOSS_PLOT)
-        markdown = render_adapters_markdown(inputs, LOSS_PLOT)
-        (staging / "report.md").write_text(markdown + "\n", encoding="utf-8")
-        (staging / "adapters.json").write_text(json.dumps(adapter_rows(inputs.outcomes), indent=1))
-    return report_dir
-
-
-@task(name="report", retries=0, cache_policy=NO_CACHE, tags=["olivepress"])
-def adapters_report_task(inputs: AdaptersReportInputs, report_dir: Path) -> Path:
-    """The report of a run with several datasets, in the run folder and as the flow run's artifacts."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    write_adapters_report(inputs, report_dir)
-    page = render_adapters_markdown(inputs, data_uri(report_dir / LOSS_PLOT))
-    create_markdown_artifact(key=REPORT_KEY, markdown=page, description="olivepress run report")
-    create_table_artifact(
-        key=METRICS_KEY, table=adapter_rows(inputs.outcomes), description="held-out metrics per adapter"
-    )
-    failed = [outcome.name for outcome in inputs.outcomes if outcome.failure]
-    create_markdown_artifact(
-        key=GATE_KEY,
-        markdown="\n\n".join(
-            f"**{outcome.name}**\n\n```\n{outcome.evaluation.gate.to_text() if outcome.evaluation else outcome.failure}\n```"
-            for outcome in inputs.outcomes
-        ),
-        description=f"failed: {', '.join(failed)}" if failed else "every adapter passed",
-    )
-    return report_dir
+def plots(inputs: ReportInputs) -> list[tuple[str, Evaluation]]:
+    """(file name, evaluation) of every comparison plot the page shows."""
+    return [
+        (comparison_plot(outcome.name, target.target), target.evaluation)
+        for outcome in inputs.outcomes
+        for target in outcome.targets
+        if target.evaluation is not None
+    ]
 
 
 def data_uri(path: Path) -> str:
@@ -319,42 +319,58 @@ def data_uri(path: Path) -> str:
 
 
 def write_report(inputs: ReportInputs, report_dir: Path) -> Path:
-    """Write report.md, its plots, metrics.json, gate.json and (from a GPU run) training_memory.json into
-    ``report_dir`` (whole or not at all)."""
+    """Write report.md, its plots, results.json (the side-by-side rows), metrics.json (every variant's row
+    per adapter and target), gate.json and, when measured, training_memory.json into ``report_dir`` (whole
+    or not at all)."""
     with atomic_dir(report_dir) as staging:
-        plot_comparison(inputs.evaluation, staging / COMPARISON_PLOT)
-        if inputs.loss_history:
-            plot_training_loss(inputs.loss_history, staging / LOSS_PLOT)
-        markdown = render_markdown(inputs, {COMPARISON_PLOT: COMPARISON_PLOT, LOSS_PLOT: LOSS_PLOT})
+        names = [LOSS_PLOT]
+        plot_training_loss(inputs.outcomes, staging / LOSS_PLOT)
+        for name, evaluation in plots(inputs):
+            plot_comparison(evaluation, staging / name)
+            names.append(name)
+        markdown = render_markdown(inputs, {name: name for name in names})
         (staging / "report.md").write_text(markdown + "\n", encoding="utf-8")
-        (staging / "metrics.json").write_text(json.dumps(metrics_rows(inputs.evaluation), indent=1))
-        (staging / "gate.json").write_text(json.dumps(inputs.evaluation.to_dict()["gate"], indent=1))
-        if training_gpu_peak(inputs.training_memory):
-            (staging / TRAINING_MEMORY).write_text(json.dumps(inputs.training_memory, indent=1))
+        (staging / "results.json").write_text(json.dumps(result_rows(inputs.outcomes), indent=1))
+        metrics, gates, memory = [], {}, {}
+        for outcome in inputs.outcomes:
+            for target in outcome.targets:
+                if target.evaluation is not None:
+                    where = {"adapter": outcome.name, "target": target.target}
+                    metrics += [where | row for row in metrics_rows(target.evaluation)]
+                    gates[f"{outcome.name}/{target.target}"] = asdict(target.evaluation.gate)
+            if training_gpu_peak(outcome.training_memory):
+                memory[outcome.name] = outcome.training_memory
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (staging / "gate.json").write_text(json.dumps(gates, indent=1))
+        if memory:
+            (staging / TRAINING_MEMORY).write_text(json.dumps(memory, indent=1))
     return report_dir
 
 
 def publish_report(inputs: ReportInputs, report_dir: Path) -> None:
-    """The report as flow-run artifacts: the page (plots inlined), the metrics table and the gate record."""
+    """The report as flow-run artifacts: the page (plots inlined), the results table and the gate records."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    images = {
-        name: data_uri(report_dir / name)
-        for name in (COMPARISON_PLOT, LOSS_PLOT)
-        if (report_dir / name).is_file()
-    }
-    images.setdefault(LOSS_PLOT, "")
-    gate = inputs.evaluation.gate
+    images = {path.name: data_uri(path) for path in report_dir.glob("*.png")}
     create_markdown_artifact(
         key=REPORT_KEY, markdown=render_markdown(inputs, images), description="olivepress run report"
     )
     create_table_artifact(
-        key=METRICS_KEY, table=metrics_rows(inputs.evaluation), description="held-out metrics per variant"
+        key=METRICS_KEY,
+        table=result_rows(inputs.outcomes),
+        description="held-out metrics per adapter and target",
     )
+    records = []
+    for outcome in inputs.outcomes:
+        for target, result, failure in outcome.results():
+            evaluation = result.evaluation if result else None
+            text = evaluation.gate.to_text() if evaluation else failure
+            records.append(f"**{outcome.name}** ({target})\n\n```\n{text}\n```")
+    failed = sorted({name for name, _, _ in inputs.failures()})
     create_markdown_artifact(
         key=GATE_KEY,
-        markdown=f"```\n{gate.to_text()}\n```",
-        description=f"gate {'passed' if gate.passed else 'failed'}",
+        markdown="\n\n".join(records),
+        description=f"failed: {', '.join(failed)}" if failed else "every adapter passed on every target",
     )
 
 
@@ -378,6 +394,7 @@ def publish_validation_failure(report: ValidationReport) -> None:
 
 @task(name="report", retries=0, cache_policy=NO_CACHE, tags=["olivepress"])
 def report_task(inputs: ReportInputs, report_dir: Path) -> Path:
+    """The run's report, in the run folder and as the flow run's artifacts."""
     write_report(inputs, report_dir)
     publish_report(inputs, report_dir)
     return report_dir

@@ -71,13 +71,13 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
     run_dir = new_run_dir(config)
     with caplog.at_level(logging.INFO, logger="olivepress.base_ahead"):
         result = olivepress_flow(config, run_dir)
-    assert "building the base model ahead" in caplog.text and "failed" not in caplog.text
+    assert "building the cpu base model ahead" in caplog.text and "failed" not in caplog.text
 
-    onnx_dir = run_dir / "onnx"
-    assert result["onnx"] == str(onnx_dir)
+    onnx_dir = run_dir / "onnx" / "cpu"  # the default target's export
+    assert result["exports"] == {"cpu": str(onnx_dir)}
     assert (onnx_dir / "genai_config.json").is_file()
     assert list(onnx_dir.glob("*.onnx_adapter"))
-    named = run_dir / "adapters" / "travel_sample.onnx_adapter"  # the adapter by its dataset's name
+    named = run_dir / "adapters" / "cpu" / "travel_sample.onnx_adapter"  # the adapter by its dataset's name
     assert named.resolve() == (onnx_dir / "adapter_weights.onnx_adapter").resolve()
     assert (run_dir / "quantized" / "config.json").is_file()
     losses = json.loads((run_dir / "adapter" / "loss_history.json").read_text())
@@ -85,7 +85,16 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(s["step"], s["status"]) for s in summary] == [
         (step, "completed")
-        for step in ("validate", "quantize", "finetune", "optimize", "evaluate", "report", "register")
+        for step in (
+            "validate",
+            "quantize",
+            "finetune",
+            "optimize",
+            "evaluate_base",
+            "evaluate",
+            "report",
+            "register",
+        )
     ]
     assert not list(run_dir.glob(".tmp-*")), "no staging folder is left behind"
     cache = tmp_path / "cache"
@@ -103,10 +112,12 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
         {p["prompt"] for p in held_out}
     )
 
-    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    evaluation = json.loads((run_dir / "evaluations" / "cpu" / "evaluation.json").read_text())
     assert [m["variant"] for m in evaluation["metrics"]] == ["base", "quantized", "fine-tuned"]
-    assert evaluation["gate"]["passed"] is True
-    assert list(evaluation["phase_seconds"]) == ["build_base", "load", "loss", "generate", "decode_speed"]
+    assert [m["rouge_l"] is None for m in evaluation["metrics"]] == [True, True, False], "only it answers"
+    assert evaluation["gate"]["passed"] is True and evaluation["target"] == "cpu"
+    assert list(evaluation["phase_seconds"]) == ["load", "loss", "generate", "decode_speed"]
+    assert list(evaluation["base_phase_seconds"]) == ["build_base", "load", "loss", "decode_speed"]
     assert {c["name"] for c in evaluation["gate"]["checks"]} == {"perplexity_ratio", "speedup", "size_ratio"}
     report = (run_dir / "report" / "report.md").read_text()
     assert "gate passed" in report
@@ -120,15 +131,18 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
     assert lineage["gate"]["passed"] is True
     assert lineage["metrics"] == evaluation["metrics"], "the raw measurements, unrounded"
     assert lineage["gate"] == evaluation["gate"]
+    assert lineage["targets"] == {"cpu": {"metrics": evaluation["metrics"], "gate": evaluation["gate"]}}
     assert lineage["flow_run_id"]
-    assert (entry / "model" / "adapter_weights.onnx_adapter").is_file()
+    assert (entry / "model" / "cpu" / "adapter_weights.onnx_adapter").is_file()
+    assert (entry / "adapters" / "cpu" / "travel_sample.onnx_adapter").is_file()
     assert (entry / "report" / "report.md").is_file()
 
     artifacts = read_flow_run_artifacts(lineage["flow_run_id"])
     assert {"olivepress-report", "olivepress-metrics", "olivepress-gate"} <= set(artifacts)
     assert "data:image/png;base64," in artifacts["olivepress-report"].data
 
-    again = register_model(config, tiny_model_dir, {"model": onnx_dir, "report": run_dir / "report"}, lineage)
+    parts = {"model": run_dir / "registered" / "model", "adapters": run_dir / "adapters"}
+    again = register_model(config, tiny_model_dir, {**parts, "report": run_dir / "report"}, lineage)
     assert (again.version, again.reused) == ("1", True), "the same content is not registered twice"
 
 
@@ -148,7 +162,8 @@ def test_a_model_that_fails_the_gate_is_reported_not_registered(tmp_path, tiny_m
     with pytest.raises(GateFailed, match=r"FAIL  size_ratio: measured [0-9.]+, limit 0\.01"):
         olivepress_flow(config, run_dir)
     assert "gate FAILED" in (run_dir / "report" / "report.md").read_text()
-    assert json.loads((run_dir / "evaluation.json").read_text())["gate"]["passed"] is False
+    evaluation = json.loads((run_dir / "evaluations" / "cpu" / "evaluation.json").read_text())
+    assert evaluation["gate"]["passed"] is False
     assert LocalRegistry(config.registry.path).entries() == []
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [s["step"] for s in summary][-1] == "report"

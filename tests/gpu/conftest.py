@@ -58,7 +58,7 @@ def cuda_export_dir(request, tiny_int4_dir, cuda_adapter_dir, tmp_path_factory) 
         pytest.skip("LoraAdd needs $OLIVEPRESS_ORT_INCLUDE (ONNX Runtime's C API header) to be built")
     out = tmp_path_factory.mktemp("onnx-cuda")
     return export_onnx(
-        tiny_int4_dir, cuda_adapter_dir, out, device="gpu", cuda_graph=cuda_graph, lora_kernel=lora_kernel
+        tiny_int4_dir, cuda_adapter_dir, out, target="cuda", cuda_graph=cuda_graph, lora_kernel=lora_kernel
     ).model_dir
 
 

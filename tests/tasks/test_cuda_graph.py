@@ -94,9 +94,9 @@ def test_rope_caches_chosen_without_if_give_the_builders_logits_below_and_above_
 @pytest.mark.parametrize("build", ["int4", "base"])
 def test_cuda_export_with_graphs_has_no_control_flow(build, phi3_dir, phi3_int4_dir, tmp_path):
     if build == "int4":
-        out = export_onnx(phi3_int4_dir, None, tmp_path / "onnx", device="gpu", cuda_graph=True).model_dir
+        out = export_onnx(phi3_int4_dir, None, tmp_path / "onnx", target="cuda", cuda_graph=True).model_dir
     else:
-        out = build_base_model(phi3_dir, tmp_path / "base", "gpu", cuda_graph=True)
+        out = build_base_model(phi3_dir, tmp_path / "base", "cuda", cuda_graph=True)
     assert not op_types(out) & set(CONTROL_FLOW_OPS)
     assert {"ReduceSum", "Greater", "Cast", "Gather"} <= op_types(out)
     assert cuda_graph_option(out) == "1"
@@ -105,7 +105,7 @@ def test_cuda_export_with_graphs_has_no_control_flow(build, phi3_dir, phi3_int4_
 
 
 def test_cuda_export_without_graphs_is_the_builders(phi3_dir, tmp_path):
-    out = build_base_model(phi3_dir, tmp_path / "eager", "gpu", cuda_graph=False)
+    out = build_base_model(phi3_dir, tmp_path / "eager", "cuda", cuda_graph=False)
     assert "If" in op_types(out)
     assert cuda_graph_option(out) == "0"
 
@@ -113,14 +113,14 @@ def test_cuda_export_without_graphs_is_the_builders(phi3_dir, tmp_path):
 def test_control_flow_left_in_the_graph_turns_cuda_graphs_off(phi3_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(optimize, "select_rope_caches_without_if", lambda graph, model_dir: False)
     with caplog.at_level(logging.WARNING, logger=optimize.__name__):
-        out = build_base_model(phi3_dir, tmp_path / "kept-if", "gpu", cuda_graph=True)
+        out = build_base_model(phi3_dir, tmp_path / "kept-if", "cuda", cuda_graph=True)
     assert "If" in op_types(out)
     assert cuda_graph_option(out) == "0"
     assert "control-flow nodes (If)" in caplog.text
 
 
 def test_graphs_without_rope_if_are_left_as_built(tiny_model_dir, tmp_path):
-    eager = build_base_model(tiny_model_dir, tmp_path / "eager", "gpu", cuda_graph=False)
-    graphs = build_base_model(tiny_model_dir, tmp_path / "graphs", "gpu", cuda_graph=True)
+    eager = build_base_model(tiny_model_dir, tmp_path / "eager", "cuda", cuda_graph=False)
+    graphs = build_base_model(tiny_model_dir, tmp_path / "graphs", "cuda", cuda_graph=True)
     assert cuda_graph_option(graphs) == "1"
     assert (graphs / MODEL_FILE).read_bytes() == (eager / MODEL_FILE).read_bytes()

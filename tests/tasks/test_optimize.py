@@ -247,7 +247,7 @@ def test_gpu_flag_builds_for_cuda_in_float16(tiny_int4_dir, adapter_dir, tmp_pat
     import onnx
     import onnxruntime as ort
 
-    result = export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "gpu", device="gpu", cuda_graph=True)
+    result = export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "gpu", target="cuda", cuda_graph=True)
     decoder = json.loads((result.model_dir / "genai_config.json").read_text())["model"]["decoder"]
     assert decoder["session_options"]["provider_options"][0]["cuda"]["enable_cuda_graph"] == "1"
     graph = onnx.load(str(result.model_dir / "model.onnx"), load_external_data=False).graph
@@ -280,7 +280,7 @@ def test_cuda_branches_become_one_lora_add_node_per_group(tiny_int4_dir, adapter
     from olivepress.lora_graph import graft_branches
     from olivepress.tasks.optimize import graph_and_branches
 
-    model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", device="gpu").model_dir
+    model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", target="cuda").model_dir
     model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
     int4_nodes = {node.output[0]: node for node in model.graph.node if node.op_type == "MatMulNBits"}
     parameters = graft_branches(model, branches, lora_add=True, fuse_int4=False)
@@ -318,7 +318,7 @@ def test_cuda_branches_go_inside_the_int4_nodes(tiny_int4_dir, adapter_dir, tmp_
     from olivepress.lora_graph import adapter_parameters, graft_branches, int4_node_modules
     from olivepress.tasks.optimize import graph_and_branches
 
-    model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", device="gpu").model_dir
+    model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", target="cuda").model_dir
     model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
     int4_nodes = {node.name: node for node in model.graph.node if node.op_type == "MatMulNBits"}
     modules_before = int4_node_modules(model.graph)
@@ -346,7 +346,7 @@ def test_int4_nodes_the_kernel_cannot_take_keep_lora_add(tiny_int4_dir, adapter_
     from olivepress.lora_graph import graft_branches
     from olivepress.tasks.optimize import graph_and_branches
 
-    model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", device="gpu").model_dir
+    model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", target="cuda").model_dir
     model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
     plain = [node for node in model.graph.node if node.op_type == "MatMulNBits" and "/mlp/" in node.name]
     without_zero_points = plain[0]
@@ -404,8 +404,8 @@ def test_lora_kernel_off_or_missing_keeps_onnx_runtimes_operators(
     """auto without ONNX Runtime's header warns and exports the three-operator branches; on refuses."""
     monkeypatch.delenv("OLIVEPRESS_ORT_INCLUDE", raising=False)
     with pytest.raises(UserError, match="OLIVEPRESS_ORT_INCLUDE"):
-        export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "on", device="gpu", lora_kernel="on")
-    out = export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "auto", device="gpu", lora_kernel="auto")
+        export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "on", target="cuda", lora_kernel="on")
+    out = export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "auto", target="cuda", lora_kernel="auto")
     assert "not LoraAdd" in caplog.text
     graph = load_graph(out.model_dir).graph
     assert "LoraAdd" not in {node.op_type for node in graph.node}

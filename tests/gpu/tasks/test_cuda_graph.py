@@ -28,8 +28,8 @@ def greedy_logits(model_dir, prompt: list[int], new_tokens: int) -> tuple[list[i
 
 def test_phi3_decodes_through_cuda_graphs_with_the_logits_of_eager_cuda(tmp_path):
     model_dir = build_tiny_model(tmp_path / "phi3", architecture="phi3")
-    graphs = build_base_model(model_dir, tmp_path / "graphs", "gpu", cuda_graph=True)
-    eager = build_base_model(model_dir, tmp_path / "eager", "gpu", cuda_graph=False)
+    graphs = build_base_model(model_dir, tmp_path / "graphs", "cuda", cuda_graph=True)
+    eager = build_base_model(model_dir, tmp_path / "eager", "cuda", cuda_graph=False)
     config = json.loads((graphs / GENAI_CONFIG).read_text())
     assert (
         config["model"]["decoder"]["session_options"]["provider_options"][0]["cuda"]["enable_cuda_graph"]
