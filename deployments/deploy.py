@@ -184,14 +184,16 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def default_parameters(target: str, device: Literal["cpu", "gpu"] | None = None) -> dict[str, Any]:
+def default_parameters(target: str, device: Literal["auto", "cpu", "gpu"] | None = None) -> dict[str, Any]:
     """The run form's pre-filled values. The rest of the form (every RunConfig field, its default, its
-    description and its bounds) comes from the flow's parameter schema."""
+    description and its bounds) comes from the flow's parameter schema. A GPU pool computes on its GPU and
+    builds for the CPU, as the Olive lab does: the model a data team's first run registers is the on-device
+    one (a CUDA build is one more target in the form)."""
     if target == "process":
         # the sample data of the venv the worker runs; relative output/registry land in the worker's workdir
-        return {"config": {"device": device or "cpu"}}
+        return {"config": {"device": device or "auto"}}
     # the image's own copy of the sample data: the schema's default is a path on the deploying machine
-    return {"config": {"device": device or "gpu", "data": IMAGE_SAMPLE_DATA}}
+    return {"config": {"device": device or "gpu", "targets": ["cpu"], "data": IMAGE_SAMPLE_DATA}}
 
 
 def deploy(
@@ -203,7 +205,7 @@ def deploy(
     workdir: Path | str | None = None,
     concurrency: int = 1,
     gpu_device: str = "0",
-    device: Literal["cpu", "gpu"] | None = None,
+    device: Literal["auto", "cpu", "gpu"] | None = None,
     config: dict[str, Any] | None = None,
     finetune_limit: int | None = None,
 ) -> Deployed:
@@ -215,7 +217,7 @@ def deploy(
     relative ``runs/`` and ``registry/`` land (default: the current folder).
     concurrency: the pool's concurrency limit, runs at once: 1 per GPU (a Docker GPU pool drives one GPU,
     ``gpu_device``; Kubernetes: the GPUs the cluster gives the pool); 1 for a single machine.
-    device: the run form's default device (process: cpu, GPU targets: gpu).
+    device: the run form's default device (process: auto, GPU pools: gpu, building for the cpu target).
     config: RunConfig values (nested dicts) merged over the target's defaults as the deployment's default
     parameters; the API validates them against the flow's schema.
     finetune_limit: if set, a Prefect tag concurrency limit on ``finetune`` tasks across all pools.

@@ -242,8 +242,7 @@ def dataset_section(outcome: AdapterOutcome, seed: int, image: dict[str, str], h
         if evaluation is None:
             continue
         lines.append(
-            f"{heading}#"
-            + f" {target.target} target: gate {'passed' if evaluation.gate.passed else 'FAILED'}\n\n"
+            f"### {target.target} target: gate {'passed' if evaluation.gate.passed else 'FAILED'}\n\n"
             + markdown_table(metrics_rows(evaluation))
             + f"\n\n![comparison]({image[comparison_plot(outcome.name, target.target)]})\n\n"
             + gate_table(evaluation)

@@ -110,7 +110,7 @@ def test_run_form_shows_defaults_descriptions_and_bounds():
     definitions = flow_parameter_schema()["definitions"]
     run_config = definitions["RunConfig"]["properties"]
     assert run_config["data"]["description"]
-    assert run_config["device"]["enum"] == ["cpu", "gpu"]
+    assert run_config["device"]["enum"] == ["auto", "cpu", "gpu"]
     max_steps = definitions["FinetuneSettings"]["properties"]["max_steps"]
     assert (max_steps["default"], max_steps["minimum"]) == (60, 1)
     gate = definitions["GateSettings"]["properties"]
@@ -148,7 +148,14 @@ def test_deploy_refuses_what_it_cannot_do():
 
 def test_config_overrides_merge_into_the_targets_defaults():
     merged = dp._merge(dp.default_parameters("docker-gpu"), {"config": {"finetune": {"max_steps": 5}}})
-    assert merged == {"config": {"device": "gpu", "data": dp.IMAGE_SAMPLE_DATA, "finetune": {"max_steps": 5}}}
+    assert merged == {
+        "config": {
+            "device": "gpu",
+            "targets": ["cpu"],  # the first GPU run builds the on-device model, as the lab does
+            "data": dp.IMAGE_SAMPLE_DATA,
+            "finetune": {"max_steps": 5},
+        }
+    }
 
 
 def hadolint() -> str:

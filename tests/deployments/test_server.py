@@ -35,7 +35,7 @@ from tests.flows import test_pipeline as pipeline_tests
 pytestmark = pytest.mark.slow
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
-STEPS = ("validate", "quantize", "finetune", "optimize", "evaluate", "report", "register")
+STEPS = ("validate", "quantize", "finetune", "optimize", "evaluate_base", "evaluate", "report", "register")
 REPORT_KEYS = {"olivepress-report", "olivepress-metrics", "olivepress-gate"}
 SERVER_START_S = 120
 RUNS_S = 300
@@ -299,9 +299,13 @@ def test_pools_deployments_and_the_run_forms_schema(stack, outcome):
         assert deployment.job_variables == {"working_dir": str(outcome.work.resolve())}
         assert deployment.enforce_parameter_schema
         run_config = deployment.parameter_openapi_schema["definitions"]["RunConfig"]["properties"]
-        assert run_config["data"]["description"] and run_config["device"]["enum"] == ["cpu", "gpu"]
+        assert run_config["data"]["description"] and run_config["device"]["enum"] == ["auto", "cpu", "gpu"]
         gpu_deployment = client.read_deployment(deployed["docker-gpu"].deployment_id)
-        assert gpu_deployment.parameters["config"] == {"device": "gpu", "data": dp.IMAGE_SAMPLE_DATA}
+        assert gpu_deployment.parameters["config"] == {
+            "device": "gpu",
+            "targets": ["cpu"],
+            "data": dp.IMAGE_SAMPLE_DATA,
+        }
         assert gpu_deployment.job_variables["image"] == "olivepress-gpu:test"
 
         # the API refuses what the run form refuses, before any run exists

@@ -9,7 +9,7 @@ from olivepress.tasks.finetune import decoder_linear_names
 from tests.conftest import ARCHITECTURES, build_tiny_model
 from tests.flows.test_pipeline import tiny_config
 
-STEPS = ("validate", "quantize", "finetune", "optimize", "evaluate", "report", "register")
+STEPS = ("validate", "quantize", "finetune", "optimize", "evaluate_base", "evaluate", "report", "register")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_architecture_end_to_end(prefect_api, tmp_path, architecture):
     if architecture == "phi3":
         assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     losses = {
-        m["variant"]: m["loss"] for m in json.loads((run_dir / "evaluation.json").read_text())["metrics"]
+        m["variant"]: m["loss"]
+        for m in json.loads((run_dir / "evaluations" / "cpu" / "evaluation.json").read_text())["metrics"]
     }
     assert list(losses) == ["base", "quantized", "fine-tuned"]
     assert losses["fine-tuned"] != losses["quantized"], "the ONNX model runs the adapter"

@@ -65,12 +65,13 @@ def test_adapters_train_as_a_fan_out_in_child_processes(monkeypatch, tmp_path, a
     names = ("a", "b", "bad", "c")
     branches = [datasets.Branch(name, name, Path(name), "0" * 64) for name in names]
     config = SimpleNamespace(device="cpu", trainings_at_once=at_once)
-    run = SimpleNamespace(config=config, log=logging.getLogger(__name__))
+    run = SimpleNamespace(config=config, log=logging.getLogger(__name__), several_datasets=True)
     flow(lambda: datasets.train_adapters(run, branches, quantized=None))()
 
     assert [b.adapter for b in branches] == [("a",), ("b",), None, ("c",)]
     assert branches[2].failure.startswith("fine-tuning failed: its process exited with code 3")
-    assert "  bad: fine-tuning failed: " in datasets.failures_text(branches, "1 of 4 datasets failed")
+    with pytest.raises(DatasetsFailed, match=r"^1 of 4 failed:\n  bad: fine-tuning failed: "):
+        datasets.raise_failures(branches, ["cpu"], "1 of 4 failed")
     assert "boom: CUDA out of memory" in branches[2].failure, "the end of the child's output"
     records = [read_record(tmp_path / f"{name}.json") for name in names]
     assert most_at_once(records) == (at_once or 1)
@@ -123,12 +124,12 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
     run_dir = new_run_dir(config)
     with caplog.at_level(logging.INFO, logger="olivepress.base_ahead"):
         result = olivepress_flow(config, run_dir)
-    assert caplog.text.count("building the base model ahead") == 1 and "failed" not in caplog.text
+    assert caplog.text.count("building the cpu base model ahead") == 1 and "failed" not in caplog.text
     assert list((tmp_path / "cache" / "staging").iterdir()) == []
     trainings = [read_record(run_dir / "datasets" / name / "training.json") for name in two]
     assert most_at_once(trainings) == 2, "the two adapters trained at once, each in its own process"
 
-    assert set(result["adapters"]) == {"travel", "cooking"}
+    assert set(result["adapters"]["cpu"]) == {"travel", "cooking"}
     assert statuses(run_dir) == {
         "validate travel": "completed",
         "validate cooking": "completed",
@@ -137,23 +138,25 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
         "finetune cooking": "completed",
         "optimize": "completed",
         "export_adapter cooking": "completed",
-        "evaluate_adapter travel": "completed",
-        "evaluate_adapter cooking": "completed",
+        "evaluate_base travel": "completed",
+        "evaluate travel": "completed",
+        "evaluate_base cooking": "completed",
+        "evaluate cooking": "completed",
         "report": "completed",
         "register": "completed",
     }
     entry = Path(result["registration"]["uri"])
-    files = {name: entry / "adapters" / f"{name}.onnx_adapter" for name in ("travel", "cooking")}
+    files = {name: entry / "adapters" / "cpu" / f"{name}.onnx_adapter" for name in ("travel", "cooking")}
     ids = [1, 17, 42, 99, 7, 3]
-    logits = adapter_logits(entry / "model", files, ids)
+    logits = adapter_logits(entry / "model" / "cpu", files, ids)
     assert np.abs(logits["travel"] - logits["cooking"]).max() > 1e-3, "two adapters, two answers"
     lineage = json.loads((entry / "lineage.json").read_text())
     assert set(lineage["adapters"]) == {"travel", "cooking"}
     assert lineage["adapters"]["cooking"]["data"]["path"] == str(cooking)
-    assert lineage["adapters"]["cooking"]["gate"]["passed"] is True
+    assert lineage["adapters"]["cooking"]["targets"]["cpu"]["gate"]["passed"] is True
     assert lineage["data"]["calibration_datasets"] == ["travel", "cooking"]
     report = (run_dir / "report" / "report.md").read_text()
-    assert "| adapter |" in report and "| travel |" in report and "| cooking |" in report
+    assert "| adapter | target |" in report and "| travel | cpu |" in report and "| cooking | cpu |" in report
     assert (run_dir / "report" / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
 
     bad = tmp_path / "bad.jsonl"
@@ -166,7 +169,7 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
     state = olivepress_flow(config, run_dir, return_state=True)
     assert state.is_failed()
     with pytest.raises(
-        DatasetsFailed, match=r"1 of 4 datasets failed; registered .* travel, cooking, hiking"
+        DatasetsFailed, match=r"1 of 4 dataset × target results failed; registered .*:\n  broken: "
     ):
         state.result()
     assert prefect_states(state.state_details.flow_run_id) == {
@@ -176,7 +179,8 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
         "finetune": ["Cached", "Cached", "Completed"],
         "optimize": ["Cached"],
         "export_adapter": ["Cached", "Completed"],
-        "evaluate_adapter": ["Cached", "Cached", "Completed"],
+        "evaluate_base": ["Cached", "Cached", "Completed"],
+        "evaluate": ["Cached", "Cached", "Completed"],
         "report": ["Completed"],
         "register": ["Completed"],
     }
@@ -189,13 +193,13 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
     artifacts = read_flow_run_artifacts(str(state.state_details.flow_run_id))
     assert artifacts["olivepress-gate"].description == "failed: broken"
     assert "line 2" in artifacts["olivepress-gate"].data and "**hiking**" in artifacts["olivepress-gate"].data
-    assert "| hiking |" in artifacts["olivepress-report"].data
+    assert "| hiking | cpu |" in artifacts["olivepress-report"].data
     [_, second] = LocalRegistry(config.registry.path).entries()
     lineage = second.lineage
     assert set(lineage["adapters"]) == {"travel", "cooking", "hiking"}
     assert lineage["model_adapter"] == "travel"  # the first dataset's adapter is the one inside model/
     assert "line 2" in lineage["failed_adapters"]["broken"]["failure"]
-    assert sorted(p.name for p in (second.path / "adapters").iterdir()) == [
+    assert sorted(p.name for p in (second.path / "adapters" / "cpu").iterdir()) == [
         "cooking.onnx_adapter",
         "hiking.onnx_adapter",
         "travel.onnx_adapter",
@@ -207,12 +211,13 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
         tmp_path, tiny_model_dir, datasets=two, **{**settings, "gate.max_perplexity_ratio": 0.8}
     )
     with pytest.raises(
-        DatasetsFailed, match=r"1 of 2 datasets failed; registered .* with cooking:\n  travel: gate"
+        DatasetsFailed,
+        match=r"1 of 2 dataset × target results failed; registered .*:\n  travel \(cpu\): gate",
     ):
         olivepress_flow(config, new_run_dir(config))
     third = LocalRegistry(config.registry.path).entries()[-1]
-    assert sorted(p.name for p in (third.path / "adapters").iterdir()) == ["cooking.onnx_adapter"]
-    assert not (third.path / "model" / "adapter_weights.onnx_adapter").exists()
-    assert (third.path / "model" / "model.onnx").is_file()
+    assert sorted(p.name for p in (third.path / "adapters" / "cpu").iterdir()) == ["cooking.onnx_adapter"]
+    assert not (third.path / "model" / "cpu" / "adapter_weights.onnx_adapter").exists()
+    assert (third.path / "model" / "cpu" / "model.onnx").is_file()
     assert list(third.lineage["failed_adapters"]) == ["travel"]
     assert third.lineage["model_adapter"] is None

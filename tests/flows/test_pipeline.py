@@ -206,3 +206,66 @@ def test_fuller_run_estimate_scales_this_runs_times():
     # 10 steps of 4 = 0.2 epochs; 3 epochs of 200 examples at batch 4 = 150 steps at 10 s each
     assert "0.2 epochs of 200 examples" in text
     assert "--max-steps 150: about 25 min" in text
+
+
+@pytest.mark.slow
+def test_a_cuda_target_is_refused_up_front_where_no_gpu_is_visible(tmp_path, tiny_model_dir):
+    from olivepress.errors import UserError
+
+    config = tiny_config(tmp_path, tiny_model_dir, targets=["cpu", "cuda"])
+    run_dir = new_run_dir(config)
+    with pytest.raises(UserError, match=r"^targets: cuda is built for and gated on a GPU"):
+        olivepress_flow(config, run_dir)
+    assert not list(run_dir.iterdir()), "refused before any step, before config.json"
+
+
+@pytest.mark.slow
+def test_a_target_added_later_builds_only_its_own_export_and_evaluation(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """On this CPU machine a cuda target passes the up-front check only by pretending a GPU is there: its
+    export builds (no GPU needed), its evaluation cannot run, and that failure is the target's alone."""
+    from olivepress import devices
+    from olivepress.flows import datasets
+    from olivepress.flows.datasets import DatasetsFailed
+    from tests.flows.test_datasets import prefect_states, statuses
+
+    first = olivepress_flow(tiny_config(tmp_path, tiny_model_dir))
+    monkeypatch.setattr(devices, "cuda_visible", lambda: True)
+    monkeypatch.setattr(devices, "genai_has_cuda", lambda: True)
+    real_machine = datasets.machine_name
+    monkeypatch.setattr(
+        datasets, "machine_name", lambda t: "cuda: pretended" if t == "cuda" else real_machine(t)
+    )
+    config = tiny_config(tmp_path, tiny_model_dir, targets=["cpu", "cuda"], device="cpu")
+    run_dir = new_run_dir(config)
+    state = olivepress_flow(config, run_dir, return_state=True)
+    with pytest.raises(DatasetsFailed) as failed:
+        state.result()
+    assert str(failed.value).startswith("1 of 2 dataset × target results failed; registered ")
+    assert "\n  travel_sample (cuda): the cuda evaluation failed: " in str(failed.value)
+
+    status = statuses(run_dir)
+    reused = ["validate", "quantize", "finetune", "optimize cpu", "evaluate_base cpu", "evaluate cpu"]
+    assert {step: status[step] for step in reused} == dict.fromkeys(reused, "reused")
+    assert (status["optimize cuda"], status["evaluate_base cuda"]) == ("completed", "failed")
+    states = prefect_states(state.state_details.flow_run_id)
+    assert states["quantize"] == states["finetune"] == ["Cached"], "the UI shows the shared steps reused"
+    assert states["optimize"] == ["Cached", "Completed"]
+
+    cpu, cuda = (
+        json.loads((run_dir / "onnx" / t / "genai_config.json").read_text()) for t in ("cpu", "cuda")
+    )
+    assert "cuda" not in json.dumps(cpu["model"]["decoder"]["session_options"]["provider_options"])
+    assert "cuda" in json.dumps(cuda["model"]["decoder"]["session_options"]["provider_options"])
+    assert (run_dir / "onnx" / "cuda").resolve() != Path(first["exports"]["cpu"]).resolve()
+    assert (run_dir / "onnx" / "cpu").resolve() == Path(first["exports"]["cpu"]).resolve(), "one cpu export"
+
+    # only the target that passed is registered: the same model as the first run's, its version reused
+    [entry] = LocalRegistry(config.registry.path).entries()
+    assert list(entry.lineage["targets"]) == ["cpu"]
+    assert sorted(p.name for p in (entry.path / "model").iterdir()) == ["cpu"]
+    assert "registered tiny-llama0-olivepress version 1:" in str(failed.value)
+    report = (run_dir / "report" / "report.md").read_text()
+    assert report.startswith("# olivepress run: 1 of 2 adapter × target results passed")
+    assert "- `travel_sample` (cuda): the cuda evaluation failed: " in report

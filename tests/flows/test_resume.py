@@ -19,7 +19,7 @@ from olivepress.config import load_config
 from olivepress.flows.pipeline import olivepress_flow, open_store
 from tests.flows.test_pipeline import tiny_config
 
-COMPUTED_STEPS = ["validate", "quantize", "finetune", "optimize", "evaluate"]
+COMPUTED_STEPS = ["validate", "quantize", "finetune", "optimize", "evaluate_base", "evaluate"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,7 +61,9 @@ def test_same_inputs_reuse_every_step_and_an_edited_line_invalidates_all(tmp_pat
     assert again["registration"]["version"] == first["registration"]["version"] == "1"
     assert again["registration"]["reused"] is True
     states = task_run_states(again["flow_run_id"])
-    assert [states[step] for step in COMPUTED_STEPS] == ["Cached"] * 5, "the Prefect UI shows them as cached"
+    assert [states[step] for step in COMPUTED_STEPS] == ["Cached"] * len(COMPUTED_STEPS), (
+        "the Prefect UI shows them as cached"
+    )
 
     stricter = tiny_config(tmp_path, tiny_model_dir, data=data, **{"gate.max_size_ratio": 9.0})
     assert statuses(Path(olivepress_flow(stricter)["run_dir"]))["evaluate"] == "reused", (
@@ -73,14 +75,16 @@ def test_same_inputs_reuse_every_step_and_an_edited_line_invalidates_all(tmp_pat
     record["response"] += " (edited)"
     data.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n", encoding="utf-8")
     edited = olivepress_flow(tiny_config(tmp_path, tiny_model_dir, data=data))
-    assert [statuses(Path(edited["run_dir"]))[step] for step in COMPUTED_STEPS] == ["completed"] * 5
+    assert [statuses(Path(edited["run_dir"]))[step] for step in COMPUTED_STEPS] == ["completed"] * len(
+        COMPUTED_STEPS
+    )
 
 
 @pytest.mark.slow
 def test_one_changed_byte_in_a_stored_output_is_recomputed_not_used(tmp_path, tiny_model_dir):
     config = tiny_config(tmp_path, tiny_model_dir)
     first = olivepress_flow(config)
-    model_file = Path(first["onnx"]) / "model.onnx"
+    model_file = Path(first["exports"]["cpu"]) / "model.onnx"
     data = bytearray(model_file.read_bytes())
     data[len(data) // 2] ^= 0x01
     model_file.write_bytes(bytes(data))
@@ -91,11 +95,12 @@ def test_one_changed_byte_in_a_stored_output_is_recomputed_not_used(tmp_path, ti
         "quantize": "reused",
         "finetune": "reused",
         "optimize": "completed",
+        "evaluate_base": "reused",  # the base's measurements never depended on the export
         "evaluate": "reused",  # the re-export is byte-identical, so its measurements still hold
         "report": "-",
         "register": "-",
     }
-    assert (Path(second["onnx"]) / "model.onnx").read_bytes() != bytes(data)
+    assert (Path(second["exports"]["cpu"]) / "model.onnx").read_bytes() != bytes(data)
 
 
 @pytest.mark.slow
@@ -230,5 +235,6 @@ def test_two_runs_of_the_same_inputs_at_once_both_succeed_and_register_one_versi
             f"{step} is computed by one run; the other waits for it and reuses it"
         )
     for run_dir in run_dirs:
-        assert (run_dir / "onnx").resolve() == (run_dirs[0] / "onnx").resolve(), "both link the one export"
+        export = (run_dir / "onnx" / "cpu").resolve()
+        assert export == (run_dirs[0] / "onnx" / "cpu").resolve(), "both link the one export"
     assert not list((config.store.cache_dir / "work").iterdir()), "no training folder is left behind"

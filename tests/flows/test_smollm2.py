@@ -39,10 +39,13 @@ def test_smollm2_on_the_lab_data(tmp_path, travel_jsonl):
         }
     )
     run_dir = new_run_dir(config)
-    onnx_dir = run_dir / "onnx"
+    onnx_dir = run_dir / "onnx" / "cpu"
     result = olivepress_flow(config, run_dir)
     assert result["registration"]["version"] == "1"
-    metrics = {m["variant"]: m for m in json.loads((run_dir / "evaluation.json").read_text())["metrics"]}
+    metrics = {
+        m["variant"]: m
+        for m in json.loads((run_dir / "evaluations" / "cpu" / "evaluation.json").read_text())["metrics"]
+    }
     assert metrics["base"]["bytes_on_disk"] > 2.5 * metrics["quantized"]["bytes_on_disk"]
     assert metrics["quantized"]["loss"] > metrics["base"]["loss"], "4 bits cost some held-out loss"
 

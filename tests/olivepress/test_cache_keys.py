@@ -14,8 +14,8 @@ STEPS = [
     finetune.STEP,
     optimize.STEP,
     optimize.ADAPTER_STEP,  # export_adapter: a further dataset's adapter against the base export
+    evaluate.BASE_STEP,  # evaluate_base: the base model's measurements, reused by every adapter and run
     evaluate.STEP,
-    evaluate.ADAPTER_STEP,  # evaluate_adapter: one dataset's adapter on its held-out split
 ]
 NAMES = [step.name for step in STEPS]
 
@@ -77,8 +77,8 @@ INVALIDATION = {
     "olivepress.tasks.validate": ["validate"],
     "olivepress.tasks.quantize": ["quantize"],
     "olivepress.tasks.finetune": ["finetune"],
-    "olivepress.tasks.optimize": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
-    "olivepress.tasks.evaluate": ["evaluate", "evaluate_adapter"],
+    "olivepress.tasks.optimize": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
+    "olivepress.tasks.evaluate": ["evaluate_base", "evaluate"],
     "olivepress.tasks.report": ["validate"],  # validate publishes a failure's report with it
     "olivepress.int4": ["quantize", "finetune"],
     "olivepress.prompts": [
@@ -86,13 +86,13 @@ INVALIDATION = {
         "finetune",
         "optimize",
         "export_adapter",
+        "evaluate_base",
         "evaluate",
-        "evaluate_adapter",
     ],
-    "olivepress.genai": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
-    "olivepress.lora_graph": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
-    "olivepress.lora_kernel": ["optimize", "export_adapter", "evaluate", "evaluate_adapter"],
-    "olivepress.gpu_memory": ["evaluate", "evaluate_adapter"],
+    "olivepress.genai": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
+    "olivepress.lora_graph": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
+    "olivepress.lora_kernel": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
+    "olivepress.gpu_memory": ["evaluate_base", "evaluate"],
     "olivepress.files": ["validate"],
     "olivepress.chat": [],
     "olivepress.registry": [],
@@ -130,7 +130,7 @@ def test_editing_build_base_model_invalidates_evaluate_which_calls_it(monkeypatc
         old='"""The unquantized model through the same builder',
         new='"""The unquantized model (edited) through the same builder',
     )
-    assert changed == ["optimize", "export_adapter", "evaluate", "evaluate_adapter"]
+    assert changed == ["optimize", "export_adapter", "evaluate_base", "evaluate"]
 
 
 def test_a_new_import_brings_its_module_into_the_code_version(monkeypatch):
@@ -152,7 +152,14 @@ def test_type_checking_imports_are_not_code_the_step_runs():
 
 def keys(config: RunConfig) -> dict[str, str]:
     inputs = {"data": "d", "data_file": "d", "model_dir": "m", "examples": "e", "checkpoint_dir": "c"}
-    inputs |= {"adapter_dir": "a", "onnx_dir": "o", "held_out": "h"}
+    inputs |= {
+        "adapter_dir": "a",
+        "onnx_dir": "o",
+        "held_out": "h",
+        "target": "t",
+        "machine": "x",
+        "base": "b",
+    }
     return {
         step.name: step.key({name: inputs[name] for name in ("data", *step.inputs)}, step.settings_of(config))
         for step in STEPS
@@ -164,15 +171,16 @@ SETTINGS = {
     "validation.max_chars": (100, ["validate"]),
     "quantize.calibration_samples": (8, ["quantize"]),
     "finetune.max_steps": (7, ["finetune"]),
-    "optimize.cuda_graph": (False, ["optimize", "evaluate", "evaluate_adapter"]),
-    "evaluate.max_new_tokens": (9, ["evaluate", "evaluate_adapter"]),
+    "optimize.cuda_graph": (False, ["optimize", "evaluate_base"]),
+    "evaluate.max_new_tokens": (9, ["evaluate_base", "evaluate"]),
     "seed": (5, ["quantize", "finetune"]),
-    "device": ("gpu", ["finetune", "optimize", "evaluate", "evaluate_adapter"]),
+    "device": ("gpu", ["finetune"]),  # where training runs; what is built for is each step's target input
+    "targets": (["cpu", "cuda"], []),  # a target is an input of the steps built for it, never a setting
     "text_template": (
         "U:{prompt} A:{response}",
-        ["quantize", "finetune", "optimize", "evaluate", "evaluate_adapter"],
+        ["quantize", "finetune", "optimize", "evaluate_base", "evaluate"],
     ),
-    "trust_remote_code": (True, ["quantize", "finetune", "optimize", "evaluate", "evaluate_adapter"]),
+    "trust_remote_code": (True, ["quantize", "finetune", "optimize", "evaluate_base"]),
     "gate.min_speedup": (0.5, []),
     "retries.step_attempts": (1, []),
     "registry.name": ("travel", []),
@@ -191,9 +199,9 @@ def test_a_setting_invalidates_only_the_steps_that_declare_it(setting):
 
 def test_an_input_invalidates_only_its_step():
     config = load_config()
-    base = {"data": "d", "checkpoint_dir": "c", "adapter_dir": "a"}
-    assert optimize.STEP.key(base, optimize.STEP.settings_of(config)) != optimize.STEP.key(
-        {**base, "adapter_dir": "other"}, optimize.STEP.settings_of(config)
-    )
+    base = {"data": "d", "checkpoint_dir": "c", "adapter_dir": "a", "target": "cpu"}
+    settings = optimize.STEP.settings_of(config)
+    assert optimize.STEP.key(base, settings) != optimize.STEP.key({**base, "adapter_dir": "other"}, settings)
+    assert optimize.STEP.key(base, settings) != optimize.STEP.key({**base, "target": "cuda"}, settings)
     with pytest.raises(ValueError, match="adapter_dir"):
         optimize.STEP.key({"data": "d", "checkpoint_dir": "c"}, optimize.STEP.settings_of(config))

@@ -31,7 +31,7 @@ def test_defaults_are_the_offline_demo():
     config = load_config()
     assert config.model is None
     assert config.data == SAMPLE_DATA.resolve()
-    assert config.device == "cpu"
+    assert config.device == "auto" and config.targets == ["cpu"]  # compute where it can, build for CPUs
     assert config.quantize.group_size == 32
 
 
@@ -48,7 +48,7 @@ def test_yaml_then_flags_with_flags_winning(tmp_path):
 @pytest.mark.parametrize(
     ("yaml_text", "overrides", "expected"),
     [
-        ("device: tpu\n", {}, "device: Input should be 'cpu' or 'gpu'"),
+        ("device: tpu\n", {}, "device: Input should be 'auto', 'cpu' or 'gpu'"),
         ("", {"finetune.max_steps": 0}, "finetune.max_steps: Input should be greater than or equal to 1"),
         ("quantize:\n  group_size: 100\n", {}, "quantize.group_size"),
         ("text_template: 'Q: {prompt}'\n", {}, "text_template: the template must contain {response}"),
@@ -181,6 +181,24 @@ def test_every_setting_and_section_has_a_description():
     assert [dotted for dotted, _ in setting_fields()] == leaves, "--set and --help list every setting"
 
 
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        (["cpu", "cpu"], "targets: each target once"),
+        (["tpu"], "targets.0: Input should be 'cpu' or 'cuda'"),
+        ([], "targets: List should have at least 1 item"),
+    ],
+)
+def test_bad_targets_name_the_field(targets, expected):
+    with pytest.raises(UserError) as caught:
+        load_config(overrides={"targets": targets})
+    assert expected in str(caught.value)
+
+
+def test_targets_keep_their_order():
+    assert load_config(assignments=["targets=[cuda, cpu]"]).targets == ["cuda", "cpu"]
+
+
 def test_set_reaches_nested_fields_parsed_as_yaml(tmp_path):
     path = write_yaml(tmp_path, "gate:\n  min_rouge_l: 0.3\nregistry:\n  name: from-file\n")
     config = load_config(
@@ -257,7 +275,7 @@ def test_unknown_setting_lists_the_valid_names():
         ("finetune.max_steps=zero", "finetune.max_steps: Input should be a valid integer"),
         ("finetune.max_steps=0", "finetune.max_steps: Input should be greater than or equal to 1"),
         ("quantize.group_size=48", "quantize.group_size: Input should be 16, 32, 64 or 128"),
-        ("device=tpu", "device: Input should be 'cpu' or 'gpu'"),
+        ("device=tpu", "device: Input should be 'auto', 'cpu' or 'gpu'"),
         ("model=/nonexistent/model", "model: /nonexistent/model is not a folder"),
     ],
 )

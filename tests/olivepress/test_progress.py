@@ -147,10 +147,10 @@ def test_a_datasets_step_keeps_its_own_line_when_the_step_reports_under_its_name
     display.begin("finetune travel")
     display.update("finetune", "step", 3, 10)  # the training reports as "finetune"
     display.end("finetune travel", "completed", 4.0)
-    display.begin("evaluate_adapter travel")
+    display.begin("evaluate travel")
     display.update("evaluate", "loading base")  # evaluate's code, run for one dataset's adapter
     display.close()
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("finetune travel") and "step 3/10" in lines[0]
     assert not any(line.startswith(("finetune  ", "evaluate  ")) for line in lines), lines
-    assert any(line.startswith("evaluate_adapter travel") and "loading base" in line for line in lines)
+    assert any(line.startswith("evaluate travel") and "loading base" in line for line in lines)

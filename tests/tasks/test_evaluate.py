@@ -118,17 +118,18 @@ def test_a_record_stored_before_gpu_memory_was_measured_still_loads(tmp_path):
 
 
 def test_decode_speed_comes_from_generations_of_equal_length(monkeypatch, tmp_path):
-    """The fine-tuned variant stops early in its free generations; its speed must come from exact ones."""
+    """The fine-tuned variant stops early in its free answers; its speed must come from exact decodes, and
+    only it answers freely (the gate reads its ROUGE-L alone)."""
     from olivepress import genai
     from olivepress.config import EvaluateSettings
     from olivepress.genai import GenerationStats
-    from olivepress.tasks.evaluate import evaluate_models
+    from olivepress.tasks.evaluate import measure_variants
 
     calls = []
 
     def generate(loaded, ids, max_new_tokens, on_text, max_length=None, exact=False):
         calls.append((loaded, max_length, exact))
-        # free generations: the fine-tuned model ends after 4 tokens; a fixed 0.1 s before each decode
+        # free answers: the fine-tuned model ends after 4 tokens; a fixed 0.1 s before each decode
         new = max_new_tokens if exact or loaded != FINE_TUNED else 4
         on_text("word ")
         return GenerationStats(len(ids), new, 0.01, 0.01 + 0.1 + (new - 1) * 0.01)
@@ -138,10 +139,11 @@ def test_decode_speed_comes_from_generations_of_equal_length(monkeypatch, tmp_pa
     monkeypatch.setattr(genai, "response_loss", lambda loaded, pairs, template=None: 1.0)
     monkeypatch.setattr(genai, "stream_generate", generate)
     held_out = [{"prompt": "p" * n, "response": "word"} for n in (3, 5, 4)]
-    settings = EvaluateSettings(generation_samples=3, speed_samples=2, max_new_tokens=21)
+    settings = EvaluateSettings(generation_samples=3, speed_samples=2, max_new_tokens=21, speed_tokens=11)
     (tmp_path / "a").write_bytes(b"adapter")
+    sources = {QUANTIZED: (tmp_path, None), FINE_TUNED: (tmp_path, tmp_path / "a")}
     phases = {}
-    rows = evaluate_models(tmp_path, tmp_path, tmp_path / "a", held_out, settings, phase_seconds=phases)
+    rows = measure_variants(sources, held_out, settings, None, "cpu", phases, answering=(FINE_TUNED,))
     assert list(phases) == ["load", "loss", "generate", "decode_speed"], "on CPU: no GPU memory phase"
     assert all(seconds >= 0 for seconds in phases.values())
 
@@ -149,5 +151,6 @@ def test_decode_speed_comes_from_generations_of_equal_length(monkeypatch, tmp_pa
     assert len(exact) == 2 * len(rows)  # speed_samples prompts for each variant
     assert {max_length for _, max_length, _ in calls} == {5 + 21}  # one generator length: graphs reused
     speeds = {row.variant: row.decode_tokens_per_s for row in rows}
-    assert speeds["fine-tuned"] == pytest.approx(speeds["base"]) == pytest.approx(20 / 0.3)
-    assert {row.variant: row.generated_tokens for row in rows}["fine-tuned"] == 3 * 4
+    assert speeds["fine-tuned"] == pytest.approx(speeds["quantized"]) == pytest.approx(10 / 0.2)
+    assert {row.variant: row.generated_tokens for row in rows} == {"quantized": 0, "fine-tuned": 3 * 4}
+    assert [row.rouge_l is None for row in rows] == [True, False]

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 
 from olivepress.config import load_config
@@ -11,143 +10,323 @@ from olivepress.tasks.evaluate import (
     GateDecision,
     VariantMetrics,
 )
-from olivepress.tasks.report import ReportInputs, render_markdown, write_report
+from olivepress.tasks.report import (
+    LOSS_PLOT,
+    AdapterOutcome,
+    ReportInputs,
+    TargetOutcome,
+    comparison_plot,
+    render_markdown,
+    write_report,
+)
+
+MEMORY = {"peak_allocated_mib": 9000.4, "peak_reserved_mib": 10240.0, "allocated_at_start_mib": 7.0}
+STEPS = [{"step": "validate", "status": "completed", "seconds": 3.1, "output_bytes": None}]
+GATE_FAILURE = "gate failed: size_ratio 0.35 (limit 0.1)"
 
 
-def evaluation(passed: bool, gpu_memory_mib: float | None = None) -> Evaluation:
+def evaluation(
+    passed: bool = True,
+    target: str = "cpu",
+    gpu_memory_mib: float | None = None,
+    tuned_rouge: float | None = 0.25,
+    **fields,
+) -> Evaluation:
+    """Base and int4 answer nothing freely (rouge_l None); only the fine-tuned variant has ROUGE-L."""
     rows = [
         VariantMetrics(name, loss, 2.718**loss, rouge, speed, 0.1, size, 40.0, 64, gpu_memory_mib)
         for name, loss, rouge, speed, size in [
-            (BASE, 3.08, 0.20, 50.0, 540_000_000),
-            (QUANTIZED, 3.24, 0.18, 70.0, 184_000_000),
-            (FINE_TUNED, 2.88, 0.25, 69.0, 191_000_000),
+            (BASE, 3.08, None, 50.0, 540_000_000),
+            (QUANTIZED, 3.24, None, 70.0, 184_000_000),
+            (FINE_TUNED, 2.88, tuned_rouge, 69.0, 191_000_000),
         ]
     ]
     check = GateCheck("size_ratio", "size", 0.35, 0.5 if passed else 0.1, passed)
     return Evaluation(
-        rows, GateDecision(passed, [check]), held_out_pairs=51, generation_prompts=16, seconds=60.0
-    )
-
-
-def inputs(passed: bool = True, **overrides) -> ReportInputs:
-    return ReportInputs(
-        config=load_config(),
-        data_sha256="ab" * 32,
-        n_records=81,
-        n_warnings=0,
-        train_pairs=65,
+        rows,
+        GateDecision(passed, [check]),
         held_out_pairs=16,
-        steps=[{"step": "validate", "status": "completed", "seconds": 3.1, "output_bytes": None}],
-        loss_history=[{"step": 1, "loss": 3.5}, {"step": 2, "loss": 3.1}],
-        flow_run_id="1234",
-        **{"evaluation": evaluation(passed), **overrides},
+        generation_prompts=16,
+        seconds=60.0,
+        target=target,
+        **fields,
     )
+
+
+def passed_on(target: str = "cpu", **fields) -> TargetOutcome:
+    return TargetOutcome(target, evaluation(True, target, **fields))
+
+
+def failed_gate_on(target: str = "cpu", **fields) -> TargetOutcome:
+    return TargetOutcome(target, evaluation(False, target, **fields), failure=GATE_FAILURE)
+
+
+def outcome(name: str = "travel", targets: list[TargetOutcome] | None = None, **overrides) -> AdapterOutcome:
+    fields = {
+        "data": f"/d/{name}.jsonl",
+        "data_sha256": "ab" * 32,
+        "n_records": 81,
+        "n_warnings": 0,
+        "train_pairs": 65,
+        "held_out_pairs": 16,
+        "loss_history": [{"step": 1, "loss": 3.5}, {"step": 2, "loss": 3.1}],
+        "targets": [passed_on()] if targets is None else targets,
+    }
+    return AdapterOutcome(name, **(fields | overrides))
+
+
+def inputs(*outcomes: AdapterOutcome, targets=("cpu",), steps=STEPS) -> ReportInputs:
+    config = load_config().model_copy(update={"targets": list(targets)})
+    return ReportInputs(config, list(outcomes) or [outcome()], steps, "1234")
+
+
+def images(report: ReportInputs) -> dict[str, str]:
+    """Every plot the page links, as the page of the run folder links it."""
+    names = [LOSS_PLOT] + [
+        comparison_plot(o.name, t.target) for o in report.outcomes for t in o.targets if t.evaluation
+    ]
+    return {name: name for name in names}
+
+
+def page_of(report: ReportInputs) -> str:
+    return render_markdown(report, images(report))
 
 
 def test_report_folder_holds_the_page_its_plots_and_the_records(tmp_path):
     report_dir = write_report(inputs(), tmp_path / "report")
     page = (report_dir / "report.md").read_text()
-    assert page.startswith("# olivepress run: gate passed")
+    assert page.startswith("# olivepress run: gate passed\n")
     assert "| fine-tuned | 2.88 | 17.81 | 0.25 | 69.0 | 0.1 | 191.0 | 40 |" in page
-    assert "![training loss](training_loss.png)" in page and "![comparison](comparison.png)" in page
-    for plot in ("training_loss.png", "comparison.png"):
-        assert (report_dir / plot).read_bytes()[:4] == b"\x89PNG"
-    assert [row["variant"] for row in json.loads((report_dir / "metrics.json").read_text())] == [
-        "base",
-        "quantized",
-        "fine-tuned",
+    assert "| travel | cpu | 16 | 2.88 | 3.08 | 17.81 | 0.25 | 69.0 | 1.38 | 191.0 | passed |" in page
+    assert "![training loss](training_loss.png)" in page
+    assert "![comparison](comparison_travel_cpu.png)" in page
+    assert sorted(path.name for path in report_dir.glob("*.png")) == [
+        "comparison_travel_cpu.png",
+        "training_loss.png",
     ]
-    assert json.loads((report_dir / "gate.json").read_text())["passed"] is True
-    assert not list(tmp_path.glob(".tmp-*"))
+    for plot in report_dir.glob("*.png"):
+        assert plot.read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((report_dir / "results.json").read_text())
+    assert [(row["adapter"], row["target"], row["result"]) for row in results] == [
+        ("travel", "cpu", "passed")
+    ]
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert [(row["adapter"], row["target"], row["variant"]) for row in metrics] == [
+        ("travel", "cpu", "base"),
+        ("travel", "cpu", "quantized"),
+        ("travel", "cpu", "fine-tuned"),
+    ]
+    gates = json.loads((report_dir / "gate.json").read_text())
+    assert list(gates) == ["travel/cpu"] and gates["travel/cpu"]["passed"] is True
+    assert not list(tmp_path.glob(".tmp-*")), "no staging folder is left behind"
     assert "gpu_mem_mib" not in page and "GPU memory" not in page, "a CPU run shows no GPU columns"
+    assert "gpu_mem_mib" not in metrics[0]
     assert not (report_dir / "training_memory.json").exists()
 
 
+def test_a_report_is_written_whole_over_an_earlier_one(tmp_path):
+    write_report(inputs(outcome(targets=[passed_on(), passed_on("cuda")])), tmp_path / "report")
+    report_dir = write_report(inputs(), tmp_path / "report")
+    assert not (report_dir / "comparison_travel_cuda.png").exists(), "the earlier report is replaced whole"
+    assert list(json.loads((report_dir / "gate.json").read_text())) == ["travel/cpu"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 def test_every_sentence_of_the_report_ends():
-    page = render_markdown(inputs(), {"comparison.png": "c.png", "training_loss.png": "t.png"})
-    assert (
-        "- Split by prompt (seed 0): 65 training pairs, 16 held out. ROUGE-L and decode speed come from "
-        "greedy generations for 16 of the held-out prompts.\n" in page
+    timed = passed_on(
+        phase_seconds={"load": 12.0, "loss": 3.0},
+        base_seconds=41.0,
+        base_phase_seconds={"build_base": 30.0},
     )
+    page = page_of(inputs(outcome(targets=[timed], training_memory=MEMORY)))
+    assert "- Split by prompt (seed 0): 65 training pairs, 16 held out.\n" in page
+    assert "## Data\n" in page and "### cpu target: gate passed\n" in page
     prose = [
         line
         for line in page.splitlines()
         if line.strip() and not line.startswith(("#", "|", "!["))  # headings, tables, images
     ]
-    assert prose and [line for line in prose if not line.endswith(".")] == []
+    assert len(prose) >= 8, prose  # the model line, the results' note, data, phases, training
+    assert [line for line in prose if not line.endswith(".")] == []
 
 
-def test_evaluates_phases_show_under_the_steps_when_recorded():
-    images = {"comparison.png": "c.png", "training_loss.png": "t.png"}
-    timed = dataclasses.replace(evaluation(True), phase_seconds={"build_base": 41.26, "load": 12.0})
-    page = render_markdown(inputs(evaluation=timed), images)
-    assert "\n\nEvaluate's measurement (60.0 s): build_base 41.3 s, load 12.0 s.\n" in page
-    assert "Evaluate's measurement" not in render_markdown(inputs(), images)
+def test_evaluates_phases_show_when_recorded():
+    timed = passed_on(phase_seconds={"gpu_memory": 8.04, "load": 12.0})
+    page = page_of(inputs(outcome(targets=[timed])))
+    assert "\n\nEvaluate's measurement (60.0 s): gpu_memory 8.0 s, load 12.0 s.\n" in page
+    assert "The base's" not in page, "no base phases were recorded"
+    assert "Evaluate's measurement" not in page_of(inputs())
 
 
-def test_the_training_notes_end_too():
-    memory = {"peak_allocated_mib": 9000.4, "peak_reserved_mib": 10240.0, "allocated_at_start_mib": 7.0}
-    images = {"comparison.png": "c.png", "training_loss.png": "t.png"}
-    page = render_markdown(inputs(training_memory=memory), images)
-    assert "2 steps, loss 3.500 → 3.100.\n\npeak GPU memory in training (torch): 9000 MiB allocated, " in page
-    assert "10240 MiB reserved.\n" in page
-    no_history = dataclasses.replace(inputs(), loss_history=[])
-    assert "## Training\n\nNo loss history." in render_markdown(no_history, images)
+def test_the_bases_phases_show_beside_evaluates_when_recorded():
+    timed = passed_on(
+        phase_seconds={"load": 12.0},
+        base_seconds=41.26,
+        base_phase_seconds={"build_base": 30.04, "loss": 11.2},
+    )
+    page = page_of(inputs(outcome(targets=[timed])))
+    assert (
+        "Evaluate's measurement (60.0 s): load 12.0 s. The base's (41.3 s, reused while its inputs hold): "
+        "build_base 30.0 s, loss 11.2 s.\n" in page
+    )
+
+
+def test_the_training_notes_show_gpu_peak_memory_when_measured(tmp_path):
+    report_dir = write_report(inputs(outcome(training_memory=MEMORY)), tmp_path / "report")
+    page = (report_dir / "report.md").read_text()
+    assert (
+        "## Training\n\n- travel: 2 steps, loss 3.500 → 3.100.\n"
+        "- travel: peak GPU memory in training (torch): 9000 MiB allocated, 10240 MiB reserved.\n" in page
+    )
+    assert json.loads((report_dir / "training_memory.json").read_text()) == {"travel": MEMORY}
+
+
+def test_training_memory_unmeasured_shows_no_notes(tmp_path):
+    cpu_training = {"peak_allocated_mib": None, "peak_reserved_mib": None}
+    report_dir = write_report(inputs(outcome(training_memory=cpu_training)), tmp_path / "report")
+    page = (report_dir / "report.md").read_text()
+    assert "## Training\n\n- travel: 2 steps, loss 3.500 → 3.100.\n\n![training loss]" in page
+    assert "peak GPU memory" not in page
+    assert not (report_dir / "training_memory.json").exists()
+
+
+def test_no_loss_history_shows_no_training_section(tmp_path):
+    report_dir = write_report(inputs(outcome(loss_history=[])), tmp_path / "report")
+    page = (report_dir / "report.md").read_text()
+    assert "## Training" not in page and "training_loss.png" not in page
+    assert (report_dir / LOSS_PLOT).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_failed_gate_is_the_headline_and_marks_the_failing_check():
-    page = render_markdown(inputs(passed=False), {"comparison.png": "c.png", "training_loss.png": "t.png"})
-    assert page.startswith("# olivepress run: gate FAILED")
+    page = page_of(inputs(outcome(targets=[failed_gate_on()])))
+    assert page.startswith("# olivepress run: gate FAILED\n")
     assert "| size_ratio | 0.35 | 0.1 | **FAIL** |" in page
+    assert "### cpu target: gate FAILED\n" in page
+    assert f"## Failed\n\n- `travel` (cpu): {GATE_FAILURE}\n" in page
+    assert "| travel | cpu | 16 | 2.88 | 3.08 | 17.81 | 0.25 | 69.0 | 1.38 | 191.0 | failed |" in page
+
+
+def test_a_passed_gate_has_no_failed_section_nor_failing_check():
+    page = page_of(inputs())
+    assert "## Failed" not in page and "**FAIL**" not in page
+    assert "| size_ratio | 0.35 | 0.5 | pass |" in page
+
+
+def test_rouge_l_none_reads_as_a_dash(tmp_path):
+    report = inputs(outcome(targets=[passed_on(tuned_rouge=None)]))
+    report_dir = write_report(report, tmp_path / "report")
+    page = (report_dir / "report.md").read_text()
+    assert "| base | 3.08 | 21.75 | - | 50.0 | 0.1 | 540.0 | 40 |" in page
+    assert "| quantized | 3.24 | 25.53 | - | 70.0 | 0.1 | 184.0 | 40 |" in page
+    assert "| fine-tuned | 2.88 | 17.81 | - | 69.0 | 0.1 | 191.0 | 40 |" in page
+    assert "| travel | cpu | 16 | 2.88 | 3.08 | 17.81 | - | 69.0 | 1.38 | 191.0 | passed |" in page
+    assert json.loads((report_dir / "results.json").read_text())[0]["rouge_l"] is None
 
 
 def test_gpu_memory_shows_only_when_measured(tmp_path):
-    memory = {"peak_allocated_mib": 9000.4, "peak_reserved_mib": 10240.0, "allocated_at_start_mib": 7.0}
-    report_dir = write_report(
-        inputs(evaluation=evaluation(True, gpu_memory_mib=812.6), training_memory=memory), tmp_path / "r"
-    )
+    cuda = outcome(targets=[passed_on("cuda", gpu_memory_mib=812.6)], training_memory=MEMORY)
+    report_dir = write_report(inputs(cuda, targets=("cuda",)), tmp_path / "report")
     page = (report_dir / "report.md").read_text()
     assert "| peak_mem_mib | gpu_mem_mib |" in page
     assert "| fine-tuned | 2.88 | 17.81 | 0.25 | 69.0 | 0.1 | 191.0 | 40 | 813 |" in page
-    assert "peak GPU memory in training (torch): 9000 MiB allocated, 10240 MiB reserved" in page
-    assert json.loads((report_dir / "training_memory.json").read_text()) == memory
-    assert json.loads((report_dir / "metrics.json").read_text())[0]["gpu_mem_mib"] == 813
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert [row["gpu_mem_mib"] for row in metrics] == [813, 813, 813]
+    assert {row["target"] for row in metrics} == {"cuda"}
 
 
-def test_a_run_with_several_datasets_puts_its_adapters_side_by_side(tmp_path):
-    from olivepress.tasks.report import AdapterOutcome, AdaptersReportInputs, write_adapters_report
-
+def test_a_run_with_several_datasets_and_targets_puts_them_side_by_side(tmp_path):
     outcomes = [
-        AdapterOutcome(
-            "travel", "/d/travel.jsonl", "ab" * 32, 65, 16, [{"step": 1, "loss": 3.5}], evaluation(True)
+        outcome(
+            "travel",
+            [passed_on("cpu"), passed_on("cuda", gpu_memory_mib=812.6)],
+            held_out_pairs=16,
+            training_memory=MEMORY,
         ),
-        AdapterOutcome(
+        outcome(
             "support",
-            "/d/support.jsonl",
-            "cd" * 32,
-            40,
-            10,
-            [{"step": 1, "loss": 3.9}, {"step": 2, "loss": 3.3}],
-            evaluation(False),
-            failure="gate failed: size_ratio 0.35 (limit 0.1)",
+            [failed_gate_on("cpu"), TargetOutcome("cuda", failure="the cuda export failed: boom")],
+            data_sha256="cd" * 32,
+            held_out_pairs=10,
+            loss_history=[{"step": 1, "loss": 3.9}, {"step": 2, "loss": 3.3}],
         ),
         AdapterOutcome("broken", "/d/broken.jsonl", "ef" * 32, failure="2 bad line(s)"),
     ]
-    steps = [{"step": "finetune travel", "status": "completed", "seconds": 12.04, "output_bytes": 7}]
-    report_dir = write_adapters_report(
-        AdaptersReportInputs(load_config(), outcomes, steps, "1234"), tmp_path / "report"
-    )
-    page = (report_dir / "report.md").read_text()
-    assert page.startswith("# olivepress run: 1 of 3 adapters passed")
-    assert "| travel | 16 | 2.88 | 3.08 | 17.81 | 0.25 | 69.0 | 191.0 | registered |" in page
-    assert "| support | 10 | 2.88 | 3.08 | 17.81 | 0.25 | 69.0 | 191.0 | failed |" in page
-    assert "| broken | - | - | - | - | - | - | - | failed |" in page
-    assert "- `broken`: 2 bad line(s)" in page and "## support" in page and "## broken" not in page
-    assert "| finetune travel | completed | 12.0 |" in page
-    assert (report_dir / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
-    rows = json.loads((report_dir / "adapters.json").read_text())
-    assert [(row["adapter"], row["result"]) for row in rows] == [
-        ("travel", "registered"),
-        ("support", "failed"),
-        ("broken", "failed"),
+    steps = [
+        {"step": "validate travel", "status": "completed", "seconds": 3.14, "output_bytes": None},
+        {"step": "finetune travel", "status": "completed", "seconds": 12.04, "output_bytes": 52_400_000},
     ]
+    report_dir = write_report(inputs(*outcomes, targets=("cpu", "cuda"), steps=steps), tmp_path / "report")
+    page = (report_dir / "report.md").read_text()
+    assert page.startswith("# olivepress run: 2 of 5 adapter × target results passed\n")
+    assert "built for cpu, cuda;" in page
+
+    results = page.split("## Results\n\n")[1].split("\n\n")[0].splitlines()[2:]
+    assert results == [
+        "| travel | cpu | 16 | 2.88 | 3.08 | 17.81 | 0.25 | 69.0 | 1.38 | 191.0 | passed |",
+        "| travel | cuda | 16 | 2.88 | 3.08 | 17.81 | 0.25 | 69.0 | 1.38 | 191.0 | passed |",
+        "| support | cpu | 10 | 2.88 | 3.08 | 17.81 | 0.25 | 69.0 | 1.38 | 191.0 | failed |",
+        "| support | cuda | 10 | - | - | - | - | - | - | - | failed |",
+        "| broken | - | - | - | - | - | - | - | - | - | failed |",
+    ]
+    assert (
+        "## Failed\n\n"
+        f"- `support` (cpu): {GATE_FAILURE}\n"
+        "- `support` (cuda): the cuda export failed: boom\n"
+        "- `broken` (-): 2 bad line(s)\n" in page
+    )
+    assert "## travel\n" in page and "## support\n" in page and "## broken" not in page
+    assert "## Data\n" not in page
+    assert page.count("### cpu target: gate passed") == 1 and page.count("### cuda target: gate passed") == 1
+    assert "### cpu target: gate FAILED" in page and "### cuda target" not in page.split("## support")[1]
+    assert "- travel: peak GPU memory in training (torch): 9000 MiB allocated" in page
+    assert "support: peak GPU memory" not in page
+    assert "- support: 2 steps, loss 3.900 → 3.300.\n" in page
+    assert "| validate travel | completed | 3.1 | - |" in page
+    assert "| finetune travel | completed | 12.0 | 52.4 |" in page
+
+    assert sorted(path.name for path in report_dir.glob("*.png")) == [
+        "comparison_support_cpu.png",
+        "comparison_travel_cpu.png",
+        "comparison_travel_cuda.png",
+        "training_loss.png",
+    ]
+    rows = json.loads((report_dir / "results.json").read_text())
+    assert [(row["adapter"], row["target"], row["result"]) for row in rows] == [
+        ("travel", "cpu", "passed"),
+        ("travel", "cuda", "passed"),
+        ("support", "cpu", "failed"),
+        ("support", "cuda", "failed"),
+        ("broken", "-", "failed"),
+    ]
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert [(row["adapter"], row["target"]) for row in metrics[::3]] == [
+        ("travel", "cpu"),
+        ("travel", "cuda"),
+        ("support", "cpu"),
+    ]
+    assert [row["variant"] for row in metrics] == ["base", "quantized", "fine-tuned"] * 3
+    gates = json.loads((report_dir / "gate.json").read_text())
+    assert {key: gate["passed"] for key, gate in gates.items()} == {
+        "travel/cpu": True,
+        "travel/cuda": True,
+        "support/cpu": False,
+    }
+    assert json.loads((report_dir / "training_memory.json").read_text()) == {"travel": MEMORY}
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_failure_before_any_target_fails_the_one_result():
+    broken = AdapterOutcome("broken", "/d/broken.jsonl", "ef" * 32, failure="2 bad line(s)")
+    page = page_of(inputs(broken))
+    assert page.startswith("# olivepress run: gate FAILED\n")
+    assert "- `broken` (-): 2 bad line(s)" in page and "## Data" not in page and "## Training" not in page
+
+
+def test_one_adapter_on_two_targets_counts_its_results():
+    report = inputs(outcome(targets=[failed_gate_on(), passed_on("cuda")]), targets=("cpu", "cuda"))
+    assert report.failures() == [("travel", "cpu", GATE_FAILURE)]
+    assert report.verdict() == "1 of 2 adapter × target results passed"
+    page = page_of(report)
+    assert page.startswith("# olivepress run: 1 of 2 adapter × target results passed\n")
+    assert "## Data\n" in page, "one dataset keeps the single-dataset heading"
+    assert "### cpu target: gate FAILED" in page and "### cuda target: gate passed" in page
