@@ -236,6 +236,7 @@ def prepare_model(name: str, work: Path, data: Path, device: str) -> tuple[Path,
 def run_flow(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     """One ``olivepress run`` with ``device`` set, its store and registry inside ``work``."""
     from olivepress.config import load_config
+    from olivepress.flows.datasets import DatasetsFailed
     from olivepress.flows.pipeline import new_run_dir, olivepress_flow
     from olivepress.tasks.evaluate import GateFailed
 
@@ -243,6 +244,7 @@ def run_flow(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
         "model": model_dir,
         "data": args.data.resolve(),
         "device": args.device,
+        "targets": args.targets,
         "output": work / "runs",
         "registry.path": work / "registry",
         "store.cache_dir": work / "cache",
@@ -256,8 +258,8 @@ def run_flow(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     error = None
     try:
         olivepress_flow(config, run_dir)
-    except GateFailed:
-        pass  # the run's evaluation.json says so
+    except (GateFailed, DatasetsFailed) as failure:
+        error = f"not every target passed: {str(failure)[:2000]}"  # each evaluation.json says why
     except Exception as failure:
         error = as_error(failure)
     return {"run_dir": str(run_dir), "seconds": round(time.perf_counter() - started, 1), "error": error}
@@ -286,8 +288,9 @@ def read_run(run_dir: Path, lab_figures: bool) -> dict:
         }
     if (run_dir / "adapter").is_dir():
         result["training_memory"] = read_training_memory(run_dir / "adapter")
-    if (run_dir / "evaluation.json").is_file():
-        evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    result["targets"] = {}
+    for evaluation_file in sorted((run_dir / "evaluations").glob("*/evaluation.json")):
+        evaluation = json.loads(evaluation_file.read_text())
         keys = (
             "decode_tokens_per_s",
             "time_to_first_token_s",
@@ -297,12 +300,18 @@ def read_run(run_dir: Path, lab_figures: bool) -> dict:
             "bytes_on_disk",
         )
         metrics = {m["variant"]: {key: m.get(key) for key in keys} for m in evaluation["metrics"]}
-        result["evaluate"] = metrics
-        result["evaluate_adapter_speed_ratio"] = ratio(metrics, "fine-tuned", "quantized")
-        result["evaluate_speedup_vs_base"] = ratio(metrics, "fine-tuned", "base")
-        result["gate_passed"] = evaluation["gate"]["passed"]
-        result["gate_checks"] = {c["name"]: round(c["measured"], 4) for c in evaluation["gate"]["checks"]}
-        result["evaluate_phase_seconds"] = evaluation.get("phase_seconds", {})
+        result["targets"][evaluation_file.parent.name] = {
+            "gate_passed": evaluation["gate"]["passed"],
+            "speedup_vs_base": ratio(metrics, "fine-tuned", "base"),
+            "decode_tok_s": metrics["fine-tuned"]["decode_tokens_per_s"],
+            "base_decode_tok_s": metrics["base"]["decode_tokens_per_s"],
+            "size_vs_base": ratio(metrics, "fine-tuned", "base", "bytes_on_disk"),
+            "adapter_speed_ratio": ratio(metrics, "fine-tuned", "quantized"),
+            "gate_checks": {c["name"]: round(c["measured"], 4) for c in evaluation["gate"]["checks"]},
+            "evaluate": metrics,
+            "evaluate_phase_seconds": evaluation.get("phase_seconds", {}),
+            "evaluate_base_phase_seconds": evaluation.get("base_phase_seconds", {}),
+        }
     return result
 
 
@@ -537,9 +546,11 @@ def benchmark_model(name: str, args: argparse.Namespace, bandwidth: float | None
         return result
     result["run_dir"] = str(run_dir)
     result.update(read_run(run_dir, lab_figures=name == "phi35mini"))
-    onnx_dir = run_dir / "onnx"
+    onnx_dir = run_dir / "onnx" / target_of(args.device)
+    if args.skip_decode:
+        return result
     if not (onnx_dir / "genai_config.json").is_file():
-        result["error"] = "the run left no ONNX folder"
+        result["error"] = f"the run left no {target_of(args.device)} export for the decode benchmark"
         return result
     print(f"{name}: decode micro-benchmark, {args.decode_tokens} tokens", flush=True)
     checkpoint_dir, adapter_dir = (run_dir / "quantized").resolve(), (run_dir / "adapter").resolve()
@@ -570,27 +581,35 @@ def print_tables(results: dict) -> None:
     device = results["device"]
     print(f"\n{device['name']} ({device['kind']}), bandwidth {results['bandwidth_bytes_per_s'] or '-'} B/s")
     for name, model in results["models"].items():
-        print(f"\n== {name}: gate_passed {model.get('gate_passed')}  error {model.get('error')}")
+        print(f"\n== {name}: error {model.get('error')}")
         if model.get("flow") and model["flow"].get("error"):
-            print(f"flow error: {model['flow']['error']}")
+            print(f"flow: {model['flow']['error'][:300]}")
         if steps := model.get("steps"):
-            print(f"{'step':<10} {'status':<10} {'wall s':>8} {'lab A100 s':>11}")
+            print(f"{'step':<22} {'status':<10} {'wall s':>8} {'lab A100 s':>11}")
             for step, row in steps.items():
                 lab = row.get("lab_a100_seconds")
-                print(f"{step:<10} {row['status']:<10} {row['seconds']:>8.1f} {lab if lab else '-':>11}")
-        if evaluate := model.get("evaluate"):
+                print(f"{step:<22} {row['status']:<10} {row['seconds']:>8.1f} {lab if lab else '-':>11}")
+            if model.get("flow"):
+                print(f"{'whole run':<22} {'':<10} {model['flow']['seconds']:>8.1f}")
+        for target, record in (model.get("targets") or {}).items():
+            print(
+                f"-- target {target}: gate_passed {record['gate_passed']}  speedup_vs_base "
+                f"{record['speedup_vs_base']}  size_vs_base {record['size_vs_base']}  checks {record['gate_checks']}"
+            )
             print(f"{'evaluate':<12} {'tok/s':>8} {'TTFT s':>8} {'GPU MiB':>8} {'RSS MiB':>8}")
-            for variant, row in evaluate.items():
+            for variant, row in record["evaluate"].items():
                 gpu = "-" if row["gpu_memory_mib"] is None else f"{row['gpu_memory_mib']:.0f}"
                 rss = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"
                 print(
                     f"{variant:<12} {row['decode_tokens_per_s']:>8.1f} {row['time_to_first_token_s']:>8.3f}"
                     f" {gpu:>8} {rss:>8}"
                 )
-        if phases := model.get("evaluate_phase_seconds"):
-            print(
-                "evaluate phases: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
-            )
+            for label, phases in (
+                ("evaluate phases", record["evaluate_phase_seconds"]),
+                ("evaluate_base phases", record["evaluate_base_phase_seconds"]),
+            ):
+                if phases:
+                    print(f"{label}: " + ", ".join(f"{phase} {sec:.1f} s" for phase, sec in phases.items()))
         memory = model.get("training_memory") or {}
         if memory.get("peak_allocated_mib") is not None:
             print(f"training peak (torch): {memory['peak_allocated_mib']:.0f} MiB allocated")
@@ -630,6 +649,17 @@ def main() -> None:
         "--generation-samples", type=int, help="evaluate's generated prompts (config default)"
     )
     parser.add_argument("--skip-flow", action="store_true", help="decode bench on the latest run in --work")
+    parser.add_argument(
+        "--targets",
+        type=lambda text: text.split(","),
+        default=["cpu"],
+        help="comma-separated targets the flow builds and gates (default: cpu, the config's default)",
+    )
+    parser.add_argument(
+        "--skip-decode",
+        action="store_true",
+        help="the flow only: no decode micro-benchmark of the device's own export",
+    )
     parser.add_argument("--decode-tokens", type=int, default=300)
     parser.add_argument("--decode-repeats", type=int, default=3)
     parser.add_argument("--prompt", default=PROMPT)

@@ -8,9 +8,9 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import get_args
+from typing import get_args, get_origin
 
-from olivepress.config import DATASET_NAME, load_config, setting_field, setting_fields
+from olivepress.config import DATASET_NAME, TARGETS, load_config, setting_field, setting_fields
 from olivepress.errors import UserError
 
 # The named flags of `run` are shortcuts for these settings; every other setting is reachable with --set.
@@ -18,6 +18,7 @@ RUN_FLAGS = {
     "--model": "model",
     "--data": "data",
     "--device": "device",
+    "--target": "targets",
     "--max-steps": "finetune.max_steps",
     "--calibration-samples": "quantize.calibration_samples",
     "--output": "output",
@@ -80,6 +81,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, flags: dict[str, str])
             )
         elif info.annotation is int:
             options.update(type=int, metavar="N")
+        elif get_origin(info.annotation) is list and kinds and get_args(kinds[0]):  # list of a Literal
+            options.update(
+                action="append",
+                choices=get_args(kinds[0]),
+                metavar=None,
+                help=f"{describe(dotted)}; repeat the flag for several",
+            )
         elif kinds and all(isinstance(kind, str) for kind in kinds):  # a Literal of names: argparse choices
             options.update(choices=kinds, metavar=None)
         parser.add_argument(flag, **options)
@@ -152,12 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(validate, VALIDATE_FLAGS)
 
     chat = commands.add_parser("chat", help="generate from an exported model, streaming, with tokens/s")
-    chat.add_argument("model_dir", type=Path, help="the run's onnx folder")
+    chat.add_argument(
+        "model_dir",
+        type=Path,
+        help="a folder of targets (a run folder's onnx/, a registry entry's model/, or the run folder or "
+        "entry itself), or one target's export folder (onnx/cpu; an older run's onnx/)",
+    )
+    chat.add_argument(
+        "--target",
+        choices=TARGETS,
+        help="which target's export to run (default: cuda when MODEL_DIR has it and this machine shows a "
+        "CUDA device and has onnxruntime-genai's CUDA build, else cpu)",
+    )
     switch = chat.add_mutually_exclusive_group()
     switch.add_argument(
         "--adapter",
-        help="a .onnx_adapter file, or an adapter's name: adapters/NAME.onnx_adapter beside MODEL_DIR (a run "
-        "folder's or registry entry's, one per dataset) (default: the one in MODEL_DIR)",
+        help="a .onnx_adapter file, or an adapter's name: adapters/TARGET/NAME.onnx_adapter of the run "
+        "folder or registry entry (one per dataset that passed on that target) (default: the export's own)",
     )
     switch.add_argument("--no-adapter", action="store_true", help="run the quantized base without LoRA")
     chat.add_argument("--max-new-tokens", type=int, default=128)
@@ -192,15 +211,37 @@ def command_run(args: argparse.Namespace) -> int:
     print(f"olivepress: run folder {run_dir} (library output: {LOG_FILE} there)", flush=True)
     with run_output(run_dir, verbose=args.verbose):
         result = olivepress_flow(config, run_dir)
-    print(f"\nONNX Runtime GenAI model: {result['onnx']}")
-    for name, adapter in result.get("adapters", {}).items():
-        print(f"Adapter {name}: {adapter}")
-    print(f"Report: {result['report']}")
-    registration = result["registration"]
-    print(f"Registered: {registration['name']} version {registration['version']} ({registration['uri']})")
-    choice = next((f" --adapter {name}" for name in result.get("adapters", {})), "")
-    print(f'Try it: olivepress chat {result["onnx"]}{choice} "What should I pack for a week in Lisbon?"')
+    print()
+    print(run_summary(result))
     return 0
+
+
+def run_summary(result: dict) -> str:
+    """What a finished run built, for the terminal: each target's export and the adapters that passed on it,
+    the report, the registration, and a chat command that runs on this layout (chat picks the target that
+    fits the machine; an adapter that did not pass on every target names the target it did pass on)."""
+    exports, adapters = result["exports"], result["adapters"]
+    lines = [f"ONNX Runtime GenAI models: {result['onnx']}"]
+    for target, export in exports.items():
+        lines.append(f"  {target}: {export}")
+        lines += [f"    adapter {name}: {path}" for name, path in adapters.get(target, {}).items()]
+    lines.append(f"Report: {result['report']}")
+    registration = result["registration"]
+    lines.append(
+        f"Registered: {registration['name']} version {registration['version']} ({registration['uri']})"
+    )
+    names = list(dict.fromkeys(name for named in adapters.values() for name in named))
+    everywhere = [name for name in names if all(name in adapters.get(target, {}) for target in exports)]
+    choice = ""
+    if names:  # an adapter every target has, else one target's (named, so chat does not pick another)
+        name = (everywhere or names)[0]
+        choice = f" --adapter {name}"
+        if not everywhere:
+            choice = f" --target {next(t for t, named in adapters.items() if name in named)}{choice}"
+    lines.append(
+        f'Try it: olivepress chat {result["onnx"]}{choice} "What should I pack for a week in Lisbon?"'
+    )
+    return "\n".join(lines)
 
 
 def command_validate(args: argparse.Namespace) -> int:
@@ -231,9 +272,16 @@ def command_chat(args: argparse.Namespace) -> int:
             adapter=adapter,
             max_new_tokens=args.max_new_tokens,
             show_prompt=sys.stdin.isatty(),
+            target=args.target,
         )
     else:
-        chat(args.model_dir, args.prompt, adapter=adapter, max_new_tokens=args.max_new_tokens)
+        chat(
+            args.model_dir,
+            args.prompt,
+            adapter=adapter,
+            max_new_tokens=args.max_new_tokens,
+            target=args.target,
+        )
     return 0
 
 
@@ -259,8 +307,10 @@ def command_models(args: argparse.Namespace) -> int:
 
 
 def entry_row(entry) -> dict[str, str]:
-    """A local entry as a listing row: the fine-tuned variant's metrics against the base's, formatted from the
-    lineage's raw metrics (an entry registered before lineage kept raw metrics holds display rows: read as is)."""
+    """A local entry as a listing row: the targets that passed, then the fine-tuned variant's metrics against
+    the base's (the first passing adapter's on its first passing target), formatted from the lineage's raw
+    metrics (an entry registered before lineage kept raw metrics holds display rows: read as is; one
+    registered before targets has no ``targets``: "-")."""
     from olivepress.metrics_display import readable
 
     metrics = {row["variant"]: readable(row) for row in entry.lineage.get("metrics", [])}
@@ -269,12 +319,14 @@ def entry_row(entry) -> dict[str, str]:
         "name": entry.name,
         "version": entry.version,
         "registered": entry.lineage.get("registered_at", "-"),
+        "targets": ",".join(entry.lineage.get("targets") or {}) or "-",
         "perplexity": f"{tuned.get('perplexity', '-')} (base {base.get('perplexity', '-')})",
         "tok/s": f"{tuned.get('decode_tok_s', '-')} (base {base.get('decode_tok_s', '-')})",
         "MB": f"{tuned.get('size_mb', '-')} (base {base.get('size_mb', '-')})",
         "data": entry.lineage.get("data", {}).get("sha256", "-")[:12],
-        # a run with several datasets: its adapters by name (the metrics above are the first one's)
-        "adapters": ",".join(entry.lineage.get("adapters", {})) or "-",
+        # its adapters by name (lineage adapters: {name: {"data", "targets": {...}}}; the metrics above are
+        # the first one's)
+        "adapters": ",".join(entry.lineage.get("adapters") or {}) or "-",
         "path": str(entry.path),
     }
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -316,78 +316,19 @@ def entry_parts(run: Run, branches: list[Branch]) -> dict[str, Path]:
     return {"model": model, ADAPTERS_DIR: adapters}
 
 
-def lineage(run: Run, model: ResolvedModel, branches: list[Branch], parts: dict[str, Path]) -> dict[str, Any]:
-    """The registry's record: the model and data it came from, the config, and per adapter and target its
-    measurements and gate. ``metrics`` and ``gate`` at the top are the first passing adapter's on the first
-    target it passed (what a listing shows first); ``targets`` lists the targets that passed, each with its
-    first passing adapter's metrics and gate."""
-    from olivepress.cache_keys import library_versions
-    from olivepress.files import file_sha256
-    from olivepress.registry import content_sha256
-
-    adapters, failed, targets = {}, {}, {}
-    for branch in branches:
-        data = {"path": branch.source, "sha256": branch.data_sha256}
-        failures = {t: r.failure for t, r in branch.targets.items() if r.failure}
-        if branch.failure or len(failures) == len(run.config.targets):
-            failed[branch.name] = {"data": data, "failure": branch.failure or "; ".join(failures.values())}
-            continue
-        record = {"data": data, "train_pairs": len(branch.train), "held_out_pairs": len(branch.held_out)}
-        record["targets"] = {}
-        for target, result in branch.targets.items():
-            if result.failure:
-                record["targets"][target] = {"failure": result.failure}
-                continue
-            measured = {
-                "metrics": [asdict(m) for m in result.evaluation.metrics],
-                "gate": asdict(result.evaluation.gate),
-            }
-            file = result.exported.folder / ADAPTER_FILE
-            record["targets"][target] = {
-                "file": f"{ADAPTERS_DIR}/{target}/{branch.name}{ADAPTER_SUFFIX}",
-                "sha256": file_sha256(file),
-                **measured,
-            }
-            targets.setdefault(target, measured)
-        adapters[branch.name] = record
-    first = next(iter(targets.values()))
-    return {
-        "content_sha256": content_sha256(parts),
-        "base_model": str(model.path),
-        # where the base model came from: reference, kind, hub commit or Azure ML version, content hash
-        "model_source": model.lineage(),
-        "data": {
-            "sha256": run.data_hash,
-            "calibration_datasets": run.config.calibration_datasets or [b.name for b in branches],
-            "datasets": {b.name: {"path": b.source, "sha256": b.data_sha256} for b in branches},
-        },
-        "config": run.config.model_dump(mode="json"),
-        "targets": targets,
-        "metrics": first["metrics"],
-        "gate": first["gate"],
-        "adapters": adapters,
-        "failed_adapters": failed,
-        # the adapter whose files (and merged graph) the entry's model/<target>/ holds, on the targets it passed
-        "model_adapter": branches[0].name if any(branches[0].passed(t) for t in targets) else None,
-        "library_versions": library_versions(),
-        "flow_run_id": current_flow_run_id(),
-    }
-
-
 def register(run: Run, model: ResolvedModel, branches: list[Branch], report_dir: Path) -> Registration:
     """Register every target and adapter that passed, with the report and lineage, retried as
     ``retries.*`` says. Runs sharing a store register one model content one at a time: a backend's
     check-then-create (Azure ML's tag lookup) then sees the other's version and returns it instead of
     adding one."""
-    from datetime import UTC, datetime
-
     from olivepress.steps import prefect_retries
-    from olivepress.tasks.register import register_task
+    from olivepress.tasks.register import build_lineage, register_task
 
-    parts = entry_parts(run, branches)
-    record = lineage(run, model, branches, parts)
-    record["registered_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    sources = {**parts, "report": report_dir}
+    sources = {**entry_parts(run, branches), "report": report_dir}
+    outcomes = [b.outcome() for b in branches]
+    record = build_lineage(
+        run.config, model.path, run.data_hash, outcomes, sources, current_flow_run_id(), model.lineage()
+    )
     task = register_task.with_options(**prefect_retries(run.config.retries))
     with run.store.key_lock("register", record["content_sha256"]):
         registration = timed(run.records, "register", task, run.config, model.name, sources, record)

@@ -10,19 +10,40 @@ from olivepress.registry import content_sha256
 from olivepress.retry import retry_if_transient
 from olivepress.tasks.evaluate import METRICS_FILE, GateFailed, read_evaluation
 from olivepress.tasks.register import build_lineage, register_model
+from olivepress.tasks.report import AdapterOutcome, TargetOutcome
 from tests.tasks.test_report import evaluation
+
+
+def entry_sources(tmp_path: Path, adapters: dict[str, list[str]]) -> dict[str, Path]:
+    """An entry's model and adapters folders: model/<target>/model.onnx, adapters/<target>/<name>..."""
+    for target in {target for targets in adapters.values() for target in targets}:
+        (tmp_path / "model" / target).mkdir(parents=True)
+        (tmp_path / "model" / target / "model.onnx").write_bytes(f"onnx {target}".encode())
+    for name, targets in adapters.items():
+        for target in targets:
+            (tmp_path / "adapters" / target).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "adapters" / target / f"{name}.onnx_adapter").write_bytes(f"{name} {target}".encode())
+    return {"model": tmp_path / "model", "adapters": tmp_path / "adapters"}
+
+
+def outcome(name: str, targets: list[TargetOutcome], failure: str | None = None) -> AdapterOutcome:
+    return AdapterOutcome(
+        name, f"/d/{name}.jsonl", name[0] * 64, 81, 0, 65, 16, targets=targets, failure=failure
+    )
 
 
 def test_lineage_records_hashes_config_metrics_gate_and_versions(tmp_path, monkeypatch):
     monkeypatch.setenv("AZURE_CLIENT_SECRET", "do-not-leak-this")
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "model.onnx").write_bytes(b"onnx")
-    sources = {"model": tmp_path / "model"}
+    sources = entry_sources(tmp_path, {"travel": ["cpu"]})
     config = load_config(overrides={"registry.path": tmp_path / "registry"})
-    lineage = build_lineage(config, tmp_path, "d" * 64, evaluation(True), sources, "flow-run-1")
+    outcomes = [outcome("travel", [TargetOutcome("cpu", evaluation(True))])]
+    lineage = build_lineage(config, tmp_path, "d" * 64, outcomes, sources, "flow-run-1")
 
     assert lineage["content_sha256"] == content_sha256(sources)
     assert lineage["data"]["sha256"] == "d" * 64
+    assert lineage["targets"] == {"cpu": {"metrics": lineage["metrics"], "gate": lineage["gate"]}}
+    assert lineage["adapters"]["travel"]["targets"]["cpu"]["file"] == "adapters/cpu/travel.onnx_adapter"
+    assert lineage["model_adapter"] == "travel"
     assert lineage["config"]["finetune"]["max_steps"] == config.finetune.max_steps
     assert [m["variant"] for m in lineage["metrics"]] == ["base", "quantized", "fine-tuned"]
     assert lineage["gate"]["passed"] is True
@@ -61,11 +82,10 @@ def test_lineage_keeps_the_raw_metrics_of_metrics_json_and_the_gate_record(tmp_p
     record = {"metrics": raw, "held_out_pairs": 16, "generation_prompts": 16, "seconds": 1.0}
     (evaluated / METRICS_FILE).write_text(json.dumps(record, indent=1))
     config = load_config(overrides={"registry.path": tmp_path / "registry"})
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "model.onnx").write_bytes(b"onnx")
-    sources = {"model": tmp_path / "model"}
+    sources = entry_sources(tmp_path, {"travel": ["cpu"]})
     evaluation = read_evaluation(evaluated, config.gate)
-    lineage = build_lineage(config, tmp_path, "d" * 64, evaluation, sources, "flow-run-1")
+    outcomes = [outcome("travel", [TargetOutcome("cpu", evaluation)])]
+    lineage = build_lineage(config, tmp_path, "d" * 64, outcomes, sources, "flow-run-1")
     registration = register_model(config, tmp_path / "SmolLM2", sources, lineage)
 
     stored = json.loads((Path(registration.uri) / "lineage.json").read_text())
@@ -86,9 +106,37 @@ def test_lineage_keeps_the_raw_metrics_of_metrics_json_and_the_gate_record(tmp_p
         {"name": "speedup", "measured": 69.0498765432 / 50.0487654321, "limit": 1.0, "passed": True},
         {"name": "size_ratio", "measured": 191_123_456 / 540_123_456, "limit": 0.5, "passed": True},
     ]
-    assert stored["data"] == {"path": str(config.data), "sha256": "d" * 64}
+    assert stored["data"]["path"] == str(config.data) and stored["data"]["sha256"] == "d" * 64
     assert stored["flow_run_id"] == "flow-run-1"
     assert stored["config"] == json.loads(json.dumps(config.model_dump(mode="json")))
+
+
+def test_lineage_lists_each_adapter_on_each_target_and_what_failed(tmp_path):
+    sources = entry_sources(tmp_path, {"travel": ["cpu", "cuda"], "support": ["cuda"]})
+    config = load_config(overrides={"targets": ["cpu", "cuda"], "registry.path": tmp_path / "registry"})
+    outcomes = [
+        outcome("travel", [TargetOutcome("cpu", evaluation(True)), TargetOutcome("cuda", evaluation(True))]),
+        outcome(
+            "support",
+            [
+                TargetOutcome("cpu", evaluation(False), "gate failed: size_ratio 0.35 (limit 0.1)"),
+                TargetOutcome("cuda", evaluation(True)),
+            ],
+        ),
+        AdapterOutcome("broken", "/d/broken.jsonl", "b" * 64, failure="2 bad line(s)"),  # failed validation
+    ]
+    lineage = build_lineage(config, tmp_path, "d" * 64, outcomes, sources, "flow-run-1")
+    assert list(lineage["targets"]) == ["cpu", "cuda"]
+    assert set(lineage["adapters"]) == {"travel", "support"}
+    assert lineage["adapters"]["support"]["targets"]["cpu"] == {
+        "failure": "gate failed: size_ratio 0.35 (limit 0.1)"
+    }
+    cuda = lineage["adapters"]["support"]["targets"]["cuda"]
+    assert cuda["file"] == "adapters/cuda/support.onnx_adapter" and cuda["gate"]["passed"] is True
+    assert lineage["failed_adapters"] == {
+        "broken": {"data": {"path": "/d/broken.jsonl", "sha256": "b" * 64}, "failure": "2 bad line(s)"}
+    }
+    assert lineage["data"]["calibration_datasets"] == ["travel", "support"], "bad data calibrated nothing"
 
 
 def test_only_transient_failures_are_retried():
