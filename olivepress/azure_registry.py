@@ -114,7 +114,14 @@ def list_azureml(settings: AzureMLSettings, *, credential: Any = None, **client_
 
 def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
     """A short, searchable summary: content and data hashes, flow run, gate verdict, key metrics per variant
-    (tags are strings: the metrics are formatted here from the lineage's raw values, see ``TAG_METRICS``)."""
+    (tags are strings: the metrics are formatted here from the lineage's raw values, see ``TAG_METRICS``).
+
+    The top-level verdict and variants' metrics are the lineage's top-level ``metrics`` and ``gate`` (the
+    first passing adapter on its first passing target). Then the targets that passed (``olivepress.targets``,
+    e.g. ``cpu,cuda``), each with its gate and fine-tuned metrics (``olivepress.target.<target>.*``), and the
+    adapters (``olivepress.adapters``), each with its gate and fine-tuned metrics per target
+    (``olivepress.adapter.<name>.<target>.*``; a target the adapter failed on: its gate "failed", no metrics).
+    """
     gate = lineage.get("gate") or {}
     tags = {
         CONTENT_TAG: lineage["content_sha256"],
@@ -126,21 +133,39 @@ def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
         row = readable(raw)
         for metric in TAG_METRICS:
             tags[f"{TAG_PREFIX}{row['variant']}.{metric}"] = row.get(metric)
-    if adapters := lineage.get("adapters"):  # a run with several datasets: each adapter's summary too
+    if targets := lineage.get("targets"):
+        tags[f"{TAG_PREFIX}targets"] = ",".join(targets)
+        for target, measured in targets.items():
+            tags |= _summary_tags(f"{TAG_PREFIX}target.{target}", measured)
+    if adapters := lineage.get("adapters"):
         tags[f"{TAG_PREFIX}adapters"] = ",".join(adapters)
         for name, record in adapters.items():
-            tags[f"{TAG_PREFIX}adapter.{name}.gate"] = "passed" if record["gate"]["passed"] else "failed"
-            tuned = next(readable(raw) for raw in record["metrics"] if raw["variant"] == "fine-tuned")
-            for metric in TAG_METRICS:
-                tags[f"{TAG_PREFIX}adapter.{name}.{metric}"] = tuned.get(metric)
+            for target, measured in (record.get("targets") or {}).items():
+                tags |= _summary_tags(f"{TAG_PREFIX}adapter.{name}.{target}", measured)
     return {key: _fit(_text(value)) for key, value in tags.items() if value is not None}
+
+
+def _summary_tags(prefix: str, measured: dict[str, Any]) -> dict[str, Any]:
+    """``<prefix>.gate`` (passed or failed) and the fine-tuned variant's ``TAG_METRICS`` of one target's
+    measurements (``{"metrics", "gate"}``; ``{"failure"}`` where it failed before its gate: failed alone)."""
+    tags: dict[str, Any] = {
+        f"{prefix}.gate": "passed" if (measured.get("gate") or {}).get("passed") else "failed"
+    }
+    tuned = next(
+        (readable(raw) for raw in measured.get("metrics") or [] if raw["variant"] == "fine-tuned"), {}
+    )
+    for metric in TAG_METRICS:
+        tags[f"{prefix}.{metric}"] = tuned.get(metric)
+    return tags
 
 
 def lineage_properties(lineage: dict[str, Any]) -> dict[str, str]:
     """The lineage as strings (JSON for structures), one property per top-level config key and one per variant's
     raw metrics (``olivepress.metrics.<variant>``: the three unrounded together come close to the 1,000-character
-    limit, about 950 at full precision); from a run with several datasets, per adapter its record
-    (``olivepress.adapter.<name>``: file, hash, data), gate and each variant's raw metrics, likewise apart.
+    limit, about 950 at full precision); per target that passed its gate and each variant's raw metrics
+    (``olivepress.target.<target>.gate``, ``...metrics.<variant>``); per adapter its record
+    (``olivepress.adapter.<name>``: data, pair counts) and per target its file and hash (or failure), gate
+    and each variant's raw metrics (``olivepress.adapter.<name>.<target>[.gate|.metrics.<variant>]``), apart.
 
     The tags' summary is repeated here on purpose: tags can be edited later, properties cannot, so these
     record what the model was built from. ``lineage.json`` in the model's files stays the complete record.
@@ -150,14 +175,29 @@ def lineage_properties(lineage: dict[str, Any]) -> dict[str, str]:
     flat |= {
         f"{TAG_PREFIX}{key}": value
         for key, value in lineage.items()
-        if key not in ("config", "metrics", "adapters")
+        if key not in ("config", "metrics", "adapters", "targets")
     }
+    for target, measured in (lineage.get("targets") or {}).items():
+        flat |= _measured_properties(f"{TAG_PREFIX}target.{target}", measured)
     for name, record in (lineage.get("adapters") or {}).items():  # each adapter's record, split to fit
         prefix = f"{TAG_PREFIX}adapter.{name}"
-        flat[prefix] = {key: value for key, value in record.items() if key not in ("metrics", "gate")}
-        flat[f"{prefix}.gate"] = record["gate"]
-        flat |= {f"{prefix}.metrics.{raw['variant']}": raw for raw in record["metrics"]}
+        flat[prefix] = {key: value for key, value in record.items() if key != "targets"}
+        for target, measured in (record.get("targets") or {}).items():
+            flat |= _measured_properties(f"{prefix}.{target}", measured)
     return {key: _fit(_text(value)) for key, value in sorted(flat.items())}
+
+
+def _measured_properties(prefix: str, measured: dict[str, Any]) -> dict[str, Any]:
+    """One target's measurements split to fit: what is left besides them (an adapter's file and hash, or
+    its failure) as ``prefix``, the gate as ``<prefix>.gate``, each variant's raw metrics apart."""
+    flat: dict[str, Any] = {
+        f"{prefix}.metrics.{raw['variant']}": raw for raw in measured.get("metrics") or []
+    }
+    if "gate" in measured:
+        flat[f"{prefix}.gate"] = measured["gate"]
+    if rest := {key: value for key, value in measured.items() if key not in ("metrics", "gate")}:
+        flat[prefix] = rest
+    return flat
 
 
 def _text(value: Any) -> str:

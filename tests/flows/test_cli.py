@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from olivepress.config import SAMPLE_DATA, setting_fields
+from olivepress.errors import UserError
 from olivepress.flows.cli import RUN_FLAGS, VALIDATE_FLAGS, build_parser, config_from, main, parse_arguments
 
 
@@ -110,12 +111,27 @@ def test_models_lists_each_registered_version_with_its_metrics(tmp_path):
     assert "17.81 (base 21.75)" in lines[1] and "0123456789ab" in lines[1]
     assert "69.0 (base 50.0)" in lines[1] and "191.0 (base 540.0)" in lines[1], "tok/s and MB from raw fields"
 
-    lineage["adapters"] = {"travel": {}, "support": {}}
+    assert lines[0].split()[3] == "targets" and lines[1].split()[3] == "-", "registered before targets"
+
+    # the lineage of datasets × targets: targets that passed, adapters by name with per-target records
+    measured = {"metrics": lineage["metrics"], "gate": {"passed": True, "checks": []}}
+    lineage["targets"] = {"cpu": measured, "cuda": measured}
+    lineage["adapters"] = {
+        name: {
+            "data": {"path": f"/data/{name}.jsonl", "sha256": "e" * 64},
+            "targets": {
+                "cpu": {"file": f"adapters/cpu/{name}.onnx_adapter", "sha256": "a" * 64, **measured},
+                "cuda": {"failure": "gate failed: speedup 0.9 (limit 1)"} if name == "support" else measured,
+            },
+        }
+        for name in ("support", "travel")
+    }
     registry.register("travel-model", {"model": model, "adapters": model}, lineage | {"content_sha256": "x"})
     result = olivepress("models", "--registry", str(tmp_path / "registry"))
-    assert " support,travel " in result.stdout.splitlines()[3], (
-        "an entry of several datasets names its adapters"
-    )
+    line = result.stdout.splitlines()[3]
+    assert line.split()[:4] == ["travel-model", "3", "2026-11-25T12:00:00+00:00", "cpu,cuda"]
+    assert " support,travel " in line, "an entry of several datasets names its adapters"
+    assert "17.81 (base 21.75)" in line
 
 
 def test_models_still_lists_an_entry_registered_with_display_rows(tmp_path):
@@ -200,6 +216,75 @@ def test_help_describes_every_setting(capsys):
     )
 
 
+def test_target_repeated_builds_the_targets_setting(capsys):
+    assert parsed_config("run").targets == ["cpu"]
+    both = parsed_config("run", "--target", "cpu", "--target", "cuda")
+    assert both.targets == ["cpu", "cuda"]
+    assert both == parsed_config("run", "--set", "targets=[cpu, cuda]")
+    assert parsed_config("run", "--target", "cuda").targets == ["cuda"]
+    assert parsed_config("run", "--device", "auto").device == "auto"
+    with pytest.raises(SystemExit):
+        parsed_config("run", "--target", "tpu")
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    run_help = " ".join(capsys.readouterr().out.split())
+    assert "--target {cpu,cuda} What optimize builds and evaluate gates" in run_help
+    assert "--device {auto,cpu,gpu}" in run_help
+    with pytest.raises(UserError, match="each target once"):
+        parsed_config("run", "--target", "cpu", "--target", "cpu")
+
+
+def test_a_finished_run_names_each_targets_export_and_adapters_and_a_chat_command_that_works(tmp_path):
+    import shlex
+
+    from olivepress.chat import resolve_adapter, resolve_target
+    from olivepress.flows.cli import run_summary
+
+    run_dir = tmp_path / "run-1"
+    exports, adapters = {}, {}
+    for target in ("cpu", "cuda"):
+        export = run_dir / "exports" / target
+        export.mkdir(parents=True)
+        (export / "genai_config.json").write_text("{}")
+        (run_dir / "onnx").mkdir(exist_ok=True)
+        (run_dir / "onnx" / target).symlink_to(export, target_is_directory=True)
+        exports[target] = str(run_dir / "onnx" / target)
+        (run_dir / "adapters" / target).mkdir(parents=True)
+        adapters[target] = {}
+        for name in ("travel", "support"):
+            adapters[target][name] = run_dir / "adapters" / target / f"{name}.onnx_adapter"
+            adapters[target][name].write_bytes(b"x")
+    result = {
+        "run_dir": str(run_dir),
+        "onnx": str(run_dir / "onnx"),
+        "exports": exports,
+        "adapters": {t: {n: str(p) for n, p in named.items()} for t, named in adapters.items()},
+        "report": str(run_dir / "report" / "report.md"),
+        "registration": {"name": "m", "version": "1", "uri": "registry/m/1"},
+    }
+    lines = run_summary(result).splitlines()
+    assert lines[:4] == [
+        f"ONNX Runtime GenAI models: {run_dir / 'onnx'}",
+        f"  cpu: {run_dir / 'onnx' / 'cpu'}",
+        f"    adapter travel: {adapters['cpu']['travel']}",
+        f"    adapter support: {adapters['cpu']['support']}",
+    ]
+    assert f"  cuda: {run_dir / 'onnx' / 'cuda'}" in lines
+    assert "Registered: m version 1 (registry/m/1)" in lines
+    try_it = lines[-1]
+    assert try_it.startswith(f"Try it: olivepress chat {run_dir / 'onnx'} --adapter travel ")
+    args = parse_arguments(build_parser(), shlex.split(try_it.removeprefix("Try it: olivepress ")))
+    export = resolve_target(args.model_dir, args.target)
+    assert resolve_adapter(export, args.adapter) == adapters[export.target]["travel"]
+
+    # an adapter every target has is chosen; else one that passed on one target only, naming that target
+    del result["adapters"]["cpu"]["travel"]
+    assert f"chat {run_dir / 'onnx'} --adapter support " in run_summary(result).splitlines()[-1]
+    result["adapters"]["cpu"] = {}
+    assert f"chat {run_dir / 'onnx'} --target cuda --adapter travel " in run_summary(result).splitlines()[-1]
+
+
 def test_run_refuses_an_unknown_setting_naming_it_and_the_valid_ones(tmp_path):
     result = olivepress("run", "--set", "finetune.lora_rank=8", "--output", str(tmp_path))
     assert result.returncode == 1
@@ -255,7 +340,7 @@ def test_a_deploy_argument_the_target_cannot_take_is_a_user_error():
     assert "olivepress: concurrency must be at least 1" in result.stderr
 
 
-STEPS = ["validate", "quantize", "finetune", "optimize", "evaluate", "report", "register"]
+STEPS = ["validate", "quantize", "finetune", "optimize", "evaluate_base", "evaluate", "report", "register"]
 STEP_END = re.compile(r"^(\w+) +(completed|reused|failed)  [\d.]+ s$")
 
 

@@ -141,7 +141,7 @@ def test_a_run_killed_mid_training_resumes_from_its_last_checkpoint(tmp_path, ti
     resumed = [r.getMessage() for r in caplog.records if "resuming from checkpoint-" in r.getMessage()]
     assert resumed, "training picked up where the killed run stopped"
     assert int(resumed[0].rsplit("-", 1)[1]) >= 3
-    losses = json.loads((Path(result["adapter"]) / "loss_history.json").read_text())
+    losses = json.loads((Path(result["run_dir"]) / "adapter" / "loss_history.json").read_text())
     assert [row["step"] for row in losses] == list(range(1, 151))
 
 

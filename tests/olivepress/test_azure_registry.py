@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -702,31 +703,78 @@ def test_listing_shows_only_versions_olivepress_registered(azure):
     ]
 
 
-def test_an_entry_with_several_adapters_uploads_each_and_describes_each(azure, sources, tmp_path):
-    """A run with several datasets: the adapters/ part goes up beside model/, and each adapter gets its own
-    tags (gate, fine-tuned metrics) and properties (record, gate, raw metrics)."""
-    fake: FakeAzure = azure["fake"]
-    adapters = tmp_path / "src" / "adapters"
-    adapters.mkdir()
-    for name in ("travel", "cooking"):
-        (adapters / f"{name}.onnx_adapter").write_bytes(name.encode() * 50)
-    parts = {**sources, "adapters": adapters}
-    lineage = make_lineage(parts)
-    lineage["adapters"] = {
-        name: {
-            "file": f"adapters/{name}.onnx_adapter",
-            "sha256": "a" * 64,
-            "data": {"path": f"/data/{name}.jsonl", "sha256": "e" * 64},
-            "train_pairs": 20,
-            "held_out_pairs": 5,
+def targets_lineage(parts: dict[str, Path]) -> dict[str, Any]:
+    """The lineage of a run of two datasets on two targets: cooking passed on both, travel on cpu only (its
+    cuda export failed before a gate); the top-level metrics and gate are cooking's on cpu."""
+
+    def measured(perplexity: float, rouge_l: float | None = 0.3) -> dict[str, Any]:
+        return {
             "metrics": [
                 raw_metrics("base", 12.5, 0.21, 80.0, 540_123_456),
-                raw_metrics("fine-tuned", perplexity, 0.3, 95.0, 120_412_345),
+                raw_metrics("fine-tuned", perplexity, rouge_l, 95.0, 120_412_345),
             ],
             "gate": {"passed": True, "checks": []},
         }
-        for name, perplexity in (("travel", 9.5), ("cooking", 7.25))
+
+    def passed(name: str, target: str, perplexity: float) -> dict[str, Any]:
+        file = {"file": f"adapters/{target}/{name}.onnx_adapter", "sha256": "a" * 64}
+        return file | measured(perplexity)
+
+    lineage = make_lineage(parts)
+    lineage["targets"] = {"cpu": measured(7.25), "cuda": measured(7.5, rouge_l=None)}
+    lineage["metrics"], lineage["gate"] = (
+        lineage["targets"]["cpu"]["metrics"],
+        lineage["targets"]["cpu"]["gate"],
+    )
+    lineage["adapters"] = {
+        "cooking": {
+            "data": {"path": "/data/cooking.jsonl", "sha256": "e" * 64},
+            "train_pairs": 20,
+            "held_out_pairs": 5,
+            "targets": {"cpu": passed("cooking", "cpu", 7.25), "cuda": passed("cooking", "cuda", 7.5)},
+        },
+        "travel": {
+            "data": {"path": "/data/travel.jsonl", "sha256": "f" * 64},
+            "train_pairs": 20,
+            "held_out_pairs": 5,
+            "targets": {
+                "cpu": passed("travel", "cpu", 9.5),
+                "cuda": {"failure": "the cuda export failed: out of memory"},
+            },
+        },
     }
+    return lineage
+
+
+def test_tags_name_the_targets_and_each_targets_and_adapters_verdict(tmp_path):
+    tags = lineage_tags(targets_lineage({"model": tmp_path}))
+    assert tags["olivepress.targets"] == "cpu,cuda"
+    assert tags["olivepress.adapters"] == "cooking,travel"
+    # the top-level summary stays: the first passing adapter on its first passing target
+    assert (tags["olivepress.gate"], tags["olivepress.fine-tuned.perplexity"]) == ("passed", "7.25")
+    assert tags["olivepress.target.cpu.gate"] == tags["olivepress.target.cuda.gate"] == "passed"
+    assert tags["olivepress.target.cuda.perplexity"] == "7.5"
+    assert "olivepress.target.cuda.rouge_l" not in tags, "no free answers measured: no tag"
+    assert tags["olivepress.adapter.travel.cpu.perplexity"] == "9.5"
+    assert tags["olivepress.adapter.travel.cpu.gate"] == "passed"
+    assert tags["olivepress.adapter.travel.cuda.gate"] == "failed"
+    assert not any(key.startswith("olivepress.adapter.travel.cuda.") and "gate" not in key for key in tags)
+    assert all(isinstance(v, str) and len(v) <= MAX_VALUE_CHARS for v in tags.values())
+
+
+def test_an_entry_with_several_targets_and_adapters_uploads_each_and_describes_each(azure, sources, tmp_path):
+    """A run of datasets × targets: model/<target>/ and adapters/<target>/ go up with report/, and each
+    target and each adapter on each target gets its own tags (gate, fine-tuned metrics) and properties
+    (record, gate, raw metrics)."""
+    fake: FakeAzure = azure["fake"]
+    model, adapters = tmp_path / "src" / "entry-model", tmp_path / "src" / "adapters"
+    for target in ("cpu", "cuda"):
+        shutil.copytree(sources["model"], model / target, ignore=shutil.ignore_patterns("adapters"))
+        (adapters / target).mkdir(parents=True)
+        for name in ("cooking", "travel")[: 2 if target == "cpu" else 1]:
+            (adapters / target / f"{name}.onnx_adapter").write_bytes(f"{name} {target}".encode() * 50)
+    parts = {"model": model, "report": sources["report"], "adapters": adapters}
+    lineage = targets_lineage(parts)
 
     registration = register_azureml(
         SETTINGS, NAME, parts, lineage, credential=FakeCredential(), **azure["kwargs"]
@@ -735,16 +783,28 @@ def test_an_entry_with_several_adapters_uploads_each_and_describes_each(azure, s
     assert registration.version == "1"
     uploaded = {blob.split(f"/{NAME}/", 1)[1]: data for blob, data in fake.blobs.items()}
     assert uploaded == entry_files(parts, lineage)
-    assert uploaded["adapters/cooking.onnx_adapter"] == b"cooking" * 50
+    assert uploaded["adapters/cuda/cooking.onnx_adapter"] == b"cooking cuda" * 50
+    assert "model/cuda/genai_config.json" in uploaded
     (put,) = model_puts(fake)
     sent = json.loads(put.body)["properties"]
-    assert sent["tags"]["olivepress.adapters"] == "travel,cooking"
-    assert sent["tags"]["olivepress.adapter.cooking.perplexity"] == "7.25"
-    assert sent["tags"]["olivepress.adapter.travel.gate"] == "passed"
+    assert sent["tags"]["olivepress.targets"] == "cpu,cuda"
+    assert sent["tags"]["olivepress.adapters"] == "cooking,travel"
+    assert sent["tags"]["olivepress.adapter.cooking.cuda.perplexity"] == "7.5"
+    assert sent["tags"]["olivepress.adapter.travel.cpu.gate"] == "passed"
+    assert sent["tags"]["olivepress.adapter.travel.cuda.gate"] == "failed"
     properties = sent["properties"]
     assert json.loads(properties["olivepress.adapter.cooking"])["data"]["path"] == "/data/cooking.jsonl"
-    assert json.loads(properties["olivepress.adapter.travel.metrics.fine-tuned"])["perplexity"] == 9.5
-    assert json.loads(properties["olivepress.adapter.travel.gate"]) == {"passed": True, "checks": []}
-    assert "olivepress.adapters" not in properties
+    assert json.loads(properties["olivepress.adapter.travel.cpu"]) == {
+        "file": "adapters/cpu/travel.onnx_adapter",
+        "sha256": "a" * 64,
+    }
+    assert json.loads(properties["olivepress.adapter.travel.cpu.metrics.fine-tuned"])["perplexity"] == 9.5
+    assert json.loads(properties["olivepress.adapter.travel.cpu.gate"]) == {"passed": True, "checks": []}
+    assert json.loads(properties["olivepress.adapter.travel.cuda"]) == {
+        "failure": "the cuda export failed: out of memory"
+    }
+    assert json.loads(properties["olivepress.target.cuda.metrics.fine-tuned"])["rouge_l"] is None
+    assert json.loads(properties["olivepress.target.cpu.gate"]) == {"passed": True, "checks": []}
+    assert "olivepress.adapters" not in properties and "olivepress.targets" not in properties
     for values in (sent["tags"], properties):
         assert all(isinstance(v, str) and len(v) <= MAX_VALUE_CHARS for v in values.values())
