@@ -1,5 +1,7 @@
-"""The lab on a GPU: the whole flow per model with ``device: gpu``, then a decode micro-benchmark of its
-export, held against the memory-bandwidth bound.
+"""The lab on a GPU: the whole flow per model with ``device: gpu`` and the ``--targets`` it builds and gates
+(default cpu, the config's), then (unless ``--skip-decode``) a decode micro-benchmark of the device's own
+export, held against the memory-bandwidth bound. Per target the JSON records the gate, the speed-up over
+that target's base, the fine-tuned model's decode tokens/s, the size ratio and evaluate's phases.
 
 Per model (``--models``): ``smollm2`` (the default SmolLM2-135M-Instruct), ``phi35mini`` (a model of
 Phi-3.5-mini's architecture and sizes with random weights, built here, see :func:`build_phi3`) and

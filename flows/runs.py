@@ -351,5 +351,6 @@ class Run:
         evaluation = read_evaluation(measured.folder, self.config.gate)
         folder = self.folder(dataset, target)
         atomic_write_text(folder / "evaluation.json", json.dumps(evaluation.to_dict(), indent=1))
-        self.log.info("%s\n%s", self.label("evaluate", dataset, target), evaluation.gate.to_text())
+        who = f"{target} target" + (f", {dataset}" if self.several_datasets else "")
+        self.log.info("%s: %s", who, evaluation.gate.to_text())
         return evaluation
