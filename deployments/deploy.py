@@ -4,8 +4,10 @@
     olivepress deploy docker-gpu --image olivepress-gpu:0.1.0 [--gpu-device 0]
     olivepress deploy kubernetes-gpu --image REGISTRY/olivepress-gpu:0.1.0 [--concurrency N]
 
-Each call creates (or brings up to date) the target's work pool, with its concurrency limit and its base
-job template, then the deployment ``olivepress/<target>`` in it. It talks to the Prefect API that
+Each call creates the target's work pool when it is missing, with its concurrency limit and its base job
+template, then creates or updates the deployment ``olivepress/<target>`` in it. A pool that exists is used as
+it is and never overwritten: a team's pool serves its other deployments, whose runs need its template and
+limit as they are. One of another type than the target needs is refused. It talks to the Prefect API that
 ``PREFECT_API_URL`` (or the active Prefect profile) names.
 
 The deployment's entrypoint is the module path ``olivepress.flows.pipeline.olivepress_flow``: a worker
@@ -55,7 +57,8 @@ class Deployed:
     name: str  # "olivepress/<deployment>", what `prefect deployment run` takes
     pool: str
     pool_type: str
-    pool_concurrency: int
+    pool_concurrency: int | None  # the pool's limit: the one created, or the existing pool's own
+    pool_created: bool  # False: an existing pool, used as it was
     worker_command: str
 
 
@@ -209,14 +212,17 @@ def deploy(
     config: dict[str, Any] | None = None,
     finetune_limit: int | None = None,
 ) -> Deployed:
-    """Create or update the work pool of ``target`` and the deployment ``olivepress/<name>`` in it.
+    """Create the work pool of ``target`` if it is missing (an existing one is used as it is, never
+    overwritten; one of another type is refused), then create or update the deployment ``olivepress/<name>``
+    in it.
 
     target: ``process`` (this machine), ``docker-gpu`` or ``kubernetes-gpu``.
     pool: work pool name (default ``olivepress-<target>``); name: deployment name (default ``target``).
     image: the GPU image (docker/kubernetes targets). workdir: the process pool's working folder, where
     relative ``runs/`` and ``registry/`` land (default: the current folder).
-    concurrency: the pool's concurrency limit, runs at once: 1 per GPU (a Docker GPU pool drives one GPU,
-    ``gpu_device``; Kubernetes: the GPUs the cluster gives the pool); 1 for a single machine.
+    concurrency: a created pool's concurrency limit, runs at once: 1 per GPU (a Docker GPU pool drives one
+    GPU, ``gpu_device``; Kubernetes: the GPUs the cluster gives the pool); 1 for a single machine. Image,
+    GPU device and limit shape a pool olivepress creates; an existing pool keeps its own.
     device: the run form's default device (process: auto, GPU pools: gpu, building for the cpu target).
     config: RunConfig values (nested dicts) merged over the target's defaults as the deployment's default
     parameters; the API validates them against the flow's schema.
@@ -225,6 +231,7 @@ def deploy(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments.runner import EntrypointType, RunnerDeployment
+    from prefect.exceptions import ObjectNotFound
 
     from olivepress.flows.pipeline import olivepress_flow
 
@@ -250,16 +257,24 @@ def deploy(
 
     template = pool_template(target, image=image, gpu_device=gpu_device)
     with get_client(sync_client=True) as client:
-        client.create_work_pool(
-            WorkPoolCreate(
-                name=pool,
-                type=pool_type,
-                base_job_template=template,
-                concurrency_limit=concurrency,
-                description=f"olivepress {target} pool: {concurrency} run(s) at once",
-            ),
-            overwrite=True,
-        )
+        try:
+            existing = client.read_work_pool(pool)
+        except ObjectNotFound:
+            existing = None
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=pool,
+                    type=pool_type,
+                    base_job_template=template,
+                    concurrency_limit=concurrency,
+                    description=f"olivepress {target} pool: {concurrency} run(s) at once",
+                )
+            )
+        if existing is not None and existing.type != pool_type:
+            raise InvalidArgument(
+                f"work pool {pool!r} exists with type {existing.type!r}, and the {target} deployment runs on "
+                f"a {pool_type!r} pool; name another pool with --pool (a missing one is created)"
+            )
         if finetune_limit is not None:
             client.create_concurrency_limit(tag=FINETUNE_TAG, concurrency_limit=finetune_limit)
 
@@ -284,7 +299,8 @@ def deploy(
         name=f"{FLOW_NAME}/{name}",
         pool=pool,
         pool_type=pool_type,
-        pool_concurrency=concurrency,
+        pool_concurrency=concurrency if existing is None else existing.concurrency_limit,
+        pool_created=existing is None,
         worker_command=f"prefect worker start --pool {pool}",
     )
 

@@ -55,7 +55,22 @@ __all__ = [
 ]
 
 
-@flow(name="olivepress", persist_result=False)
+def run_name() -> str:
+    """A flow run's name in the Prefect UI: its model, datasets and targets (``SmolLM2-135M-Instruct on
+    travel_sample for cpu``), where Prefect's own random names tell runs apart by nothing."""
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters["config"]
+    read = (
+        config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    )
+    model = read("model") or "SmolLM2-135M-Instruct"
+    datasets = read("datasets") or {Path(str(read("data") or "travel_sample.jsonl")).stem: None}
+    targets = read("targets") or ["cpu"]
+    return f"{Path(str(model)).name} on {'+'.join(datasets)} for {'+'.join(targets)}"
+
+
+@flow(name="olivepress", persist_result=False, flow_run_name=run_name)
 def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
     """One run: every step's output lands in ``run_dir`` (default: a new folder under ``config.output``);
     the summary is printed at the end. ``config`` is the deployment's parameter: the Prefect UI's run form

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 # run-folder names of the stored outputs linked there, for people and chat (a target's export as
 # onnx/<target>); the other steps' files (validate's report, evaluate's measurements) are copied instead
 LINKS = {"quantize": "quantized", "finetune": "adapter", "optimize": "onnx", "export_adapter": "onnx_adapter"}
-REPORT = "report"
 HELD_OUT_FILE = "held_out.jsonl"
 FULLER_EPOCHS = 3
 

@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BASE, QUANTIZED, FINE_TUNED = "base", "quantized", "fine-tuned"
-VARIANTS = (BASE, QUANTIZED, FINE_TUNED)
 MODEL_FILES = ("model.onnx", "model.onnx.data")
 METRICS_FILE = "metrics.json"
 BASE_FILE = "base.json"

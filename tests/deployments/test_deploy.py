@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from olivepress.deployments import deploy as dp
-from olivepress.errors import UserError
+from olivepress.errors import InvalidArgument, UserError
 from tests.conftest import REPO_ROOT
 
 DOCKERFILES = [REPO_ROOT / "docker" / "Dockerfile.gpu", REPO_ROOT / "docker" / "Dockerfile.cpu"]
@@ -243,3 +243,38 @@ def test_dockerignore_sends_only_what_the_images_copy():
     allowed = {line.lstrip("!").rstrip("/") for line in ignore if line.startswith("!")}
     outside = {src for src in copied if not any(src == a or src.startswith(f"{a}/") for a in allowed)}
     assert not outside, outside
+
+
+def test_an_existing_pool_is_used_as_it_is_and_one_of_another_type_refused(tmp_path):
+    """A team's pool serves its other deployments: deploying onto it leaves its template and limit byte for
+    byte; a missing pool is created; a pool of the wrong type is refused before anything is deployed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.testing.utilities import prefect_test_harness
+
+    team_template = dp.pool_template("docker-gpu", image="team/image:7", gpu_device="3")
+    team_template["variables"]["properties"]["image"]["default"] = "team/image:7"
+    with prefect_test_harness(server_startup_timeout=120), get_client(sync_client=True) as client:
+        client.create_work_pool(
+            WorkPoolCreate(
+                name="team-gpu", type="docker", base_job_template=team_template, concurrency_limit=3
+            )
+        )
+        before = client.read_work_pool("team-gpu").model_dump(mode="json", exclude={"updated"})
+        deployed = dp.deploy("docker-gpu", pool="team-gpu", image="olivepress-gpu:test", concurrency=1)
+        after = client.read_work_pool("team-gpu").model_dump(mode="json", exclude={"updated"})
+        assert after == before, "the team's template, limit and description are untouched"
+        assert (deployed.pool_created, deployed.pool_concurrency) == (False, 3)
+        deployment = client.read_deployment(deployed.deployment_id)
+        assert (deployment.work_pool_name, deployment.job_variables["image"]) == (
+            "team-gpu",
+            "olivepress-gpu:test",
+        )
+
+        with pytest.raises(InvalidArgument, match=r"'team-gpu' exists with type 'docker', and the process"):
+            dp.deploy("process", pool="team-gpu", name="process-on-team", workdir=tmp_path)
+        assert [d.name for d in client.read_deployments()] == ["docker-gpu"], "nothing deployed on refusal"
+
+        created = dp.deploy("process", pool="fresh", workdir=tmp_path)
+        pool = client.read_work_pool("fresh")
+        assert (created.pool_created, pool.type, pool.concurrency_limit) == (True, "process", 1)

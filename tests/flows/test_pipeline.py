@@ -66,6 +66,8 @@ def read_flow_run_artifacts(flow_run_id: str) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
+    from prefect.client.orchestration import get_client
+
     # the base model built early, in a child process beside quantize and finetune (default: on GPU runs only)
     config = tiny_config(tmp_path, tiny_model_dir, build_base_early=True)
     run_dir = new_run_dir(config)
@@ -137,6 +139,9 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
     assert (entry / "adapters" / "cpu" / "travel_sample.onnx_adapter").is_file()
     assert (entry / "report" / "report.md").is_file()
 
+    with get_client(sync_client=True) as client:
+        run_name = client.read_flow_run(lineage["flow_run_id"]).name
+    assert run_name == f"{tiny_model_dir.name} on travel_sample for cpu", "the UI tells runs apart"
     artifacts = read_flow_run_artifacts(lineage["flow_run_id"])
     assert {"olivepress-report", "olivepress-metrics", "olivepress-gate"} <= set(artifacts)
     assert "data:image/png;base64," in artifacts["olivepress-report"].data
