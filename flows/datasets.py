@@ -68,9 +68,8 @@ class DatasetsFailed(UserError):
 class TargetResult:
     """One dataset's adapter on one target."""
 
-    exported: StepOutput | None = (
-        None  # a folder holding its .onnx_adapter (the target's export for the first)
-    )
+    # the folder holding its .onnx_adapter: the target's export itself for the first dataset
+    exported: StepOutput | None = None
     evaluation: Evaluation | None = None
     failure: str | None = None
     error: Exception | None = None  # the failure as raised: a run of one dataset and target raises it as is
@@ -216,9 +215,10 @@ def train_adapters(run: Run, branches: list[Branch], quantized: StepOutput) -> N
                 branch.adapter = future.result()
 
 
-def export_target(run: Run, target: str, branches: list[Branch], quantized: StepOutput) -> StepOutput:
+def export_target(run: Run, target: str, branches: list[Branch], quantized: StepOutput) -> StepOutput | None:
     """The int4 model for ``target`` with the first branch's adapter, and each further adapter as its own
-    .onnx_adapter against that graph. A failed export of the model fails the target for every branch."""
+    .onnx_adapter against that graph. A failed export of the model fails the target for every branch (and
+    gives None)."""
     first, *others = branches
     first.targets[target] = TargetResult()
     try:
@@ -251,12 +251,12 @@ def evaluate_target(
 ) -> None:
     """Each branch's adapter measured on its own held-out pairs in ``target``'s runtime beside the base's
     measurements, and gated; a failed gate fails the branch on that target."""
-    machine = machine_name(target)
     for branch in branches:
         result = branch.targets[target]
         if result.failure:
             continue
         with failing(result, f"the {target} evaluation"):
+            machine = machine_name(target)
             base = run.step(
                 evaluate_base_task,
                 dataset=branch.name,
