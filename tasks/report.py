@@ -369,7 +369,7 @@ def publish_report(inputs: ReportInputs, report_dir: Path) -> None:
     create_markdown_artifact(
         key=GATE_KEY,
         markdown="\n\n".join(records),
-        description=f"failed: {', '.join(failed)}" if failed else "every adapter passed on every target",
+        description=f"failed: {', '.join(failed)}" if failed else inputs.verdict(),
     )
 
 
