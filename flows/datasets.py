@@ -237,6 +237,7 @@ def export_target(run: Run, target: str, branches: list[Branch], quantized: Step
                 checkpoint_dir=quantized,
                 adapter_dir=branch.adapter,
                 onnx_dir=onnx,
+                target=target,
             )
     return onnx
 

@@ -589,6 +589,8 @@ ADAPTER_STEP = Step(
     __name__,
     inputs=("checkpoint_dir", "adapter_dir", "onnx_dir"),
     settings=(),
+    # the target ``onnx_dir`` was built for: it names the output in the run (the export itself keys it)
+    context=("target",),
     tags=("onnx",),
 )
 
@@ -601,9 +603,10 @@ def export_adapter_task(
     checkpoint_dir: Path,
     adapter_dir: Path,
     onnx_dir: Path,
+    target: Target,
 ) -> Manifest:
-    """A further dataset's adapter for the export in ``onnx_dir`` (another dataset's optimize output): its
-    own .onnx_adapter, beside which the int4 model is not exported again."""
+    """A further dataset's adapter for the ``target`` export in ``onnx_dir`` (another dataset's optimize
+    output): its own .onnx_adapter, beside which the int4 model is not exported again."""
     return store.produce(
         "export_adapter",
         key,

@@ -228,49 +228,60 @@ def test_a_cuda_target_is_refused_up_front_where_no_gpu_is_visible(tmp_path, tin
 def test_a_target_added_later_builds_only_its_own_export_and_evaluation(
     tmp_path, tiny_model_dir, monkeypatch
 ):
-    """On this CPU machine a cuda target passes the up-front check only by pretending a GPU is there: its
-    export builds (no GPU needed), its evaluation cannot run, and that failure is the target's alone."""
+    """Two datasets, then the same two with a cuda target added. On this CPU machine a cuda target passes
+    the up-front check only by pretending a GPU is there: its exports build (no GPU needed), its evaluations
+    cannot run, and that failure is the target's alone."""
     from olivepress import devices
+    from olivepress.config import SAMPLE_DATA
     from olivepress.flows import datasets
     from olivepress.flows.datasets import DatasetsFailed
-    from tests.flows.test_datasets import prefect_states, statuses
+    from tests.flows.test_datasets import prefect_states, statuses, write_pairs
 
-    first = olivepress_flow(tiny_config(tmp_path, tiny_model_dir))
+    two = {"travel": SAMPLE_DATA, "cooking": write_pairs(tmp_path / "cooking.jsonl", "cooking")}
+    first = olivepress_flow(tiny_config(tmp_path, tiny_model_dir, datasets=two))
     monkeypatch.setattr(devices, "cuda_visible", lambda: True)
     monkeypatch.setattr(devices, "genai_has_cuda", lambda: True)
     real_machine = datasets.machine_name
     monkeypatch.setattr(
         datasets, "machine_name", lambda t: "cuda: pretended" if t == "cuda" else real_machine(t)
     )
-    config = tiny_config(tmp_path, tiny_model_dir, targets=["cpu", "cuda"], device="cpu")
+    config = tiny_config(tmp_path, tiny_model_dir, datasets=two, targets=["cpu", "cuda"], device="cpu")
     run_dir = new_run_dir(config)
     state = olivepress_flow(config, run_dir, return_state=True)
     with pytest.raises(DatasetsFailed) as failed:
         state.result()
-    assert str(failed.value).startswith("1 of 2 dataset × target results failed; registered ")
-    assert "\n  travel_sample (cuda): the cuda evaluation failed: " in str(failed.value)
+    message = str(failed.value)
+    assert message.startswith("2 of 4 dataset × target results failed; registered ")
+    for name in two:
+        assert f"\n  {name} (cuda): the cuda evaluation failed: " in message
 
     status = statuses(run_dir)
-    reused = ["validate", "quantize", "finetune", "optimize cpu", "evaluate_base cpu", "evaluate cpu"]
+    reused = ["validate travel", "validate cooking", "quantize", "finetune travel", "finetune cooking"]
+    reused += ["optimize cpu", "export_adapter cooking cpu"]
+    reused += [f"{step} {name} cpu" for name in two for step in ("evaluate_base", "evaluate")]
     assert {step: status[step] for step in reused} == dict.fromkeys(reused, "reused")
-    assert (status["optimize cuda"], status["evaluate_base cuda"]) == ("completed", "failed")
+    assert (status["optimize cuda"], status["export_adapter cooking cuda"]) == ("completed", "completed")
+    assert status["evaluate_base travel cuda"] == status["evaluate_base cooking cuda"] == "failed"
     states = prefect_states(state.state_details.flow_run_id)
-    assert states["quantize"] == states["finetune"] == ["Cached"], "the UI shows the shared steps reused"
-    assert states["optimize"] == ["Cached", "Completed"]
-
-    cpu, cuda = (
-        json.loads((run_dir / "onnx" / t / "genai_config.json").read_text()) for t in ("cpu", "cuda")
+    assert states["quantize"] == ["Cached"] and states["finetune"] == ["Cached", "Cached"], (
+        "the UI shows reuse"
     )
-    assert "cuda" not in json.dumps(cpu["model"]["decoder"]["session_options"]["provider_options"])
-    assert "cuda" in json.dumps(cuda["model"]["decoder"]["session_options"]["provider_options"])
-    assert (run_dir / "onnx" / "cuda").resolve() != Path(first["exports"]["cpu"]).resolve()
+    assert states["optimize"] == states["export_adapter"] == ["Cached", "Completed"]
+
+    exports = {
+        t: json.loads((run_dir / "onnx" / t / "genai_config.json").read_text()) for t in ("cpu", "cuda")
+    }
+    providers = {t: exports[t]["model"]["decoder"]["session_options"]["provider_options"] for t in exports}
+    assert "cuda" not in json.dumps(providers["cpu"]) and "cuda" in json.dumps(providers["cuda"])
     assert (run_dir / "onnx" / "cpu").resolve() == Path(first["exports"]["cpu"]).resolve(), "one cpu export"
+    cooking = run_dir / "datasets" / "cooking" / "onnx_adapter"
+    assert (cooking / "cpu").resolve() != (cooking / "cuda").resolve(), "an adapter file per target"
 
     # only the target that passed is registered: the same model as the first run's, its version reused
     [entry] = LocalRegistry(config.registry.path).entries()
     assert list(entry.lineage["targets"]) == ["cpu"]
     assert sorted(p.name for p in (entry.path / "model").iterdir()) == ["cpu"]
-    assert "registered tiny-llama0-olivepress version 1:" in str(failed.value)
+    assert "registered tiny-llama0-olivepress version 1:" in message
     report = (run_dir / "report" / "report.md").read_text()
-    assert report.startswith("# olivepress run: 1 of 2 adapter × target results passed")
-    assert "- `travel_sample` (cuda): the cuda evaluation failed: " in report
+    assert report.startswith("# olivepress run: 2 of 4 adapter × target results passed")
+    assert "- `cooking` (cuda): the cuda evaluation failed: " in report
