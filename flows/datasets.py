@@ -342,22 +342,27 @@ def anything_passed(run: Run, branches: list[Branch]) -> bool:
     return any(b.passed(target) for b in branches for target in run.config.targets)
 
 
-def raise_failures(branches: list[Branch], targets: list[str], headline: str) -> None:
-    """Fail the flow run naming every dataset and target that failed and why; a run of one dataset and one
-    target raises its error as it was (bad data as InvalidData, a failed gate as GateFailed)."""
-    failures = [(b.name, None, b.failure, b.error) for b in branches if b.failure]
-    failures += [
+def failures(branches: list[Branch]) -> list[tuple[str, str | None, str, Exception | None]]:
+    """(dataset, target, why, the error as raised) of every dataset that failed before its targets (target
+    None) and of every target that failed of the others."""
+    found = [(b.name, None, b.failure, b.error) for b in branches if b.failure]
+    return found + [
         (b.name, t, r.failure, r.error)
         for b in branches
         if not b.failure
         for t, r in b.targets.items()
         if r.failure
     ]
-    if not failures:
+
+
+def raise_failures(branches: list[Branch], targets: list[str], headline: str) -> None:
+    """Fail the flow run naming every dataset and target that failed and why; a run of one dataset and one
+    target raises its error as it was (bad data as InvalidData, a failed gate as GateFailed)."""
+    if not (failed := failures(branches)):
         return
-    if len(branches) == 1 and len(targets) <= 1 and len(failures) == 1 and failures[0][3] is not None:
-        raise failures[0][3]
-    lines = [f"  {name}{f' ({target})' if target else ''}: {why}" for name, target, why, _ in failures]
+    if len(branches) == 1 and len(targets) <= 1 and len(failed) == 1 and failed[0][3] is not None:
+        raise failed[0][3]
+    lines = [f"  {name}{f' ({target})' if target else ''}: {why}" for name, target, why, _ in failed]
     raise DatasetsFailed(headline + ":\n" + "\n".join(lines))
 
 
@@ -367,9 +372,7 @@ def outcome(run: Run, branches: list[Branch], report_dir: Path, registration: Re
     finetuned = any(r.step == "finetune" and r.status == "completed" for r in run.records)
     if registration is not None and not run.several_datasets and finetuned:
         run.log.info(fuller_run_estimate(run.config, run.records, len(branches[0].train)))
-    failed = sum(1 for b in branches if b.failure) + sum(
-        1 for b in branches if not b.failure for r in b.targets.values() if r.failure
-    )
+    failed = len(failures(branches))
     registered = (
         f"registered {registration.name} version {registration.version}"
         if registration
