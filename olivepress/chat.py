@@ -193,7 +193,7 @@ def chat_session(
     active for the prompts after it, ``/adapter off`` none, ``/adapter auto`` the folder's own; ``/quit`` (or
     the end of ``lines``) ends the session. Every adapter is loaded once into one ``og.Adapters`` on one int4
     model and switched per prompt, so the folder's own adapter runs at run time here, not as its merged graph
-    (on a GPU that is slower: README). A bad switch is reported and the session goes on with the adapter it
+    (on a GPU that is slower: docs/cuda-operators.md). A bad switch is reported and the session goes on with the adapter it
     had.
     """
     import onnxruntime_genai as og

@@ -9,7 +9,7 @@ the key covers what the step reads: a setting the step did not declare is an ``A
 Caching: the store is the truth about what is done (see :mod:`olivepress.store`); Prefect's cache is the
 fast path that shows a reused step as Cached in the UI. The flow asks Prefect to refresh a step's cache
 whenever the store does not hold a verified output for its key, so a cache record never stands in for a
-missing or corrupted artifact. Retries: see :func:`prefect_retries` and the README's "Retries".
+missing or corrupted artifact. Retries: see :func:`prefect_retries` and docs/caching.md, "Retries".
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def test_a_step_covers_the_modules_it_imports_lazy_ones_included():
         assert not covered & cache_keys.NOT_OUTPUT_CODE, step.name
 
 
-# module edited → the steps whose code version changes (the table in the README's "Caching")
+# module edited → the steps whose code version changes (the table in docs/caching.md, "Cache keys")
 INVALIDATION = {
     "olivepress.tasks.validate": ["validate"],
     "olivepress.tasks.quantize": ["quantize"],
