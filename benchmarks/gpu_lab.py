@@ -239,7 +239,7 @@ def run_flow(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     """One ``olivepress run`` with ``device`` set, its store and registry inside ``work``."""
     from olivepress.config import load_config
     from olivepress.flows.datasets import DatasetsFailed
-    from olivepress.flows.pipeline import new_run_dir, olivepress_flow
+    from olivepress.flows.pipeline import new_run_dir, olivepress_flow, run_folder
     from olivepress.tasks.evaluate import GateFailed
 
     overrides = {
@@ -259,7 +259,8 @@ def run_flow(model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     error = None
     try:
-        olivepress_flow(config, run_dir)
+        with run_folder(run_dir):
+            olivepress_flow(config)
     except (GateFailed, DatasetsFailed) as failure:
         error = f"not every target passed: {str(failure)[:2000]}"  # each evaluation.json says why
     except Exception as failure:

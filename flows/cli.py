@@ -204,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 def command_run(args: argparse.Namespace) -> int:
     config = config_from(args, RUN_FLAGS)
     os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")  # Prefect's lines go to run.log: no color codes
-    from olivepress.flows.pipeline import new_run_dir, olivepress_flow
+    from olivepress.flows.pipeline import new_run_dir, olivepress_flow, run_folder
     from olivepress.run_log import LOG_FILE, run_output
 
     run_dir = new_run_dir(config)
     print(f"olivepress: run folder {run_dir} (library output: {LOG_FILE} there)", flush=True)
-    with run_output(run_dir, verbose=args.verbose):
-        result = olivepress_flow(config, run_dir)
+    with run_output(run_dir, verbose=args.verbose), run_folder(run_dir):
+        result = olivepress_flow(config)
     print()
     print(run_summary(result))
     return 0

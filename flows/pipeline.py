@@ -16,7 +16,12 @@ run in which anything failed then fails, naming what and why.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Annotated, Any
 
 from prefect import flow
 
@@ -52,7 +57,35 @@ __all__ = [
     "new_run_dir",
     "olivepress_flow",
     "open_store",
+    "run_folder",
 ]
+
+_run_folder: ContextVar[Path | None] = ContextVar("olivepress_run_folder", default=None)
+
+
+@contextmanager
+def run_folder(path: Path) -> Iterator[Path]:
+    """Flow runs called inside the block write into ``path``: the command line opens the folder first to
+    log into it. Not a flow parameter: a deployment's run makes its own under ``config.output``, and the
+    run form shows nothing of the machine that deployed it."""
+    token = _run_folder.set(path)
+    try:
+        yield path
+    finally:
+        _run_folder.reset(token)
+
+
+def run_labels(config: RunConfig | dict[str, Any]) -> tuple[str, list[str], list[str]]:
+    """A run's model name, dataset names and targets, from its config as validated or as the API holds the
+    parameters (a dict, the name being chosen before the flow validates it)."""
+    from olivepress.default_model import MODEL_NAME
+
+    read = (
+        config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    )
+    model = Path(str(read("model"))).name if read("model") else MODEL_NAME
+    datasets = list(read("datasets") or {Path(str(read("data") or "travel_sample.jsonl")).stem: None})
+    return model, datasets, list(read("targets") or ["cpu"])
 
 
 def run_name() -> str:
@@ -60,22 +93,65 @@ def run_name() -> str:
     travel_sample for cpu``), where Prefect's own random names tell runs apart by nothing."""
     from prefect.runtime import flow_run
 
-    config = flow_run.parameters["config"]
-    read = (
-        config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
-    )
-    model = read("model") or "SmolLM2-135M-Instruct"
-    datasets = read("datasets") or {Path(str(read("data") or "travel_sample.jsonl")).stem: None}
-    targets = read("targets") or ["cpu"]
-    return f"{Path(str(model)).name} on {'+'.join(datasets)} for {'+'.join(targets)}"
+    model, datasets, targets = run_labels(flow_run.parameters["config"])
+    return f"{model} on {'+'.join(datasets)} for {'+'.join(targets)}"
+
+
+def run_tags(config: RunConfig) -> list[str]:
+    """``model:<name>``, ``data:<dataset>`` and ``target:<target>``: what the UI's tag filter and an
+    automation's match find a model's, a dataset's or a target's runs by."""
+    model, datasets, targets = run_labels(config)
+    return [f"model:{model}", *(f"data:{name}" for name in datasets), *(f"target:{t}" for t in targets)]
+
+
+def tag_flow_run(config: RunConfig) -> None:
+    """Add :func:`run_tags` to the running flow run's own (a deployment's tags stay): a deployment creates
+    the run before its parameters are read, so the flow tags itself."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    flow_run = FlowRunContext.get().flow_run
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=list(dict.fromkeys([*flow_run.tags, *run_tags(config)])))
+
+
+class WorkerDefaults:
+    """Leaves a default that is an absolute path out of the run form's schema (``data``: the sample file
+    inside this install; ``store.cache_dir``: under this user's home): a deployment made here would show,
+    and pre-fill, paths of the deploying machine. Left empty, the field takes its default where the flow
+    runs."""
+
+    NOTE = " Left empty: its default on the machine that runs the flow."
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        schema = handler(core_schema)
+        seen: set[int] = set()
+
+        def strip(reference: dict) -> None:
+            definition = handler.resolve_ref_schema(reference)
+            if id(definition) in seen:
+                return
+            seen.add(id(definition))
+            for field in definition.get("properties", {}).values():
+                default = field.get("default")
+                if isinstance(default, str) and os.path.isabs(default):
+                    del field["default"]
+                    field["description"] = field.get("description", "") + self.NOTE
+                for part in (field, *field.get("anyOf", ()), *field.get("allOf", ())):
+                    if "$ref" in part:
+                        strip(part)
+
+        strip(schema)
+        return schema
 
 
 @flow(name="olivepress", persist_result=False, flow_run_name=run_name)
-def olivepress_flow(config: RunConfig, run_dir: Path | None = None) -> dict:
-    """One run: every step's output lands in ``run_dir`` (default: a new folder under ``config.output``);
-    the summary is printed at the end. ``config`` is the deployment's parameter: the Prefect UI's run form
-    is built from its schema, and Prefect validates it before the run starts."""
-    with Run(config, run_dir) as run:
+def olivepress_flow(config: Annotated[RunConfig, WorkerDefaults()]) -> dict:
+    """One run: every step's output lands in a new folder under ``config.output`` (or the one
+    :func:`run_folder` names); the summary is printed at the end. ``config`` is the deployment's parameter:
+    the Prefect UI's run form is built from its schema, and Prefect validates it before the run starts."""
+    tag_flow_run(config)
+    with Run(config, _run_folder.get()) as run:
         branches = validated_branches(run)
         calibration = calibration_examples(run, branches)
         model = resolve_model(run.config)

@@ -117,6 +117,30 @@ def test_run_form_shows_defaults_descriptions_and_bounds():
     assert gate["max_perplexity_ratio"]["description"] and "default" in gate["max_perplexity_ratio"]
 
 
+def test_the_run_form_holds_no_path_of_this_machine_and_no_internal_parameter():
+    """A deployment made on a laptop must not show (or pre-fill) the laptop's sample-data path or home; the
+    field left empty takes its default where the flow runs."""
+    from prefect.utilities.schema_tools import validate
+
+    from olivepress.config import SAMPLE_DATA, RunConfig
+
+    schema = flow_parameter_schema()
+    assert list(schema["properties"]) == ["config"], "no run_dir or other internal parameter"
+    text = json.dumps(schema)
+    assert str(SAMPLE_DATA) not in text and str(Path.home()) not in text
+    definitions = schema["definitions"]
+    for field in (
+        definitions["RunConfig"]["properties"]["data"],
+        definitions["StoreSettings"]["properties"]["cache_dir"],
+    ):
+        assert "default" not in field and field["description"].endswith(
+            "Left empty: its default on the machine that runs the flow."
+        )
+    assert definitions["RunConfig"]["properties"]["output"]["default"] == "runs", "relative defaults stay"
+    validate({"config": {}}, schema, raise_on_error=True)
+    assert RunConfig.model_validate({}).data == SAMPLE_DATA
+
+
 def test_every_field_of_the_run_form_has_a_description():
     """The form is built from the flow's parameter schema, so from RunConfig's field descriptions."""
     definitions = flow_parameter_schema()["definitions"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from olivepress.flows.pipeline import new_run_dir, olivepress_flow
+from olivepress.flows.pipeline import new_run_dir, olivepress_flow, run_folder
 from olivepress.tasks.finetune import decoder_linear_names
 from tests.conftest import ARCHITECTURES, build_tiny_model
 from tests.flows.test_pipeline import tiny_config
@@ -39,7 +39,8 @@ def test_architecture_end_to_end(prefect_api, tmp_path, architecture):
     model_dir = build_tiny_model(tmp_path / architecture, architecture=architecture)
     config = tiny_config(tmp_path, model_dir)
     run_dir = new_run_dir(config)
-    olivepress_flow(config, run_dir)
+    with run_folder(run_dir):
+        olivepress_flow(config)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(s["step"], s["status"]) for s in summary] == [(step, "completed") for step in STEPS]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from olivepress.flows.datasets import DatasetsFailed, calibration_pool
-from olivepress.flows.pipeline import new_run_dir, olivepress_flow
+from olivepress.flows.pipeline import new_run_dir, olivepress_flow, run_folder
 from olivepress.registry import LocalRegistry
 from tests.flows.test_pipeline import read_flow_run_artifacts, tiny_config
 from tests.tasks.test_finetune_worker import fake_worker, most_at_once, read_record  # noqa: F401 (a fixture)
@@ -122,8 +122,8 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
     two = {"travel": travel_jsonl, "cooking": cooking}
     config = tiny_config(tmp_path, tiny_model_dir, datasets=two, trainings_at_once=2, **settings)
     run_dir = new_run_dir(config)
-    with caplog.at_level(logging.INFO, logger="olivepress.base_ahead"):
-        result = olivepress_flow(config, run_dir)
+    with caplog.at_level(logging.INFO, logger="olivepress.base_ahead"), run_folder(run_dir):
+        result = olivepress_flow(config)
     assert caplog.text.count("building the cpu base model ahead") == 1 and "failed" not in caplog.text
     assert list((tmp_path / "cache" / "staging").iterdir()) == []
     trainings = [read_record(run_dir / "datasets" / name / "training.json") for name in two]
@@ -166,7 +166,8 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
         tmp_path, tiny_model_dir, datasets=later, calibration_datasets=["travel", "cooking"], **settings
     )
     run_dir = new_run_dir(config)
-    state = olivepress_flow(config, run_dir, return_state=True)
+    with run_folder(run_dir):
+        state = olivepress_flow(config, return_state=True)
     assert state.is_failed()
     with pytest.raises(
         DatasetsFailed, match=r"1 of 4 dataset × target results failed; registered .*:\n  broken: "
@@ -210,11 +211,14 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
     config = tiny_config(
         tmp_path, tiny_model_dir, datasets=two, **{**settings, "gate.max_perplexity_ratio": 0.8}
     )
-    with pytest.raises(
-        DatasetsFailed,
-        match=r"1 of 2 dataset × target results failed; registered .*:\n  travel \(cpu\): gate",
+    with (
+        pytest.raises(
+            DatasetsFailed,
+            match=r"1 of 2 dataset × target results failed; registered .*:\n  travel \(cpu\): gate",
+        ),
+        run_folder(new_run_dir(config)),
     ):
-        olivepress_flow(config, new_run_dir(config))
+        olivepress_flow(config)
     third = LocalRegistry(config.registry.path).entries()[-1]
     assert sorted(p.name for p in (third.path / "adapters" / "cpu").iterdir()) == ["cooking.onnx_adapter"]
     assert not (third.path / "model" / "cpu" / "adapter_weights.onnx_adapter").exists()

@@ -14,6 +14,7 @@ from olivepress.flows.pipeline import (
     fuller_run_estimate,
     new_run_dir,
     olivepress_flow,
+    run_folder,
 )
 from olivepress.registry import LocalRegistry
 from olivepress.tasks.evaluate import GateFailed
@@ -53,6 +54,13 @@ def tiny_config(tmp_path, model_dir, **overrides):
     )
 
 
+def read_flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
 def read_flow_run_artifacts(flow_run_id: str) -> dict[str, object]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -66,13 +74,11 @@ def read_flow_run_artifacts(flow_run_id: str) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
-    from prefect.client.orchestration import get_client
-
     # the base model built early, in a child process beside quantize and finetune (default: on GPU runs only)
     config = tiny_config(tmp_path, tiny_model_dir, build_base_early=True)
     run_dir = new_run_dir(config)
-    with caplog.at_level(logging.INFO, logger="olivepress.base_ahead"):
-        result = olivepress_flow(config, run_dir)
+    with caplog.at_level(logging.INFO, logger="olivepress.base_ahead"), run_folder(run_dir):
+        result = olivepress_flow(config)
     assert "building the cpu base model ahead" in caplog.text and "failed" not in caplog.text
 
     onnx_dir = run_dir / "onnx" / "cpu"  # the default target's export
@@ -139,9 +145,9 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
     assert (entry / "adapters" / "cpu" / "travel_sample.onnx_adapter").is_file()
     assert (entry / "report" / "report.md").is_file()
 
-    with get_client(sync_client=True) as client:
-        run_name = client.read_flow_run(lineage["flow_run_id"]).name
-    assert run_name == f"{tiny_model_dir.name} on travel_sample for cpu", "the UI tells runs apart"
+    assert read_flow_run(lineage["flow_run_id"]).name == f"{tiny_model_dir.name} on travel_sample for cpu", (
+        "the UI tells runs apart"
+    )
     artifacts = read_flow_run_artifacts(lineage["flow_run_id"])
     assert {"olivepress-report", "olivepress-metrics", "olivepress-gate"} <= set(artifacts)
     assert "data:image/png;base64," in artifacts["olivepress-report"].data
@@ -164,8 +170,11 @@ def test_a_model_that_fails_the_gate_is_reported_not_registered(tmp_path, tiny_m
     # with Azure ML, reaching register at all would fail differently (no credentials, no workspace here)
     config = tiny_config(tmp_path, tiny_model_dir, **{"gate.max_size_ratio": 0.01, **registry})
     run_dir = new_run_dir(config)
-    with pytest.raises(GateFailed, match=r"FAIL  size_ratio: measured [0-9.]+, limit 0\.01"):
-        olivepress_flow(config, run_dir)
+    with (
+        pytest.raises(GateFailed, match=r"FAIL  size_ratio: measured [0-9.]+, limit 0\.01"),
+        run_folder(run_dir),
+    ):
+        olivepress_flow(config)
     assert "gate FAILED" in (run_dir / "report" / "report.md").read_text()
     evaluation = json.loads((run_dir / "evaluations" / "cpu" / "evaluation.json").read_text())
     assert evaluation["gate"]["passed"] is False
@@ -179,12 +188,18 @@ def test_bad_data_fails_the_flow_before_quantizing(tmp_path, tiny_model_dir):
     bad.write_text('{"prompt": "a", "response": "b"}\n["not", "an", "object"]\n', encoding="utf-8")
     config = tiny_config(tmp_path, tiny_model_dir, data=bad)
     run_dir = new_run_dir(config)
-    state = olivepress_flow(config, run_dir, return_state=True)
+    with run_folder(run_dir):
+        state = olivepress_flow(config, return_state=True)
     assert state.is_failed()
     with pytest.raises(InvalidData, match="line 2"):
         state.result()
     artifact = read_flow_run_artifacts(str(state.state_details.flow_run_id))["olivepress-validation"]
     assert "line 2: " in artifact.data
+    flow_run = read_flow_run(state.state_details.flow_run_id)
+    assert flow_run.name == f"{tiny_model_dir.name} on bad for cpu"
+    assert set(flow_run.tags) == {f"model:{tiny_model_dir.name}", "data:bad", "target:cpu"}, (
+        "the UI's filters"
+    )
     assert (run_dir / "validation.json").is_file()
     assert not (run_dir / "quantized").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -219,8 +234,11 @@ def test_a_cuda_target_is_refused_up_front_where_no_gpu_is_visible(tmp_path, tin
 
     config = tiny_config(tmp_path, tiny_model_dir, targets=["cpu", "cuda"])
     run_dir = new_run_dir(config)
-    with pytest.raises(UserError, match=r"^targets: cuda is built for and gated on a GPU"):
-        olivepress_flow(config, run_dir)
+    with (
+        pytest.raises(UserError, match=r"^targets: cuda is built for and gated on a GPU"),
+        run_folder(run_dir),
+    ):
+        olivepress_flow(config)
     assert not list(run_dir.iterdir()), "refused before any step, before config.json"
 
 
@@ -247,7 +265,8 @@ def test_a_target_added_later_builds_only_its_own_export_and_evaluation(
     )
     config = tiny_config(tmp_path, tiny_model_dir, datasets=two, targets=["cpu", "cuda"], device="cpu")
     run_dir = new_run_dir(config)
-    state = olivepress_flow(config, run_dir, return_state=True)
+    with run_folder(run_dir):
+        state = olivepress_flow(config, return_state=True)
     with pytest.raises(DatasetsFailed) as failed:
         state.result()
     message = str(failed.value)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from olivepress.config import load_config
-from olivepress.flows.pipeline import new_run_dir, olivepress_flow
+from olivepress.flows.pipeline import new_run_dir, olivepress_flow, run_folder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +40,8 @@ def test_smollm2_on_the_lab_data(tmp_path, travel_jsonl):
     )
     run_dir = new_run_dir(config)
     onnx_dir = run_dir / "onnx" / "cpu"
-    result = olivepress_flow(config, run_dir)
+    with run_folder(run_dir):
+        result = olivepress_flow(config)
     assert result["registration"]["version"] == "1"
     metrics = {
         m["variant"]: m

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from olivepress.flows.pipeline import new_run_dir, olivepress_flow
+from olivepress.flows.pipeline import new_run_dir, olivepress_flow, run_folder
 from olivepress.genai import GENAI_CONFIG
 from tests.flows.test_pipeline import tiny_config
 
@@ -23,7 +23,8 @@ def prefect_api():
 def test_the_flow_trains_on_cuda_and_builds_and_gates_both_targets(tmp_path, tiny_model_dir):
     config = tiny_config(tmp_path, tiny_model_dir, device="auto", targets=["cpu", "cuda"])
     run_dir = new_run_dir(config)
-    result = olivepress_flow(config, run_dir)
+    with run_folder(run_dir):
+        result = olivepress_flow(config)
 
     assert json.loads((run_dir / "config.json").read_text())["device"] == "gpu", "auto: the visible GPU"
     summary = json.loads((run_dir / "summary.json").read_text())
