@@ -64,6 +64,14 @@ class QuantizeSettings(Section):
     )
     calibration_samples: int = Field(32, ge=1, le=4096, description="Examples AWQ calibrates on.")
     calibration_max_tokens: int = Field(256, ge=16, le=8192, description="Tokens kept of each example.")
+    calibration_block_tokens: int | None = Field(
+        512,
+        ge=16,
+        le=8192,
+        description="AWQ calibrates on the sampled examples joined end to end and cut into blocks of this many "
+        "tokens (the last one shorter), as AutoAWQ does: a few long sequences instead of one short one per "
+        "example, the same tokens in fewer, larger matrix products. null: one sequence per example.",
+    )
 
 
 class FinetuneSettings(Section):

@@ -36,6 +36,7 @@ class QuantizeResult:
     out_dir: Path
     group_size: int
     calibration_examples: int
+    calibration_sequences: int  # the examples joined and cut into blocks (calibration_block_tokens)
     calibration_tokens: int
     quantized_linears: int
     seconds: float
@@ -70,6 +71,20 @@ def calibration_token_ids(
     chosen = random.Random(seed).sample(examples, min(settings.calibration_samples, len(examples)))
     texts = [format_pair(tokenizer, ex["prompt"], ex["response"], text_template).full_text for ex in chosen]
     return [tokenizer(text)["input_ids"][: settings.calibration_max_tokens] for text in texts]
+
+
+def calibration_blocks(token_ids: list[list[int]], block_tokens: int | None) -> list[list[int]]:
+    """The examples' tokens joined end to end and cut into blocks of ``block_tokens`` (None: as they are).
+
+    Each example is already a whole formatted conversation, ending in the template's end-of-turn marker, so a
+    block reads as consecutive chats. AWQ's scale search runs every candidate over all calibration tokens;
+    in blocks it does so in a few large matrix products instead of many small ones (on the quickstart's data
+    on 2 cores: 175 s instead of 241 s, held-out loss 3.87 instead of 3.93).
+    """
+    if block_tokens is None:
+        return token_ids
+    joined = [token for ids in token_ids for token in ids]
+    return [joined[start : start + block_tokens] for start in range(0, len(joined), block_tokens)]
 
 
 def awq_recipe(group_size: int, grid_points: int = AWQ_GRID_POINTS) -> list:
@@ -208,19 +223,21 @@ def quantize_awq(
     }
     _check_divides(linear_inputs, settings.group_size)
 
-    tokens = sum(len(ids) for ids in token_ids)
+    blocks = calibration_blocks(token_ids, settings.calibration_block_tokens)
+    tokens = sum(len(ids) for ids in blocks)
     log.info(
-        "AWQ: %d linears, group size %d, calibrating on %d examples (%d tokens)",
+        "AWQ: %d linears, group size %d, calibrating on %d examples (%d tokens in %d sequences)",
         len(linear_inputs),
         settings.group_size,
         len(token_ids),
         tokens,
+        len(blocks),
     )
     started = time.perf_counter()
     apply_awq(
         model,
         tokenizer,
-        token_ids,
+        blocks,
         settings.group_size,
         grid_points=grid_points,
         progress=progress,
@@ -236,6 +253,7 @@ def quantize_awq(
         out_dir=out_dir,
         group_size=settings.group_size,
         calibration_examples=len(token_ids),
+        calibration_sequences=len(blocks),
         calibration_tokens=tokens,
         quantized_linears=len(weights),
         seconds=seconds,

@@ -21,6 +21,7 @@ from olivepress.prompts import format_pair
 from olivepress.scoring import response_token_loss, split_by_prompt
 from olivepress.tasks.quantize import (
     apply_awq,
+    calibration_blocks,
     calibration_token_ids,
     check_group_size,
     quantize_awq,
@@ -63,6 +64,13 @@ def test_calibration_uses_a_seeded_sample_formatted_as_at_inference(tiny_model_d
     assert all(len(ids) <= TINY_SETTINGS.calibration_max_tokens for ids in first)
     full_texts = {format_pair(tokenizer, p["prompt"], p["response"]).full_text for p in pairs}
     assert all(any(text.startswith(tokenizer.decode(ids)) for text in full_texts) for ids in first)
+
+
+def test_calibration_blocks_keep_every_token_in_order():
+    examples = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    assert calibration_blocks(examples, 4) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert calibration_blocks(examples, 100) == [list(range(1, 11))]
+    assert calibration_blocks(examples, None) == examples
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +136,8 @@ def test_quantize_awq_writes_a_loadable_checkpoint_and_tokenizer(tiny_model_dir,
     result = quantize_awq(tiny_model_dir, sample_pairs(), tmp_path, TINY_SETTINGS, seed=3, progress=False)
     assert result.quantized_linears == 14
     assert result.calibration_examples == TINY_SETTINGS.calibration_samples
+    block = TINY_SETTINGS.calibration_block_tokens
+    assert result.calibration_sequences == -(-result.calibration_tokens // block)  # the examples, in blocks
     assert (tmp_path / "tokenizer.json").is_file()
     model = load_dequantized_model(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
