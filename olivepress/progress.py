@@ -1,8 +1,9 @@
 """One progress line per step on the terminal: ``quantize  AWQ layer 12/30  ETA 0:41``.
 
-The steps report where they stand with :func:`begin`, :func:`update` and :func:`end`; the command line
-installs a :class:`ProgressDisplay` for the run (:func:`showing`), and without one (a flow run started by a
-deployment, a test) every report is a no-op. On a terminal each step's line is rewritten in place and left
+The steps report where they stand with :func:`begin`, :func:`update` and :func:`end`. Inside a Prefect flow
+run each step's reports also go to a progress artifact of the run (:class:`ProgressArtifacts`), so a team
+watching the Prefect UI sees them too (a deployment's run has no terminal). The command line installs a
+:class:`ProgressDisplay` for the run (:func:`showing`); without one the terminal gets nothing. On a terminal each step's line is rewritten in place and left
 behind when the step ends (``quantize  completed  41.2 s``); elsewhere (a pipe, a CI log) a step prints a
 plain line at most every ``interval`` seconds, and its end line. :func:`message` prints a line of the
 run's own (the gate, the summary) between them.
@@ -15,10 +16,14 @@ duration of the call).
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import TextIO
+from uuid import UUID
 
 STEP_WIDTH = 8  # the longest step name: validate, quantize, finetune, optimize, evaluate, register
 
@@ -59,6 +64,13 @@ def format_line(
     if eta is not None and done != total:
         parts.append(f"ETA {format_duration(eta)}")
     return "  ".join([step.ljust(STEP_WIDTH), *parts]).rstrip()
+
+
+def shown_extras(extras: dict[str, object]) -> dict[str, str]:
+    """``loss=2.3104`` as ``loss 2.31``."""
+    return {
+        name: f"{value:.3g}" if isinstance(value, float) else str(value) for name, value in extras.items()
+    }
 
 
 def format_end(step: str, status: str, seconds: float) -> str:
@@ -112,11 +124,7 @@ class ProgressDisplay:
             if done is not None and total is not None:
                 started, done_at_start = self.counters.setdefault((step, label), (now, done))
                 eta = eta_seconds(done, total, now - started, done_at_start)
-            shown = {
-                name: f"{value:.3g}" if isinstance(value, float) else str(value)
-                for name, value in extras.items()
-            }
-            self.line = format_line(step, label, done, total, eta=eta, extras=shown)
+            self.line = format_line(step, label, done, total, eta=eta, extras=shown_extras(extras))
             if self.in_place:
                 self._draw()
             elif now - self.shown_at >= self.interval:
@@ -174,7 +182,77 @@ class ProgressDisplay:
         self.stream.flush()
 
 
+class ProgressArtifacts:
+    """Each step of a flow run as a Prefect progress artifact on the run's Artifacts tab: created when the
+    step begins, its percentage and line (``quantize  AWQ layer 12/30``, the description) updated at most
+    every ``interval`` seconds, 100 with the end line when it completes. A step's code reports under a
+    generic name (``evaluate`` inside ``evaluate_base travel cpu``): a report goes to the step its thread
+    began, as on the terminal. The API failing loses the progress shown, never the run."""
+
+    def __init__(self, interval: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.shown: dict[tuple[UUID, str], tuple[UUID, float, float]] = {}  # id, percent, when
+        self.ended: set[tuple[UUID, str]] = set()  # a late report leaves the end line shown
+        self.step: ContextVar[str | None] = ContextVar("olivepress_progress_step", default=None)
+
+    def begin(self, run: UUID, step: str) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.step.set(step)
+        with self.lock, self._api(step):
+            artifact = create_progress_artifact(0.0, description=format_line(step, "started"))
+            self.shown[run, step] = (artifact, 0.0, self.clock())
+
+    def update(
+        self, run: UUID, step: str, label: str, done: int | None, total: int | None, extras: dict[str, object]
+    ) -> None:
+        step = self.step.get() or step
+        with self.lock:
+            if (run, step) not in self.shown or (run, step) in self.ended:
+                return
+            artifact, percent, shown_at = self.shown[run, step]
+            if self.clock() - shown_at < self.interval:
+                return
+            if done is not None and total:
+                percent = 100.0 * done / total
+            line = format_line(step, label, done, total, extras=shown_extras(extras))
+            self._show(run, step, artifact, percent, line)
+
+    def end(self, run: UUID, step: str, status: str, line: str) -> None:
+        with self.lock:
+            if (run, step) not in self.shown:
+                return
+            artifact, percent, _ = self.shown[run, step]
+            self.ended.add((run, step))
+            self._show(run, step, artifact, percent if status == "failed" else 100.0, line)
+
+    def _show(self, run: UUID, step: str, artifact: UUID, percent: float, line: str) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        with self._api(step):
+            update_progress_artifact(artifact, percent, description=line)
+        self.shown[run, step] = (artifact, percent, self.clock())
+
+    @contextlib.contextmanager
+    def _api(self, step: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:
+            logging.getLogger(__name__).warning("%s: progress not shown in Prefect: %s", step, error)
+
+
+def flow_run_id() -> UUID | None:
+    """The running flow run's id; None outside one (and, cheaply, where Prefect was never imported: the
+    training's child process)."""
+    context = sys.modules.get("prefect.context")
+    run_context = context and context.FlowRunContext.get()
+    return run_context.flow_run.id if run_context and run_context.flow_run else None
+
+
 _active: ProgressDisplay | None = None
+_artifacts = ProgressArtifacts()
 
 
 @contextlib.contextmanager
@@ -192,6 +270,8 @@ def showing(display: ProgressDisplay) -> Iterator[ProgressDisplay]:
 def begin(step: str) -> None:
     if _active is not None:
         _active.begin(step)
+    if run := flow_run_id():
+        _artifacts.begin(run, step)
 
 
 def update(
@@ -201,11 +281,15 @@ def update(
     since the first report of this label), ``extras`` (``loss=2.31``)."""
     if _active is not None:
         _active.update(step, label, done, total, **extras)
+    if run := flow_run_id():
+        _artifacts.update(run, step, label, done, total, extras)
 
 
 def end(step: str, status: str, seconds: float) -> None:
     if _active is not None:
         _active.end(step, status, seconds)
+    if run := flow_run_id():
+        _artifacts.end(run, step, status, format_end(step, status, seconds))
 
 
 def message(text: str) -> None:

@@ -154,3 +154,57 @@ def test_a_datasets_step_keeps_its_own_line_when_the_step_reports_under_its_name
     assert lines[0].startswith("finetune travel") and "step 3/10" in lines[0]
     assert not any(line.startswith(("finetune  ", "evaluate  ")) for line in lines), lines
     assert any(line.startswith("evaluate travel") and "loading base" in line for line in lines)
+
+
+def flow_run_progress_artifacts(flow_run_id) -> dict[str, tuple[float, str]]:
+    """Step → (percent, line) of a flow run's progress artifacts, read back from the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                type=ArtifactFilterType(any_=["progress"]),
+            )
+        )
+    return {a.description.split("  ")[0]: (float(a.data), a.description) for a in artifacts}
+
+
+def test_a_flow_runs_steps_show_as_progress_artifacts_at_most_every_interval(monkeypatch):
+    """What a team watching the Prefect UI sees of a deployment's run, which has no terminal."""
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    clock = Clock()
+    monkeypatch.setattr(progress, "_artifacts", progress.ProgressArtifacts(interval=5.0, clock=clock))
+    seen = {}
+
+    @flow
+    def two_steps():
+        run = progress.flow_run_id()
+        progress.begin("quantize")
+        progress.update("quantize", "AWQ layer", 1, 4)  # within 5 s of the last: not sent
+        seen["throttled"] = flow_run_progress_artifacts(run)["quantize"]
+        clock.now += 5
+        progress.update("quantize", "AWQ layer", 2, 4, loss=2.3104)
+        seen["midway"] = flow_run_progress_artifacts(run)["quantize"]
+        progress.end("quantize", "completed", 5.0)
+        clock.now += 5
+        progress.update("quantize", "AWQ layer", 3, 4)  # after its end: the end line stays
+        progress.begin("evaluate_base travel cpu")
+        clock.now += 5
+        progress.update("evaluate", "decode speed, prompt", 1, 4)  # the step's code, under a generic name
+        progress.end("evaluate_base travel cpu", "failed", 7.0)
+        return run
+
+    with prefect_test_harness(server_startup_timeout=120):
+        shown = flow_run_progress_artifacts(two_steps())
+    assert seen["throttled"] == (0.0, "quantize  started")
+    assert seen["midway"] == (50.0, "quantize  AWQ layer 2/4  loss 2.31")
+    assert shown == {
+        "quantize": (100.0, "quantize  completed  5.0 s"),
+        "evaluate_base travel cpu": (25.0, "evaluate_base travel cpu  failed  7.0 s"),
+    }
+    progress.update("quantize", "AWQ layer", 1, 2)  # outside a flow run: nothing is sent
+    assert len(progress._artifacts.shown) == 2
