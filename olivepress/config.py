@@ -97,7 +97,19 @@ class FinetuneSettings(Section):
     checkpoint_every: int = Field(10, ge=1, description="Save a resumable checkpoint every N steps.")
 
 
+LmHead = Literal["float", "int8", "int4"]
+
+
 class OptimizeSettings(Section):
+    lm_head: LmHead = Field(
+        "int8",
+        description="For the cpu target, how the LM head and the token embedding are stored (quantize leaves "
+        "both float; every other linear is int4 already). int8: the LM head as 8-bit MatMulNBits, the "
+        "embedding as 4-bit GatherBlockQuantized (on the quickstart's model on 2 cores: decode with the "
+        "adapter 1.4x float's, the model 0.65x the bytes, held-out loss +0.015). int4: both 4-bit (1.5x, "
+        "0.48x, loss +0.12). float: as in the checkpoint (the LM head is then most of what a decoded "
+        "token reads in a small model). Ignored by the cuda target, whose LM head stays float16.",
+    )
     cuda_graph: bool = Field(
         True,
         description="For the cuda target, decode through CUDA graphs (ONNX Runtime GenAI's enable_cuda_graph): "

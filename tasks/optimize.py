@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from olivepress import progress
-from olivepress.config import Target
+from olivepress.config import LmHead, Target
 from olivepress.errors import UserError
 from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE, edit_genai_config
 from olivepress.lora_graph import Branch, LoraMatrices
@@ -40,9 +40,20 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 EXECUTION_PROVIDERS = {"cpu": "cpu", "cuda": "cuda"}  # target → the builder's execution provider
-# Tied or not, the embedding and LM head stay float as in the checkpoint: rounding them would add an error
-# the quantize step never measured. Every other MatMul comes from the checkpoint already in int4.
-FLOAT_NODES = ("/lm_head/MatMul", "/model/embed_tokens/Gather")
+# The builder's options for each way of storing the LM head and the token embedding (optimize.lm_head), which
+# the checkpoint holds in float; every other MatMul comes from it in int4 already, which the builder keeps.
+# The builder rounds them to the nearest level (RTN): evaluate's int4 variants measure what that costs. int8
+# cannot share one table between embedding and head (the builder's Gather quantizer is 4-bit only), so the
+# embedding is a 4-bit table of its own; int4 shares one where the model ties them.
+LM_HEAD_OPTIONS: dict[str, list[str]] = {
+    "float": ["nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather"],
+    "int8": [
+        "shared_embeddings=false",
+        "op_types_to_quantize=MatMul/Gather",
+        "matmul_mixed_precision=last_matmul:int8",
+    ],
+    "int4": ["op_types_to_quantize=MatMul/Gather"],
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ def export_onnx(
     cuda_graph: bool = False,
     trust_remote_code: bool = False,
     lora_kernel: Literal["auto", "on", "off"] = "off",
+    lm_head: LmHead = "int8",
 ) -> ExportResult:
     """Write genai_config.json, the int4 model, tokenizer files and (given an adapter) the adapter file.
 
@@ -71,7 +83,8 @@ def export_onnx(
     ``accuracy_level`` is MatMulNBits' compute type; None keeps the builder's default for the target: on
     CPU 4, int8 activations, the fastest; 1 computes in float32, the dequantized PyTorch model's math.
     ``cuda_graph`` (cuda only) has the runtime capture decoding in CUDA graphs. ``lora_kernel`` (cuda only)
-    is ``optimize.lora_kernel``: whether the branches are olivepress's CUDA operators.
+    is ``optimize.lora_kernel``: whether the branches are olivepress's CUDA operators. ``lm_head`` (cpu only;
+    cuda keeps it float) is ``optimize.lm_head``.
     """
     if target not in EXECUTION_PROVIDERS:
         raise UserError(f"target must be one of {sorted(EXECUTION_PROVIDERS)}, not {target!r}")
@@ -85,6 +98,7 @@ def export_onnx(
         accuracy_level=accuracy_level,
         cuda_graph=cuda_graph and target == "cuda",
         trust_remote_code=trust_remote_code,
+        lm_head=lm_head if target == "cpu" else "float",
     )
     adapter_file = None
     if lora:
@@ -116,10 +130,11 @@ def build_int4_model(
     accuracy_level: int | None,
     cuda_graph: bool = False,
     trust_remote_code: bool = False,
+    lm_head: LmHead = "float",
 ) -> None:
     """Build the int4 model from the checkpoint's own integers (q/k/v fused into one node, the builder's
-    default, which the LoRA branches keep)."""
-    extra_options = [f"nodes_to_exclude={','.join(FLOAT_NODES)}"]
+    default, which the LoRA branches keep), the LM head and embedding as ``lm_head`` says."""
+    extra_options = list(LM_HEAD_OPTIONS[lm_head])
     if accuracy_level is not None:
         extra_options.append(f"accuracy_level={accuracy_level}")
     run_model_builder(
@@ -578,6 +593,7 @@ def optimize_task(
             cuda_graph=settings.optimize.cuda_graph,
             trust_remote_code=settings.trust_remote_code,
             lora_kernel=settings.optimize.lora_kernel,
+            lm_head=settings.optimize.lm_head,
         )
         save_prompt_format(out, settings.text_template)
 

@@ -20,9 +20,12 @@ def adapter_dir(tiny_int4_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(tiny_int4_dir, adapter_dir, tmp_path_factory):
-    # float32 activations in MatMulNBits (the CPU default, 4, rounds them to int8), so the ONNX model's
-    # math is the dequantized PyTorch model's and any mistake in the graph shows above rounding noise
-    return export_onnx(tiny_int4_dir, adapter_dir, tmp_path_factory.mktemp("onnx"), accuracy_level=1)
+    # float32 activations in MatMulNBits (the CPU default, 4, rounds them to int8) and the LM head as in the
+    # checkpoint, so the ONNX model's math is the dequantized PyTorch model's and any mistake in the graph
+    # shows above rounding noise
+    return export_onnx(
+        tiny_int4_dir, adapter_dir, tmp_path_factory.mktemp("onnx"), accuracy_level=1, lm_head="float"
+    )
 
 
 def load_graph(model_dir):
@@ -101,6 +104,40 @@ def test_int4_weights_are_exactly_the_checkpoints(exported, tiny_int4_dir):
         attributes = {attribute.name: attribute.i for attribute in node.attribute}
         assert (attributes["bits"], attributes["block_size"]) == (4, weights[modules[0]].group_size)
     assert {node.op_type for node in model.graph.node if node.name.startswith("/lm_head/")} == {"MatMul"}
+
+
+def test_lm_head_setting_rounds_only_the_head_and_embedding(exported, tiny_int4_dir, adapter_dir, tmp_path):
+    """The cpu target's LM head as 8- or 4-bit MatMulNBits and the embedding as a 4-bit table: smaller, its
+    logits near the float head's (int8 nearer than int4), every decoder int4 node exactly the float export's."""
+    float_values = initializer_values(load_graph(exported.model_dir).graph)
+    decoder = [name for name in float_values if name.startswith("model.layers.")]
+    reference = sequence_logits(open_model(exported.model_dir, exported.adapter_file), IDS)
+    errors = {}
+    for lm_head, bits in (("int8", 8), ("int4", 4)):
+        result = export_onnx(
+            tiny_int4_dir, adapter_dir, tmp_path / lm_head, accuracy_level=1, lm_head=lm_head
+        )
+        graph = load_graph(result.model_dir).graph
+        head = [node for node in graph.node if node.name.startswith("/lm_head/")]
+        assert [node.op_type for node in head] == ["MatMulNBits"]
+        assert {a.name: a.i for a in head[0].attribute}["bits"] == bits
+        assert [node.op_type for node in graph.node if "embed_tokens" in node.name].count(
+            "GatherBlockQuantized"
+        )
+        assert result.model_bytes < exported.model_bytes
+        values = initializer_values(graph)
+        assert decoder and all(np.array_equal(values[name], float_values[name]) for name in decoder)
+        logits = sequence_logits(open_model(result.model_dir, result.adapter_file), IDS)
+        assert np.corrcoef(logits.ravel(), reference.ravel())[0, 1] > 0.98
+        errors[lm_head] = np.abs(logits - reference).mean()
+    assert 0 < errors["int8"] < errors["int4"]
+
+
+def test_the_cuda_target_keeps_the_lm_head_float(tiny_int4_dir, tmp_path):
+    result = export_onnx(tiny_int4_dir, None, tmp_path / "cuda", target="cuda", lm_head="int4")
+    graph = load_graph(result.model_dir).graph
+    assert {node.op_type for node in graph.node if node.name.startswith("/lm_head/")} == {"MatMul"}
+    assert "GatherBlockQuantized" not in {node.op_type for node in graph.node}
 
 
 def test_one_branch_per_group_of_linears_sharing_an_input(exported):
@@ -226,7 +263,7 @@ def test_another_adapter_for_the_same_export_gives_its_own_logits(exported, tiny
         tiny_int4_dir, tmp_path / "second", seed=7, r=2, target_modules=["q_proj", "down_proj"]
     )
     adapter_file = export_adapter(tiny_int4_dir, second, exported.model_dir, tmp_path / "second.onnx_adapter")
-    alone = export_onnx(tiny_int4_dir, second, tmp_path / "alone", accuracy_level=1)
+    alone = export_onnx(tiny_int4_dir, second, tmp_path / "alone", accuracy_level=1, lm_head="float")
 
     shared = sequence_logits(open_model(exported.model_dir, adapter_file), IDS)
     own = sequence_logits(open_model(alone.model_dir, alone.adapter_file, run_time_adapter=True), IDS)
