@@ -285,6 +285,7 @@ def evaluate_target(
                 if not c.passed
             )
             result.error = GateFailed(f"the model is not registered: {result.evaluation.gate.to_text()}")
+            emit_gate_failed(model.name, branch.name, target, result)
 
 
 def report(run: Run, branches: list[Branch]) -> Path:
@@ -335,7 +336,70 @@ def register(run: Run, model: ResolvedModel, branches: list[Branch], report_dir:
         registration = timed(run.records, "register", task, run.config, model.name, sources, record)
     verb = "already registered as" if registration.reused else "registered"
     run.log.info("%s %s version %s (%s)", verb, registration.name, registration.version, registration.uri)
+    emit_registered(registration, branches, run.config.targets)
     return registration
+
+
+GATE_FAILED = "olivepress.gate.failed"
+MODEL_REGISTERED = "olivepress.model.registered"
+
+
+def emit(event: str, resource: dict[str, str], payload: dict) -> None:
+    """A Prefect event an automation can act on (a notification, a downstream deployment); Prefect relates
+    it to the flow run and flow that emitted it."""
+    from prefect.events import emit_event
+
+    emit_event(event, resource, payload={**payload, "flow_run_id": current_flow_run_id()})
+
+
+def gate_checks(evaluation: Evaluation) -> dict[str, dict]:
+    return {
+        c.name: {"measured": c.measured, "limit": c.limit, "passed": c.passed} for c in evaluation.gate.checks
+    }
+
+
+def emit_gate_failed(model: str, dataset: str, target: str, result: TargetResult) -> None:
+    """``olivepress.gate.failed``: one dataset's adapter on one target did not pass; what failed and why."""
+    emit(
+        GATE_FAILED,
+        {
+            "prefect.resource.id": f"olivepress.gate.{model}.{dataset}.{target}",
+            "prefect.resource.name": f"{model}: {dataset} on {target}",
+            "olivepress.model": model,
+            "olivepress.dataset": dataset,
+            "olivepress.target": target,
+        },
+        {
+            "model": model,
+            "dataset": dataset,
+            "target": target,
+            "why": result.failure,
+            "checks": gate_checks(result.evaluation),
+        },
+    )
+
+
+def emit_registered(registration: Registration, branches: list[Branch], targets: list[str]) -> None:
+    """``olivepress.model.registered``: the name and version, where it lives, and per target the adapters
+    that passed with their gate's measurements."""
+    passed = {
+        target: {b.name: gate_checks(b.targets[target].evaluation) for b in branches if b.passed(target)}
+        for target in targets
+    }
+    emit(
+        MODEL_REGISTERED,
+        {
+            "prefect.resource.id": f"olivepress.model.{registration.name}.{registration.version}",
+            "prefect.resource.name": f"{registration.name} version {registration.version}",
+            "olivepress.model": registration.name,
+            "olivepress.version": registration.version,
+        },
+        {
+            **asdict(registration),
+            "targets": [target for target, adapters in passed.items() if adapters],
+            "gates": {target: adapters for target, adapters in passed.items() if adapters},
+        },
+    )
 
 
 def anything_passed(run: Run, branches: list[Branch]) -> bool:

@@ -301,3 +301,16 @@ def test_an_existing_pool_is_used_as_it_is_and_one_of_another_type_refused(tmp_p
         created = dp.deploy("process", pool="fresh", workdir=tmp_path)
         pool = client.read_work_pool("fresh")
         assert (created.pool_created, pool.type, pool.concurrency_limit) == (True, "process", 1)
+
+
+def test_the_gate_failed_automation_is_one_prefect_accepts_and_the_readme_shows():
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    from olivepress.flows.datasets import GATE_FAILED
+
+    text = (REPO_ROOT / "deployments" / "automations" / "gate-failed.yaml").read_text()
+    automation = AutomationCore.model_validate(yaml.safe_load(text))
+    assert automation.trigger.expect == {GATE_FAILED}
+    assert automation.actions[0].type == "send-notification"
+    assert text in (REPO_ROOT / "README.md").read_text(), "README.md shows this file as it is"

@@ -225,3 +225,78 @@ def test_two_datasets_then_a_third_and_a_bad_one(tmp_path, tiny_model_dir, trave
     assert (third.path / "model" / "cpu" / "model.onnx").is_file()
     assert list(third.lineage["failed_adapters"]) == ["travel"]
     assert third.lineage["model_adapter"] is None
+
+
+def read_events(flow_run_id, names: list[str], count: int, timeout: float = 60.0) -> list:
+    """The events of ``names`` related to a flow run, read back from the API once ``count`` arrived (the
+    server stores them a moment after they are sent)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    related = EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"])
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_events(
+                # limit: the client's default (100) is more than the server takes
+                filter=EventFilter(event=EventNameFilter(name=names), related=related),
+                limit=50,
+            )
+            if len(page.events) >= count or time.monotonic() > deadline:
+                return sorted(page.events, key=lambda event: event.event)
+            time.sleep(0.5)
+
+
+def test_a_failed_gate_and_a_registration_are_events_an_automation_can_act_on():
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from olivepress.flows import datasets
+    from olivepress.registry import Registration
+    from olivepress.tasks.evaluate import Evaluation, GateCheck, GateDecision
+
+    def evaluation(passed: bool) -> Evaluation:
+        check = GateCheck("speedup", "int4 decode speed over the base's", 2.5 if passed else 0.9, 1.0, passed)
+        return Evaluation(
+            metrics=[],
+            gate=GateDecision(passed, [check]),
+            held_out_pairs=4,
+            generation_prompts=2,
+            seconds=1.0,
+        )
+
+    travel, cooking = (
+        datasets.Branch(name, f"{name}.jsonl", Path(f"{name}.jsonl"), "0" * 64)
+        for name in ("travel", "cooking")
+    )
+    travel.targets["cpu"] = datasets.TargetResult(evaluation=evaluation(True))
+    cooking.targets["cpu"] = datasets.TargetResult(
+        evaluation=evaluation(False), failure="gate failed: speedup 0.9 (limit 1)"
+    )
+    registration = Registration("local", "tiny-olivepress", "3", "/registry/tiny-olivepress/3", reused=False)
+
+    @flow
+    def gated():
+        datasets.emit_gate_failed("tiny", "cooking", "cpu", cooking.targets["cpu"])
+        datasets.emit_registered(registration, [travel, cooking], ["cpu"])
+        return flow_run.id
+
+    run_id = gated()
+    failed, registered = read_events(run_id, [datasets.GATE_FAILED, datasets.MODEL_REGISTERED], count=2)
+    assert failed.event == "olivepress.gate.failed"
+    assert failed.resource.id == "olivepress.gate.tiny.cooking.cpu"
+    assert (
+        failed.resource["olivepress.dataset"] == "cooking" and failed.resource["olivepress.target"] == "cpu"
+    )
+    assert failed.payload["why"] == "gate failed: speedup 0.9 (limit 1)"
+    assert failed.payload["checks"] == {"speedup": {"measured": 0.9, "limit": 1.0, "passed": False}}
+    assert failed.payload["flow_run_id"] == run_id
+    assert registered.resource.id == "olivepress.model.tiny-olivepress.3"
+    assert registered.payload["version"] == "3" and registered.payload["uri"] == registration.uri
+    assert registered.payload["targets"] == ["cpu"]
+    assert registered.payload["gates"] == {
+        "cpu": {"travel": {"speedup": {"measured": 2.5, "limit": 1.0, "passed": True}}}
+    }
+    assert {r.id: r.role for r in registered.related}[f"prefect.flow-run.{run_id}"] == "flow-run"
