@@ -214,9 +214,12 @@ class Run:
         from prefect import get_run_logger
 
         from olivepress.devices import decided
+        from olivepress.secrets import apply_secrets
 
         quiet_user_error_tracebacks()
         self.log = get_run_logger()
+        if applied := apply_secrets(config.secrets):  # before anything reads a hub, a bucket or Azure
+            self.log.info("credentials from Prefect Secret blocks: %s", ", ".join(applied))
         self.config = decided(config)
         self.dir = run_dir or new_run_dir(config)
         self.log.info(

@@ -6,10 +6,18 @@ import re
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from olivepress.architectures import unsupported_reason
@@ -36,6 +44,9 @@ class ValidationSettings(Section):
 Target = Literal["cpu", "cuda"]  # the runtimes an export is built and gated for
 TARGETS: tuple[str, ...] = get_args(Target)
 
+# a POSIX environment variable name, and a Prefect block document name (lowercase letters, digits, dashes)
+EnvironmentVariable = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+BlockName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")]
 GroupSize = Literal[16, 32, 64, 128]  # block sizes ONNX Runtime's MatMulNBits runs on CPU and GPU
 GROUP_SIZES: tuple[int, ...] = get_args(GroupSize)
 
@@ -331,6 +342,14 @@ class RunConfig(Section):
     )
     retries: RetrySettings = Field(
         default_factory=RetrySettings, description="Retries of transient failures; user errors never."
+    )
+    secrets: dict[EnvironmentVariable, BlockName] = Field(
+        default_factory=dict,
+        description="Credentials from Prefect Secret blocks: environment variable → block name, e.g. "
+        "{HF_TOKEN: hf-token, AWS_SECRET_ACCESS_KEY: team-s3-key, AZURE_CLIENT_SECRET: team-aml-secret}. Read "
+        "from the Prefect API when the run starts, on the machine that runs it, and set in that process's "
+        "environment only (and its child processes'), where a variable of the same name already set is "
+        "replaced: never in the config, a job template, a log, the run folder or the report.",
     )
 
     @field_validator("model")

@@ -72,10 +72,40 @@ def read_flow_run_artifacts(flow_run_id: str) -> dict[str, object]:
     return {artifact.key: artifact for artifact in artifacts}
 
 
+SECRET_VALUE = "olivepress-do-not-leak-7f3a"
+
+
+def texts_under(*folders: Path) -> str:
+    return "\n".join(
+        path.read_bytes().decode(errors="replace")
+        for folder in folders
+        for path in folder.rglob("*")
+        if path.is_file() and not path.is_symlink()
+    )
+
+
+def read_flow_run_logs(flow_run_id) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
 @pytest.mark.slow
-def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
+def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    Secret(value=SECRET_VALUE).save("olivepress-test-secret", overwrite=True)
+    monkeypatch.delenv("OLIVEPRESS_TEST_SECRET", raising=False)
     # the base model built early, in a child process beside quantize and finetune (default: on GPU runs only)
-    config = tiny_config(tmp_path, tiny_model_dir, build_base_early=True)
+    config = tiny_config(
+        tmp_path,
+        tiny_model_dir,
+        build_base_early=True,
+        secrets={"OLIVEPRESS_TEST_SECRET": "olivepress-test-secret"},
+    )
     run_dir = new_run_dir(config)
     with caplog.at_level(logging.INFO, logger="olivepress.base_ahead"), run_folder(run_dir):
         result = olivepress_flow(config)
@@ -155,6 +185,16 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog):
     parts = {"model": run_dir / "registered" / "model", "adapters": run_dir / "adapters"}
     again = register_model(config, tiny_model_dir, {**parts, "report": run_dir / "report"}, lineage)
     assert (again.version, again.reused) == ("1", True), "the same content is not registered twice"
+
+    # the Secret block's value reached the run's environment, and nowhere the run writes or logs
+    import os
+
+    assert os.environ["OLIVEPRESS_TEST_SECRET"] == SECRET_VALUE
+    logs = read_flow_run_logs(lineage["flow_run_id"])
+    assert "credentials from Prefect Secret blocks: OLIVEPRESS_TEST_SECRET" in logs
+    assert SECRET_VALUE not in logs + caplog.text
+    assert SECRET_VALUE not in texts_under(run_dir, tmp_path / "registry")
+    assert "olivepress-test-secret" in (run_dir / "config.json").read_text(), "the block's name only"
 
 
 AZURE_WORKSPACE = {"subscription_id": "0000", "resource_group": "rg", "workspace_name": "ws"}
