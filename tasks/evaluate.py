@@ -6,8 +6,10 @@ builds: *base* (the unquantized model through the same builder: fp32 for the cpu
 each: teacher-forced loss and perplexity of every held-out response, decode tokens/s and time to first token
 from a fixed decode of ``speed_tokens`` (end-of-text suppressed) on ``speed_samples`` prompts, bytes on disk
 and the memory it added; and for the fine-tuned model, ROUGE-L of its free (greedy) answers to
-``generation_samples`` prompts. That is all the gate needs: the base never answers freely, which at fp32 on
-a CPU was most of this step's time.
+``generation_samples`` prompts. That is all the gate needs: the base answers freely only the report's few
+``report_samples`` prompts (answering them all at fp32 on a CPU was most of this step's time), as does the
+int4 model; the fine-tuned model's answers to them are its ROUGE-L answers, reused. The answers are kept
+with the measurements (``samples``), so a reused step still has them.
 
 Two steps: ``evaluate_base`` measures the base model alone and is kept under its own key (the base model,
 the held-out pairs, the target and the machine), so a second adapter, another target's export or a later
@@ -117,6 +119,9 @@ class Evaluation:
     # the base's own measurement (evaluate_base): its seconds and phases, measured once per key and reused
     base_seconds: float | None = None
     base_phase_seconds: dict[str, float] = field(default_factory=dict)
+    # the report's side-by-side answers: per prompt its reference and each variant's greedy answer (see
+    # sample_indices); empty in records measured before they were kept
+    samples: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +168,16 @@ def timed(phase_seconds: dict[str, float], phase: str) -> Iterator[None]:
         phase_seconds[phase] = round(time.perf_counter() - started, 2)
 
 
+def sample_indices(held_out: list[dict], settings: EvaluateSettings) -> list[int]:
+    """The held-out pairs the report shows answered side by side: the first ``report_samples`` distinct
+    prompts among the ``generation_samples`` the fine-tuned model answers, so its answers serve both (the
+    data may repeat a prompt, and greedy answers to it would repeat too)."""
+    first: dict[str, int] = {}
+    for index, pair in enumerate(held_out[: settings.generation_samples]):
+        first.setdefault(pair["prompt"], index)
+    return list(first.values())[: settings.report_samples]
+
+
 def measure_variants(
     sources: dict[str, tuple[Path, Path | None]],
     held_out: list[dict],
@@ -171,14 +186,18 @@ def measure_variants(
     target: str,
     phases: dict[str, float],
     answering: tuple[str, ...] = (),
-) -> list[VariantMetrics]:
+) -> tuple[list[VariantMetrics], list[dict[str, str]]]:
     """Measure each variant of ``sources`` (its model folder and adapter file) on ``held_out``; the ones in
-    ``answering`` also answer ``generation_samples`` prompts freely, for ROUGE-L. ``phases`` receives the
-    seconds of each phase (see Evaluation.phase_seconds)."""
+    ``answering`` also answer ``generation_samples`` prompts freely, for ROUGE-L, the others only the
+    report's (:func:`sample_indices`). ``phases`` receives the seconds of each phase (see
+    Evaluation.phase_seconds). Gives the metrics and the samples: per report prompt, its reference and each
+    variant's answer."""
     from olivepress.genai import open_model, prompt_token_ids, response_loss, stream_generate
 
     answer_prompts = held_out[: settings.generation_samples]
     speed_prompts = held_out[: settings.speed_samples]
+    samples = sample_indices(held_out, settings)
+    answered = {v: range(len(answer_prompts)) if v in answering else samples for v in sources}
     gpu_memory = dict.fromkeys(sources)
     if target == "cuda":
         from olivepress.gpu_memory import variant_peak_mib
@@ -190,7 +209,7 @@ def measure_variants(
                 )
     models, peak_memory, prompt_ids, max_length = {}, {}, {}, {}
     can_measure_memory = peak_rss_reset()
-    longest = max(settings.max_new_tokens if answering else 0, settings.speed_tokens)
+    longest = max(settings.max_new_tokens if any(answered.values()) else 0, settings.speed_tokens)
     with timed(phases, "load"):
         for variant, (model_dir, adapter) in sources.items():
             gc.collect()
@@ -199,7 +218,7 @@ def measure_variants(
             progress.update("evaluate", f"loading {variant}")
             models[variant] = open_model(model_dir, adapter)
             # the prompts it answers or decodes for speed, whichever are more (the speed ones come first)
-            count = max(len(speed_prompts), len(answer_prompts) if variant in answering else 0)
+            count = max(len(speed_prompts), max(answered[variant], default=-1) + 1)
             prompts = held_out[:count]
             prompt_ids[variant] = [
                 prompt_token_ids(models[variant], p["prompt"], text_template) for p in prompts
@@ -216,13 +235,13 @@ def measure_variants(
     with timed(phases, "loss"):
         losses = {variant: response_loss(models[variant], held_out, text_template) for variant in sources}
 
-    answers: dict[str, list[str]] = {variant: [] for variant in answering}
+    answers: dict[str, dict[int, str]] = {variant: {} for variant in sources}
     generated = dict.fromkeys(sources, 0)
-    if answering:
-        progress.update("evaluate", "answering, prompt", 0, len(answer_prompts))
+    if to_answer := sorted(set().union(*answered.values())):
+        progress.update("evaluate", "answering, prompt", 0, len(to_answer))
         with timed(phases, "generate"):
-            for index in range(len(answer_prompts)):
-                for variant in answering:
+            for done, index in enumerate(to_answer, 1):
+                for variant in (v for v in sources if index in answered[v]):
                     pieces: list[str] = []
                     stats = stream_generate(
                         models[variant],
@@ -231,9 +250,9 @@ def measure_variants(
                         pieces.append,
                         max_length[variant],
                     )
-                    answers[variant].append("".join(pieces).strip())
+                    answers[variant][index] = "".join(pieces).strip()
                     generated[variant] += stats.new_tokens
-                progress.update("evaluate", "answering, prompt", index + 1, len(answer_prompts))
+                progress.update("evaluate", "answering, prompt", done, len(to_answer))
 
     first_token = {variant: [] for variant in sources}
     decode_tokens = dict.fromkeys(sources, 0)
@@ -255,12 +274,14 @@ def measure_variants(
                 decode_seconds[variant] += stats.seconds - stats.time_to_first_token_s
 
     references = [pair["response"] for pair in answer_prompts]
-    return [
+    metrics = [
         VariantMetrics(
             variant=variant,
             loss=losses[variant],
             perplexity=math.exp(losses[variant]),
-            rouge_l=rouge_l(references, answers[variant]) if variant in answering else None,
+            rouge_l=rouge_l(references, [answers[variant][i] for i in answered[variant]])
+            if variant in answering
+            else None,
             decode_tokens_per_s=decode_tokens[variant] / decode_seconds[variant]
             if decode_seconds[variant]
             else 0.0,
@@ -272,6 +293,12 @@ def measure_variants(
         )
         for variant, (model_dir, adapter) in sources.items()
     ]
+    side_by_side = [
+        {"prompt": held_out[i]["prompt"], "reference": held_out[i]["response"]}
+        | {variant: answers[variant][i] for variant in sources}
+        for i in samples
+    ]
+    return metrics, side_by_side
 
 
 def machine_name(target: str) -> str:
@@ -363,10 +390,15 @@ def measure_base(
                     settings.optimize.cuda_graph,
                     settings.trust_remote_code,
                 )
-        [metrics] = measure_variants(
+        [metrics], samples = measure_variants(
             {BASE: (base_dir, None)}, held_out, settings.evaluate, settings.text_template, target, phases
         )
-    record = {"metrics": asdict(metrics), "seconds": time.perf_counter() - started, "phase_seconds": phases}
+    record = {
+        "metrics": asdict(metrics),
+        "samples": samples,
+        "seconds": time.perf_counter() - started,
+        "phase_seconds": phases,
+    }
     (out / BASE_FILE).write_text(json.dumps(record, indent=1))
 
 
@@ -386,7 +418,7 @@ def measure(
     phases: dict[str, float] = {}
     base = json.loads((base_dir / BASE_FILE).read_text())
     sources = {QUANTIZED: (onnx_dir, None), FINE_TUNED: (onnx_dir, adapter_file)}
-    metrics = measure_variants(
+    metrics, samples = measure_variants(
         sources, held_out, settings.evaluate, settings.text_template, target, phases, (FINE_TUNED,)
     )
     record = {
@@ -398,6 +430,8 @@ def measure(
         "phase_seconds": phases,
         "base_seconds": base["seconds"],
         "base_phase_seconds": base["phase_seconds"],
+        # the same prompts as the base's (one held_out, one sample_indices): its answers beside the int4 ones
+        "samples": [b | s for b, s in zip(base["samples"], samples, strict=True)],
     }
     (out / METRICS_FILE).write_text(json.dumps(record, indent=1))
 
@@ -416,6 +450,7 @@ def read_evaluation(folder: Path, gate: GateSettings) -> Evaluation:
         target=record.get("target", "cpu"),
         base_seconds=record.get("base_seconds"),
         base_phase_seconds=record.get("base_phase_seconds", {}),
+        samples=record.get("samples", []),
     )
 
 

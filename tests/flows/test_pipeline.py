@@ -152,10 +152,21 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog, monkeypatch):
 
     evaluation = json.loads((run_dir / "evaluations" / "cpu" / "evaluation.json").read_text())
     assert [m["variant"] for m in evaluation["metrics"]] == ["base", "quantized", "fine-tuned"]
-    assert [m["rouge_l"] is None for m in evaluation["metrics"]] == [True, True, False], "only it answers"
+    assert [m["rouge_l"] is None for m in evaluation["metrics"]] == [True, True, False], "only it is scored"
     assert evaluation["gate"]["passed"] is True and evaluation["target"] == "cpu"
     assert list(evaluation["phase_seconds"]) == ["load", "loss", "generate", "decode_speed"]
-    assert list(evaluation["base_phase_seconds"]) == ["build_base", "load", "loss", "decode_speed"]
+    assert list(evaluation["base_phase_seconds"]) == [
+        "build_base",
+        "load",
+        "loss",
+        "generate",
+        "decode_speed",
+    ]
+    # the report's prompts (distinct among the generation_samples 2), each answered by all three
+    [sample, *_] = evaluation["samples"]
+    assert len({s["prompt"] for s in evaluation["samples"]}) == len(evaluation["samples"]) > 0
+    assert list(sample) == ["prompt", "reference", "base", "quantized", "fine-tuned"]
+    assert sample["prompt"] == held_out[0]["prompt"] and sample["reference"] == held_out[0]["response"]
     assert {c["name"] for c in evaluation["gate"]["checks"]} == {"perplexity_ratio", "speedup", "size_ratio"}
     report = (run_dir / "report" / "report.md").read_text()
     assert "gate passed" in report

@@ -117,40 +117,111 @@ def test_a_record_stored_before_gpu_memory_was_measured_still_loads(tmp_path):
     assert evaluation.phase_seconds == {}, "nor were its phases timed"
 
 
-def test_decode_speed_comes_from_generations_of_equal_length(monkeypatch, tmp_path):
-    """The fine-tuned variant stops early in its free answers; its speed must come from exact decodes, and
-    only it answers freely (the gate reads its ROUGE-L alone)."""
+def fake_genai(monkeypatch, free_tokens: int = 4) -> list:
+    """ONNX Runtime GenAI stood in for: every answer is "word " repeated; a fine-tuned model's free answers
+    end after ``free_tokens``, the others' run to max_new_tokens; a fixed 0.1 s before each decode. Gives
+    the calls: (model, prompt ids, max_length, exact)."""
     from olivepress import genai
-    from olivepress.config import EvaluateSettings
     from olivepress.genai import GenerationStats
-    from olivepress.tasks.evaluate import measure_variants
 
     calls = []
 
     def generate(loaded, ids, max_new_tokens, on_text, max_length=None, exact=False):
-        calls.append((loaded, max_length, exact))
-        # free answers: the fine-tuned model ends after 4 tokens; a fixed 0.1 s before each decode
-        new = max_new_tokens if exact or loaded != FINE_TUNED else 4
-        on_text("word ")
+        calls.append((loaded, ids, max_length, exact))
+        new = max_new_tokens if exact or loaded != FINE_TUNED else free_tokens
+        on_text(f"{loaded} said {len(ids)} ")
         return GenerationStats(len(ids), new, 0.01, 0.01 + 0.1 + (new - 1) * 0.01)
 
     monkeypatch.setattr(genai, "open_model", lambda model_dir, adapter=None: FINE_TUNED if adapter else "x")
     monkeypatch.setattr(genai, "prompt_token_ids", lambda loaded, prompt, template=None: [1] * len(prompt))
     monkeypatch.setattr(genai, "response_loss", lambda loaded, pairs, template=None: 1.0)
     monkeypatch.setattr(genai, "stream_generate", generate)
+    return calls
+
+
+def test_decode_speed_comes_from_generations_of_equal_length(monkeypatch, tmp_path):
+    """The fine-tuned variant stops early in its free answers; its speed must come from exact decodes, and
+    only it answers every generation prompt (the gate reads its ROUGE-L alone)."""
+    from olivepress.config import EvaluateSettings
+    from olivepress.tasks.evaluate import measure_variants
+
+    calls = fake_genai(monkeypatch)
     held_out = [{"prompt": "p" * n, "response": "word"} for n in (3, 5, 4)]
-    settings = EvaluateSettings(generation_samples=3, speed_samples=2, max_new_tokens=21, speed_tokens=11)
+    settings = EvaluateSettings(
+        generation_samples=3, report_samples=1, speed_samples=2, max_new_tokens=21, speed_tokens=11
+    )
     (tmp_path / "a").write_bytes(b"adapter")
     sources = {QUANTIZED: (tmp_path, None), FINE_TUNED: (tmp_path, tmp_path / "a")}
     phases = {}
-    rows = measure_variants(sources, held_out, settings, None, "cpu", phases, answering=(FINE_TUNED,))
+    rows, _ = measure_variants(sources, held_out, settings, None, "cpu", phases, answering=(FINE_TUNED,))
     assert list(phases) == ["load", "loss", "generate", "decode_speed"], "on CPU: no GPU memory phase"
     assert all(seconds >= 0 for seconds in phases.values())
 
-    exact = [call for call in calls if call[2]]
+    exact = [call for call in calls if call[3]]
     assert len(exact) == 2 * len(rows)  # speed_samples prompts for each variant
-    assert {max_length for _, max_length, _ in calls} == {5 + 21}  # one generator length: graphs reused
+    assert {max_length for _, _, max_length, _ in calls} == {5 + 21}  # one generator length: graphs reused
     speeds = {row.variant: row.decode_tokens_per_s for row in rows}
     assert speeds["fine-tuned"] == pytest.approx(speeds["quantized"]) == pytest.approx(10 / 0.2)
-    assert {row.variant: row.generated_tokens for row in rows} == {"quantized": 0, "fine-tuned": 3 * 4}
+    # the int4 model answers the report's one prompt (to max_new_tokens), the fine-tuned model all three
+    assert {row.variant: row.generated_tokens for row in rows} == {"quantized": 21, "fine-tuned": 3 * 4}
     assert [row.rouge_l is None for row in rows] == [True, False]
+
+
+def test_the_reports_samples_are_distinct_prompts_among_the_answered_ones():
+    from olivepress.config import EvaluateSettings
+    from olivepress.tasks.evaluate import sample_indices
+
+    held_out = [{"prompt": p, "response": "r"} for p in "aabcad"]
+    assert sample_indices(held_out, EvaluateSettings(generation_samples=6, report_samples=3)) == [0, 2, 3]
+    assert sample_indices(held_out, EvaluateSettings(generation_samples=3, report_samples=3)) == [0, 2]
+    assert sample_indices(held_out, EvaluateSettings(report_samples=0)) == []
+
+
+def test_base_and_int4_answer_only_the_reports_prompts_and_the_answers_are_kept(monkeypatch, tmp_path):
+    """evaluate_base's base.json and evaluate's metrics.json keep the answers, so a reused step still shows
+    them; the base and the int4 model answer only the report's prompts, the fine-tuned answers are reused."""
+    from olivepress.config import EvaluateSettings
+    from olivepress.steps import StepSettings
+    from olivepress.tasks.evaluate import BASE_FILE, measure, measure_variants
+
+    calls = fake_genai(monkeypatch)
+    held_out = [{"prompt": p, "response": f"ref {i}"} for i, p in enumerate(["aa", "aa", "bbb", "cccc", "d"])]
+    settings = StepSettings(
+        evaluate=EvaluateSettings(generation_samples=4, report_samples=2, speed_samples=1, max_new_tokens=6),
+        text_template=None,
+    )
+    base_out, out = tmp_path / "base", tmp_path / "evaluated"
+    base_out.mkdir(), out.mkdir()
+    (tmp_path / "model.onnx").write_bytes(b"model")
+    phases = {}
+    [base], base_samples = measure_variants(
+        {BASE: (tmp_path, None)}, held_out, settings.evaluate, None, "cpu", phases
+    )
+    assert base.generated_tokens == 2 * 6 and "generate" in phases
+    assert [len(ids) for loaded, ids, _, exact in calls if not exact][1:] == [2, 3], "after the warm-up"
+    record = {"metrics": asdict(base), "samples": base_samples, "seconds": 1.0, "phase_seconds": {}}
+    (base_out / BASE_FILE).write_text(json.dumps(record))
+
+    calls.clear()
+    (tmp_path / "a").write_bytes(b"adapter")
+    measure(settings, tmp_path, tmp_path / "a", held_out, base_out, "cpu", out)
+    free = [(loaded, len(ids)) for loaded, ids, _, exact in calls if not exact][2:]  # after two warm-ups
+    assert free == [("x", 2), (FINE_TUNED, 2), (FINE_TUNED, 2), ("x", 3), (FINE_TUNED, 3), (FINE_TUNED, 4)]
+    evaluation = read_evaluation(out, GateSettings())
+    assert evaluation.samples == [
+        {
+            "prompt": "aa",
+            "reference": "ref 0",
+            BASE: "x said 2",
+            QUANTIZED: "x said 2",
+            FINE_TUNED: "fine-tuned said 2",
+        },
+        {
+            "prompt": "bbb",
+            "reference": "ref 2",
+            BASE: "x said 3",
+            QUANTIZED: "x said 3",
+            FINE_TUNED: "fine-tuned said 3",
+        },
+    ]
+    assert evaluation.to_dict()["samples"] == evaluation.samples, "evaluation.json keeps them"
