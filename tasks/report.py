@@ -1,16 +1,20 @@
 """The run report: one markdown page with plots, written into the run folder and published as Prefect artifacts.
 
-One page for every run, whatever its datasets and targets: the adapters × targets side by side, then each
-dataset's data, and each target's measurements, comparison plot and gate. The same page serves both
-readers: ``report/report.md`` beside its PNGs for someone with only the run folder, and on the flow run's
-Artifacts tab (markdown with the plots inlined, a metrics table, the gate records) for the data team in the
-Prefect UI.
+One page for every run, whatever its datasets and targets: the verdict and what was registered, the
+adapters × targets side by side, then each dataset's data, and each target's measurements, comparison plot
+(the gate's limits drawn), gate and sample answers. The same page serves both readers: ``report/report.md``
+beside its PNGs for someone with only the run folder, and on the flow run's Artifacts tab (markdown with the
+plots inlined, a metrics table, the gate records) for the data team in the Prefect UI.
+
+The page is written before the registry is asked, since the entry keeps a copy; once the registry has
+answered, the page is written again with the version (or why nothing was registered) in its opening line.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from olivepress.files import atomic_dir
+from olivepress.files import atomic_dir, atomic_write_text
 from olivepress.metrics_display import display_rows
+from olivepress.tasks.evaluate import BASE
 
 if TYPE_CHECKING:
     from olivepress.config import RunConfig
+    from olivepress.registry import Registration
     from olivepress.tasks.evaluate import Evaluation
     from olivepress.tasks.validate import ValidationReport
 
@@ -76,6 +82,8 @@ class ReportInputs:
     outcomes: list[AdapterOutcome]
     steps: list[dict[str, Any]]  # the flow's StepRecords as dicts
     flow_run_id: str | None
+    # the opening line's end: what became of the registration (registration_line); None: not said
+    registration: str | None = None
 
     def failures(self) -> list[tuple[str, str, str]]:
         """(adapter, target, why) of every adapter × target that failed."""
@@ -88,6 +96,25 @@ class ReportInputs:
         if len(results) == 1:
             return "gate passed" if not failed else "gate FAILED"
         return f"{len(results) - failed} of {len(results)} adapter × target results passed"
+
+    def headline(self) -> str:
+        return f"# olivepress run: {self.verdict()}" + (f"; {self.registration}" if self.registration else "")
+
+
+def registration_line(
+    name: str | None, registration: Registration | None = None, failure: str | None = None
+) -> str:
+    """What became of the registration, for the opening line. ``name``: what passed is registered under
+    it (None: nothing passed). Before the registry has answered only the name is known: the entry keeps the
+    page as it was then, its version being the entry's own."""
+    if name is None:
+        return "nothing registered"
+    if failure is not None:
+        return f"nothing registered: the registration failed ({failure})"
+    if registration is None:
+        return f"to be registered as `{name}`"
+    verb = "already registered as" if registration.reused else "registered"
+    return f"{verb} `{registration.name}` version {registration.version}"
 
 
 def comparison_plot(adapter: str, target: str) -> str:
@@ -154,29 +181,60 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+HELD_OUT_STYLE = {BASE: ":", "quantized": "--", "fine-tuned": "-."}
+GATE_COLOR = "#c44e52"
+
+
 def plot_training_loss(outcomes: list[AdapterOutcome], path: Path) -> None:
-    """Every adapter's training loss in one plot."""
+    """Every adapter's training loss, and as level lines each variant's held-out loss from its evaluations.
+    Not one measure, so the labels say which: the training loss is per token of whole training texts
+    (prompt and response), the held-out loss per response token of the held-out pairs, in a target's
+    runtime."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for outcome in outcomes:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    figure, axes = plt.subplots(figsize=(9, 3.6), dpi=100)
+    for index, outcome in enumerate(outcomes):
+        color, who = colors[index % len(colors)], f"{outcome.name}: " if len(outcomes) > 1 else ""
         if outcome.loss_history:
             steps = [row["step"] for row in outcome.loss_history]
-            axes.plot(steps, [row["loss"] for row in outcome.loss_history], marker=".", label=outcome.name)
-    axes.set(xlabel="training step", ylabel="loss", title="LoRA training loss")
-    if len(outcomes) > 1:
-        axes.legend()
+            losses = [row["loss"] for row in outcome.loss_history]
+            label = f"{who}training loss (training texts, every token)"
+            axes.plot(steps, losses, marker=".", color=color, label=label)
+        for target in (t for t in outcome.targets if t.evaluation is not None):
+            for m in target.evaluation.metrics:
+                label = f"{who}held-out loss, {m.variant} on {target.target} (response tokens)"
+                axes.axhline(m.loss, color=color, linestyle=HELD_OUT_STYLE.get(m.variant, ":"), label=label)
+    axes.set(xlabel="training step", ylabel="loss (nats per token)", title="LoRA training and held-out loss")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
 
 
+def gate_limits(evaluation: Evaluation) -> dict[str, tuple[float, str]]:
+    """Each gate limit where the comparison plot draws it, by panel (loss, speed, size), with its label:
+    the fine-tuned bar must stay under the loss and size lines and reach the speed line. Every limit is
+    relative to the base's measurement; a perplexity ratio r is the base's loss + ln r."""
+    base = next(m for m in evaluation.metrics if m.variant == BASE)
+    limits = {check.name: check.limit for check in evaluation.gate.checks}
+    lines = {}
+    if (ratio := limits.get("perplexity_ratio")) is not None:
+        lines["loss"] = (base.loss + math.log(ratio), f"gate: fine-tuned perplexity ≤ base × {ratio:g}")
+    if (speedup := limits.get("speedup")) is not None:
+        lines["speed"] = (base.decode_tokens_per_s * speedup, f"gate: fine-tuned ≥ base × {speedup:g}")
+    if (size := limits.get("size_ratio")) is not None:
+        lines["size"] = (base.bytes_on_disk / 1e6 * size, f"gate: fine-tuned ≤ base × {size:g}")
+    return lines
+
+
 def plot_comparison(evaluation: Evaluation, path: Path) -> None:
-    """Base vs quantized vs fine-tuned: held-out loss, decode speed and size side by side."""
+    """Base vs quantized vs fine-tuned: held-out loss, decode speed and size side by side, each with its
+    gate limit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,19 +242,24 @@ def plot_comparison(evaluation: Evaluation, path: Path) -> None:
 
     variants = [m.variant for m in evaluation.metrics]
     panels = [
-        ("held-out loss (lower is better)", [m.loss for m in evaluation.metrics]),
-        ("decode tokens/s (higher is better)", [m.decode_tokens_per_s for m in evaluation.metrics]),
-        ("size on disk, MB (lower is better)", [m.bytes_on_disk / 1e6 for m in evaluation.metrics]),
+        ("loss", "held-out loss (lower is better)", [m.loss for m in evaluation.metrics]),
+        ("speed", "decode tokens/s (higher is better)", [m.decode_tokens_per_s for m in evaluation.metrics]),
+        ("size", "size on disk, MB (lower is better)", [m.bytes_on_disk / 1e6 for m in evaluation.metrics]),
     ]
-    figure, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=100)
-    for axis, (title, values) in zip(axes, panels, strict=True):
+    limits = gate_limits(evaluation)
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.6), dpi=100)
+    for axis, (panel, title, values) in zip(axes, panels, strict=True):
         bars = axis.bar(variants, values, color=["#8c8c8c", "#4c72b0", "#55a868"])
         axis.bar_label(bars, fmt="%.3g")
         axis.set_title(title, fontsize=10)
+        if panel in limits:
+            limit, label = limits[panel]
+            axis.axhline(limit, color=GATE_COLOR, linestyle="--", linewidth=1.2, label=label)
+            axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
         axis.margins(y=0.15)
     figure.suptitle(f"{evaluation.target} target", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -228,6 +291,29 @@ def gate_table(evaluation: Evaluation) -> str:
     )
 
 
+def samples_table(evaluation: Evaluation) -> str:
+    """The sample answers side by side, each on one line of its cell ("" when none were kept)."""
+    if not evaluation.samples:
+        return ""
+    rows = [
+        {key: " ".join(text.split()).replace("|", "\\|") or "(empty)" for key, text in sample.items()}
+        for sample in evaluation.samples
+    ]
+    note = "Sample answers, greedy, to held-out prompts in this target's runtime."
+    return f"\n\n{note}\n\n" + markdown_table(rows)
+
+
+def held_out_lines(outcome: AdapterOutcome) -> list[str]:
+    """The training section's lines on each target's held-out loss, beside the training loss."""
+    return [
+        f"{outcome.name}: held-out loss per response token on {t.target}: "
+        + ", ".join(f"{m.variant} {m.loss:.3f}" for m in t.evaluation.metrics)
+        + "."
+        for t in outcome.targets
+        if t.evaluation is not None
+    ]
+
+
 def dataset_section(outcome: AdapterOutcome, seed: int, image: dict[str, str], heading: str) -> str:
     """One dataset: its data and split, then each target's measurements, comparison plot and gate."""
     lines = [
@@ -247,6 +333,7 @@ def dataset_section(outcome: AdapterOutcome, seed: int, image: dict[str, str], h
             + f"\n\n![comparison]({image[comparison_plot(outcome.name, target.target)]})\n\n"
             + gate_table(evaluation)
             + evaluate_phases(evaluation)
+            + samples_table(evaluation)
         )
     return "\n\n".join(lines)
 
@@ -256,7 +343,7 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
     config, outcomes = inputs.config, inputs.outcomes
     model = str(config.model) if config.model else "SmolLM2-135M-Instruct (default)"
     sections = [
-        f"# olivepress run: {inputs.verdict()}",
+        inputs.headline(),
         f"Model `{model}`, computed on {config.device}, built for {', '.join(config.targets)}; flow run "
         f"`{inputs.flow_run_id or '-'}`.",
         "## Results\n\n"
@@ -281,9 +368,13 @@ def render_markdown(inputs: ReportInputs, image: dict[str, str]) -> str:
     notes = [f"{o.name}: {peak}." for o in outcomes if (peak := training_gpu_peak(o.training_memory))]
     if trained:
         summaries = [
-            f"{o.name}: {len(o.loss_history)} steps, loss {o.loss_history[0]['loss']:.3f} → "
-            f"{o.loss_history[-1]['loss']:.3f}."
+            line
             for o in trained
+            for line in [
+                f"{o.name}: {len(o.loss_history)} steps, loss {o.loss_history[0]['loss']:.3f} → "
+                f"{o.loss_history[-1]['loss']:.3f}.",
+                *held_out_lines(o),
+            ]
         ]
         sections.append(
             "## Training\n\n"
@@ -346,14 +437,29 @@ def write_report(inputs: ReportInputs, report_dir: Path) -> Path:
     return report_dir
 
 
-def publish_report(inputs: ReportInputs, report_dir: Path) -> None:
-    """The report as flow-run artifacts: the page (plots inlined), the results table and the gate records."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+def publish_page(inputs: ReportInputs, report_dir: Path) -> None:
+    """The page as the flow run's artifact, its plots (``report_dir``'s PNGs) inlined."""
+    from prefect.artifacts import create_markdown_artifact
 
     images = {path.name: data_uri(path) for path in report_dir.glob("*.png")}
     create_markdown_artifact(
         key=REPORT_KEY, markdown=render_markdown(inputs, images), description="olivepress run report"
     )
+
+
+def rewrite_page(inputs: ReportInputs, report_dir: Path) -> None:
+    """The page again, in the run folder and as a new version of its artifact, its plots and records as
+    they are: once the registry has answered, the opening line says what it answered."""
+    images = {path.name: path.name for path in report_dir.glob("*.png")}
+    atomic_write_text(report_dir / "report.md", render_markdown(inputs, images) + "\n")
+    publish_page(inputs, report_dir)
+
+
+def publish_report(inputs: ReportInputs, report_dir: Path) -> None:
+    """The report as flow-run artifacts: the page (plots inlined), the results table and the gate records."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    publish_page(inputs, report_dir)
     create_table_artifact(
         key=METRICS_KEY,
         table=result_rows(inputs.outcomes),

@@ -1,4 +1,6 @@
 import json
+import math
+from dataclasses import replace
 
 from olivepress.config import load_config
 from olivepress.tasks.evaluate import (
@@ -11,11 +13,13 @@ from olivepress.tasks.evaluate import (
     VariantMetrics,
 )
 from olivepress.tasks.report import (
+    GATE_COLOR,
     LOSS_PLOT,
     AdapterOutcome,
     ReportInputs,
     TargetOutcome,
     comparison_plot,
+    registration_line,
     render_markdown,
     write_report,
 )
@@ -176,6 +180,7 @@ def test_the_training_notes_show_gpu_peak_memory_when_measured(tmp_path):
     page = (report_dir / "report.md").read_text()
     assert (
         "## Training\n\n- travel: 2 steps, loss 3.500 → 3.100.\n"
+        "- travel: held-out loss per response token on cpu: base 3.080, quantized 3.240, fine-tuned 2.880.\n"
         "- travel: peak GPU memory in training (torch): 9000 MiB allocated, 10240 MiB reserved.\n" in page
     )
     assert json.loads((report_dir / "training_memory.json").read_text()) == {"travel": MEMORY}
@@ -185,7 +190,11 @@ def test_training_memory_unmeasured_shows_no_notes(tmp_path):
     cpu_training = {"peak_allocated_mib": None, "peak_reserved_mib": None}
     report_dir = write_report(inputs(outcome(training_memory=cpu_training)), tmp_path / "report")
     page = (report_dir / "report.md").read_text()
-    assert "## Training\n\n- travel: 2 steps, loss 3.500 → 3.100.\n\n![training loss]" in page
+    assert (
+        "## Training\n\n- travel: 2 steps, loss 3.500 → 3.100.\n"
+        "- travel: held-out loss per response token on cpu: base 3.080, quantized 3.240, fine-tuned 2.880.\n\n"
+        "![training loss]" in page
+    )
     assert "peak GPU memory" not in page
     assert not (report_dir / "training_memory.json").exists()
 
@@ -330,3 +339,118 @@ def test_one_adapter_on_two_targets_counts_its_results():
     assert page.startswith("# olivepress run: 1 of 2 adapter × target results passed\n")
     assert "## Data\n" in page, "one dataset keeps the single-dataset heading"
     assert "### cpu target: gate FAILED" in page and "### cuda target: gate passed" in page
+
+
+def test_the_opening_line_says_what_was_registered_or_why_nothing_was():
+    from olivepress.registry import Registration
+
+    registered = Registration("local", "tiny-olivepress", "3", "/registry/tiny-olivepress/3", reused=False)
+    assert registration_line("tiny-olivepress") == "to be registered as `tiny-olivepress`"
+    assert registration_line("tiny-olivepress", registered) == "registered `tiny-olivepress` version 3"
+    reused = replace(registered, reused=True)
+    assert registration_line("tiny-olivepress", reused) == "already registered as `tiny-olivepress` version 3"
+    assert (
+        registration_line("tiny-olivepress", failure="workspace not found")
+        == "nothing registered: the registration failed (workspace not found)"
+    )
+    assert registration_line(None) == "nothing registered"
+
+    page = page_of(replace(inputs(), registration=registration_line("tiny-olivepress", registered)))
+    assert page.startswith("# olivepress run: gate passed; registered `tiny-olivepress` version 3\n")
+    failed = replace(inputs(outcome(targets=[failed_gate_on()])), registration=registration_line(None))
+    assert page_of(failed).startswith("# olivepress run: gate FAILED; nothing registered\n")
+
+
+def test_the_page_written_again_names_the_registration_and_keeps_its_plots(tmp_path, monkeypatch):
+    from olivepress.tasks import report
+
+    published = []
+    monkeypatch.setattr(report, "publish_page", lambda page, folder: published.append(page.headline()))
+    before = inputs(outcome(targets=[passed_on(samples=SAMPLES)]))
+    before = replace(before, registration=registration_line("tiny-olivepress"))
+    report_dir = write_report(before, tmp_path / "report")
+    assert (
+        (report_dir / "report.md")
+        .read_text()
+        .startswith("# olivepress run: gate passed; to be registered as `tiny-olivepress`\n")
+    )
+    plots = {path.name: path.read_bytes() for path in report_dir.glob("*.png")}
+    steps = [*STEPS, {"step": "register", "status": "completed", "seconds": 0.4, "output_bytes": None}]
+    after = replace(before, registration="registered `tiny-olivepress` version 2", steps=steps)
+    report.rewrite_page(after, report_dir)
+    page = (report_dir / "report.md").read_text()
+    assert page == render_markdown(after, images(after)) + "\n"
+    assert page.startswith("# olivepress run: gate passed; registered `tiny-olivepress` version 2\n")
+    assert "| register | completed | 0.4 | - |" in page
+    assert {path.name: path.read_bytes() for path in report_dir.glob("*.png")} == plots
+    assert published == [after.headline()], "the artifact is written again too"
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+SAMPLES = [
+    {
+        "prompt": "What's a must-see in Paris?",
+        "reference": "The Louvre.",
+        "base": "Paris is\nthe capital | of France.",
+        "quantized": "",
+        "fine-tuned": "The Louvre, then the Seine.",
+    }
+]
+
+
+def test_sample_answers_stand_side_by_side_under_their_target():
+    page = page_of(inputs(outcome(targets=[passed_on(samples=SAMPLES)])))
+    section = page.split("### cpu target: gate passed")[1].split("## Training")[0]
+    assert "Sample answers, greedy, to held-out prompts in this target's runtime.\n\n" in section
+    assert "| prompt | reference | base | quantized | fine-tuned |\n" in section
+    assert (
+        "| What's a must-see in Paris? | The Louvre. | Paris is the capital \\| of France. | (empty) | "
+        "The Louvre, then the Seine. |\n" in section
+    ), "one line per cell, a pipe escaped, an empty answer said"
+    assert "Sample answers" not in page_of(inputs()), "records measured before samples were kept show none"
+
+
+def recorded_level_lines(monkeypatch) -> list[tuple[float, str, str | None]]:
+    """Every horizontal line the plots draw: (y, colour, label)."""
+    from matplotlib.axes import Axes
+
+    lines, draw = [], Axes.axhline
+
+    def axhline(self, y=0, *args, **kwargs):
+        lines.append((y, kwargs.get("color"), kwargs.get("label")))
+        return draw(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "axhline", axhline)
+    return lines
+
+
+def test_the_comparison_plot_draws_each_gate_limit_from_the_base(tmp_path, monkeypatch):
+    from olivepress.tasks.report import plot_comparison
+
+    checks = [
+        GateCheck("perplexity_ratio", "ppl", 0.82, 1.1, True),
+        GateCheck("speedup", "speed", 1.38, 1.0, True),
+        GateCheck("size_ratio", "size", 0.35, 0.5, True),
+    ]
+    lines = recorded_level_lines(monkeypatch)
+    plot_comparison(replace(evaluation(), gate=GateDecision(True, checks)), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert [(round(y, 4), color, label) for y, color, label in lines] == [
+        (round(3.08 + math.log(1.1), 4), GATE_COLOR, "gate: fine-tuned perplexity ≤ base × 1.1"),
+        (50.0, GATE_COLOR, "gate: fine-tuned ≥ base × 1"),
+        (270.0, GATE_COLOR, "gate: fine-tuned ≤ base × 0.5"),
+    ]
+
+
+def test_the_training_plot_shows_each_variants_held_out_loss_beside_the_training_loss(tmp_path, monkeypatch):
+    from olivepress.tasks.report import plot_training_loss
+
+    lines = recorded_level_lines(monkeypatch)
+    plot_training_loss([outcome(targets=[passed_on(), passed_on("cuda")])], tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert [(y, label) for y, _, label in lines[:3]] == [
+        (3.08, "held-out loss, base on cpu (response tokens)"),
+        (3.24, "held-out loss, quantized on cpu (response tokens)"),
+        (2.88, "held-out loss, fine-tuned on cpu (response tokens)"),
+    ]
+    assert len(lines) == 6 and lines[3][2] == "held-out loss, base on cuda (response tokens)"
