@@ -47,7 +47,14 @@ from olivepress.tasks.evaluate import (
 from olivepress.tasks.finetune import LOSS_FILE, finetune_task, read_training_memory
 from olivepress.tasks.finetune_worker import TRAINING_FILE, Trainings, training_slots
 from olivepress.tasks.optimize import export_adapter_task, optimize_task
-from olivepress.tasks.report import AdapterOutcome, ReportInputs, TargetOutcome, report_task
+from olivepress.tasks.report import (
+    AdapterOutcome,
+    ReportInputs,
+    TargetOutcome,
+    registration_line,
+    report_task,
+    rewrite_page,
+)
 from olivepress.tasks.validate import InvalidData, read_examples, validate_task
 
 if TYPE_CHECKING:
@@ -288,11 +295,50 @@ def evaluate_target(
             emit_gate_failed(model.name, branch.name, target, result)
 
 
-def report(run: Run, branches: list[Branch]) -> Path:
-    """The run's report (run folder ``report/`` and the flow run's Artifacts tab)."""
+def report_inputs(run: Run, branches: list[Branch], registration: str) -> ReportInputs:
     steps = [asdict(record) for record in run.records]
-    inputs = ReportInputs(run.config, [b.outcome() for b in branches], steps, current_flow_run_id())
+    outcomes = [b.outcome() for b in branches]
+    return ReportInputs(run.config, outcomes, steps, current_flow_run_id(), registration)
+
+
+def report(run: Run, model: ResolvedModel, branches: list[Branch]) -> Path:
+    """The run's report (run folder ``report/`` and the flow run's Artifacts tab), written before the
+    registry is asked, since the entry keeps a copy: its opening line names what passed will be registered
+    under, or says nothing is."""
+    from olivepress.tasks.register import registry_name
+
+    name = registry_name(run.config, model.name) if anything_passed(run, branches) else None
+    inputs = report_inputs(run, branches, registration_line(name))
     return timed(run.records, "report", report_task, inputs, run.dir / REPORT)
+
+
+def register_and_report(
+    run: Run, model: ResolvedModel, branches: list[Branch], report_dir: Path
+) -> Registration | None:
+    """Register what passed (None: nothing did), then write the report's page again, its opening line
+    naming the version, or saying why the registration failed (whose error is then raised)."""
+    from olivepress.tasks.register import registry_name
+
+    if not anything_passed(run, branches):
+        return None
+    name = registry_name(run.config, model.name)
+    try:
+        registration = register(run, model, branches, report_dir)
+    except Exception as error:
+        why = str(error).strip().splitlines() or [type(error).__name__]
+        report_registration(run, branches, report_dir, registration_line(name, failure=why[0]))
+        raise
+    report_registration(run, branches, report_dir, registration_line(name, registration))
+    return registration
+
+
+def report_registration(run: Run, branches: list[Branch], report_dir: Path, registration: str) -> None:
+    """The page again with ``registration`` in its opening line and the register step among its steps. The
+    registration stands whatever happens here: a failure is logged, and the page keeps its earlier line."""
+    try:
+        rewrite_page(report_inputs(run, branches, registration), report_dir)
+    except Exception as error:
+        run.log.warning("the report could not be written again to say %r: %s", registration, error)
 
 
 def entry_parts(run: Run, branches: list[Branch]) -> dict[str, Path]:

@@ -10,8 +10,9 @@ published step, and a target added later builds only its own export and evaluati
 store are :class:`olivepress.flows.runs.Run`'s; what each dataset went through, and the steps on it, are
 :mod:`olivepress.flows.datasets`'. Where the heavy steps compute is ``device`` (auto: the GPU when one is
 visible). On a GPU the base models evaluate compares against are built from the start in child processes
-(:mod:`olivepress.base_ahead`), beside quantize and finetune. Only what passed its gate is registered; a
-run in which anything failed then fails, naming what and why.
+(:mod:`olivepress.base_ahead`), beside quantize and finetune. Only what passed its gate is registered; the
+report, written before (the registry entry keeps it), is then written again naming the version. A run in
+which anything failed then fails, naming what and why.
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ from prefect import flow
 from olivepress.base_ahead import built_early
 from olivepress.config import RunConfig
 from olivepress.flows.datasets import (
-    anything_passed,
     calibration_examples,
     evaluate_target,
     export_target,
     outcome,
-    register,
+    register_and_report,
     report,
     train_adapters,
     validated_branches,
@@ -163,6 +163,6 @@ def olivepress_flow(config: Annotated[RunConfig, WorkerDefaults()]) -> dict:
                 onnx = export_target(run, target, trained, quantized)
                 if onnx is not None:
                     evaluate_target(run, target, trained, model, onnx, bases_ahead.get(target))
-        report_dir = report(run, branches)
-        registration = register(run, model, branches, report_dir) if anything_passed(run, branches) else None
+        report_dir = report(run, model, branches)
+        registration = register_and_report(run, model, branches, report_dir)
     return outcome(run, branches, report_dir, registration)

@@ -2,7 +2,8 @@
 
 Only the flow calls this, and only with what passed its gate; the registry entry holds ``model/<target>/``
 (each target's export, with the first dataset's adapter where it passed), ``adapters/<target>/``, the report
-and ``lineage.json``. Nothing secret goes into the lineage: the config holds no
+(as written before registering: its opening line gives the name, the version being the entry's own) and
+``lineage.json``. Nothing secret goes into the lineage: the config holds no
 credentials (Azure authenticates through DefaultAzureCredential's environment), and the lineage is built
 from the config, hashes, metrics and versions only.
 """
@@ -114,11 +115,16 @@ def build_lineage(
     }
 
 
+def registry_name(config: RunConfig, base_model: Path | str) -> str:
+    """The name a model is registered under; the report names it before the registry gives a version."""
+    return config.registry.name or default_model_name(base_model)
+
+
 def register_model(
     config: RunConfig, base_model: Path | str, sources: dict[str, Path], lineage: dict
 ) -> Registration:
     """Register in the backend the config names; an identical earlier registration is returned, not repeated."""
-    name = config.registry.name or default_model_name(base_model)
+    name = registry_name(config, base_model)
     if config.registry.backend == "azureml":
         from olivepress.azure_registry import register_azureml
 

@@ -300,3 +300,118 @@ def test_a_failed_gate_and_a_registration_are_events_an_automation_can_act_on():
         "cpu": {"travel": {"speedup": {"measured": 2.5, "limit": 1.0, "passed": True}}}
     }
     assert {r.id: r.role for r in registered.related}[f"prefect.flow-run.{run_id}"] == "flow-run"
+
+
+def reporting_run(tmp_path):
+    """A run of one dataset that passed on cpu, as far as the report and the registration see it."""
+    from types import SimpleNamespace
+
+    from olivepress.config import load_config
+    from olivepress.flows import datasets
+    from olivepress.flows.runs import StepRecord
+    from tests.tasks.test_report import evaluation
+
+    travel = datasets.Branch("travel", "travel.jsonl", Path("travel.jsonl"), "0" * 64, records=20)
+    travel.targets["cpu"] = datasets.TargetResult(evaluation=evaluation())
+    config = load_config(overrides={"registry.name": "travel-model"})
+    records = [StepRecord("validate", "completed", 1.0)]
+    run = SimpleNamespace(config=config, records=records, log=logging.getLogger(__name__), dir=tmp_path)
+    return run, SimpleNamespace(name="tiny"), [travel]
+
+
+def report_versions(flow_run_id) -> list[str]:
+    """The report artifact's versions on a flow run, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from olivepress.tasks.report import REPORT_KEY
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=[REPORT_KEY]),
+            )
+        )
+    return [artifact.data for artifact in sorted(found, key=lambda artifact: artifact.created)]
+
+
+@pytest.mark.parametrize("registry_fails", [False, True])
+def test_the_report_opens_with_what_the_registry_answered(tmp_path, monkeypatch, registry_fails):
+    """The entry keeps the page as written before registering (the name, its version being the entry's);
+    then the run folder's page and the artifact name the version, or why the registration failed."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from olivepress.flows import datasets
+    from olivepress.flows.runs import StepRecord
+    from olivepress.registry import Registration
+
+    run, model, branches = reporting_run(tmp_path)
+    kept = []
+
+    def register(run, model, branches, report_dir):
+        kept.append((report_dir / "report.md").read_text().splitlines()[0])
+        if registry_fails:
+            raise RuntimeError("workspace not found\nsee registry.azureml")
+        run.records.append(StepRecord("register", "completed", 0.4))
+        return Registration("local", "travel-model", "4", "/registry/travel-model/4", reused=False)
+
+    monkeypatch.setattr(datasets, "register", register)
+
+    @flow
+    def reported():
+        report_dir = datasets.report(run, model, branches)
+        try:
+            return flow_run.id, datasets.register_and_report(run, model, branches, report_dir)
+        except RuntimeError:
+            return flow_run.id, None
+
+    run_id, registration = reported()
+    assert kept == ["# olivepress run: gate passed; to be registered as `travel-model`"], (
+        "what the entry keeps"
+    )
+    page = (tmp_path / "report" / "report.md").read_text()
+    if registry_fails:
+        assert registration is None
+        headline = (
+            "# olivepress run: gate passed; nothing registered: the registration failed (workspace not found)"
+        )
+    else:
+        assert registration.version == "4"
+        headline = "# olivepress run: gate passed; registered `travel-model` version 4"
+        assert "| register | completed | 0.4 | - |" in page
+    assert page.startswith(headline + "\n")
+    first, last = report_versions(run_id)
+    assert first.startswith(kept[0]) and last.startswith(headline + "\n"), "the artifact says it too"
+    assert "data:image/png;base64," in last
+
+
+def test_a_report_that_cannot_be_written_again_loses_no_registration(tmp_path, monkeypatch, caplog):
+    from olivepress.flows import datasets
+    from olivepress.registry import Registration
+
+    run, model, branches = reporting_run(tmp_path)
+    registered = Registration("local", "travel-model", "4", "/registry/travel-model/4", reused=False)
+    monkeypatch.setattr(datasets, "register", lambda *args: registered)
+
+    def rewrite_page(inputs, report_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datasets, "rewrite_page", rewrite_page)
+    monkeypatch.setattr(datasets, "current_flow_run_id", lambda: None)
+    with caplog.at_level(logging.WARNING):
+        assert datasets.register_and_report(run, model, branches, tmp_path / "report") == registered
+    assert (
+        "the report could not be written again to say 'registered `travel-model` version 4': disk full"
+        in (caplog.text)
+    )
+
+
+def test_nothing_passed_asks_no_registry(tmp_path, monkeypatch):
+    from olivepress.flows import datasets
+
+    run, model, branches = reporting_run(tmp_path)
+    branches[0].targets["cpu"].failure = "gate failed: size_ratio 0.35 (limit 0.1)"
+    monkeypatch.setattr(datasets, "register", lambda *args: pytest.fail("nothing passed"))
+    assert datasets.register_and_report(run, model, branches, tmp_path / "report") is None

@@ -169,12 +169,16 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog, monkeypatch):
     assert sample["prompt"] == held_out[0]["prompt"] and sample["reference"] == held_out[0]["response"]
     assert {c["name"] for c in evaluation["gate"]["checks"]} == {"perplexity_ratio", "speedup", "size_ratio"}
     report = (run_dir / "report" / "report.md").read_text()
-    assert "gate passed" in report
+    assert "Sample answers" in report and f"| {sample['prompt']} |" in report
     assert (run_dir / "report" / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
 
     registration = result["registration"]
     assert registration["backend"] == "local" and registration["version"] == "1"
     entry = Path(registration["uri"])
+    named = f"`{registration['name']}`"
+    assert report.startswith(f"# olivepress run: gate passed; registered {named} version 1\n")
+    kept = (entry / "report" / "report.md").read_text()
+    assert kept.startswith(f"# olivepress run: gate passed; to be registered as {named}\n"), "as registered"
     lineage = json.loads((entry / "lineage.json").read_text())
     assert lineage["data"]["sha256"] == file_sha256(config.data)
     assert lineage["gate"]["passed"] is True
@@ -184,7 +188,6 @@ def test_tiny_model_end_to_end(tmp_path, tiny_model_dir, caplog, monkeypatch):
     assert lineage["flow_run_id"]
     assert (entry / "model" / "cpu" / "adapter_weights.onnx_adapter").is_file()
     assert (entry / "adapters" / "cpu" / "travel_sample.onnx_adapter").is_file()
-    assert (entry / "report" / "report.md").is_file()
 
     assert read_flow_run(lineage["flow_run_id"]).name == f"{tiny_model_dir.name} on travel_sample for cpu", (
         "the UI tells runs apart"
@@ -226,7 +229,11 @@ def test_a_model_that_fails_the_gate_is_reported_not_registered(tmp_path, tiny_m
         run_folder(run_dir),
     ):
         olivepress_flow(config)
-    assert "gate FAILED" in (run_dir / "report" / "report.md").read_text()
+    assert (
+        (run_dir / "report" / "report.md")
+        .read_text()
+        .startswith("# olivepress run: gate FAILED; nothing registered\n")
+    )
     evaluation = json.loads((run_dir / "evaluations" / "cpu" / "evaluation.json").read_text())
     assert evaluation["gate"]["passed"] is False
     assert LocalRegistry(config.registry.path).entries() == []
