@@ -61,8 +61,8 @@ class VariantMetrics:
     variant: str
     loss: float  # mean cross-entropy per held-out response token
     perplexity: float
-    # mean ROUGE-L F1 of the free (greedy) answers against the references; None for a variant that did not
-    # answer freely (the base and the int4 model: the gate reads the fine-tuned model's only)
+    # mean ROUGE-L F1 of the free (greedy) answers against the references; None for a variant not scored
+    # (the base and the int4 model answer only the report's few prompts; the gate reads the fine-tuned one's)
     rouge_l: float | None
     decode_tokens_per_s: float  # tokens after the first over their time, in generations of equal length
     time_to_first_token_s: float  # median over the prompts

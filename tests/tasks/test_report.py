@@ -36,7 +36,7 @@ def evaluation(
     tuned_rouge: float | None = 0.25,
     **fields,
 ) -> Evaluation:
-    """Base and int4 answer nothing freely (rouge_l None); only the fine-tuned variant has ROUGE-L."""
+    """Base and int4 are not scored (rouge_l None); only the fine-tuned variant has ROUGE-L."""
     rows = [
         VariantMetrics(name, loss, 2.718**loss, rouge, speed, 0.1, size, 40.0, 64, gpu_memory_mib)
         for name, loss, rouge, speed, size in [
