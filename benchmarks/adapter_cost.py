@@ -31,7 +31,7 @@ def random_adapter(checkpoint_dir: Path, target: Path, modules: list[str], seed:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from olivepress.int4 import load_dequantized_model
+    from olivepress.export.int4 import load_dequantized_model
 
     config = LoraConfig(r=16, lora_alpha=32, target_modules=modules, task_type="CAUSAL_LM")
     model = get_peft_model(load_dequantized_model(checkpoint_dir), config)
@@ -66,8 +66,8 @@ def decode_rate(loaded, ids: list[int], tokens: int, adapter_name: str | None = 
 
 
 def measure(work: Path, checkpoint: Path, modules: list[str], tokens: int, repeats: int) -> dict:
+    from olivepress.export.folder import export_onnx
     from olivepress.genai import ADAPTER_FILE, open_model, prompt_token_ids
-    from olivepress.tasks.optimize import export_onnx
 
     adapter = random_adapter(checkpoint, work / "adapter", modules)
     export_onnx(checkpoint, None, work / "plain")
@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from olivepress.default_model import default_model_dir
-    from olivepress.int4 import write_rtn_checkpoint
+    from olivepress.export.int4 import write_rtn_checkpoint
 
     results = {"model": "SmolLM2-135M-Instruct (int4 RTN, group 32)", "tokens": args.tokens, "targets": {}}
     with tempfile.TemporaryDirectory(prefix="adapter-cost-") as scratch:

@@ -2,7 +2,7 @@
 
 One int4 SmolLM2 (round-to-nearest: the speed does not depend on which integers AWQ picks) is exported once
 with a first random adapter (rank 16 on every decoder linear, the defaults); ``--adapters`` − 1 more random
-adapters are written against that export (``olivepress.tasks.optimize.export_adapter``). All are loaded
+adapters are written against that export (``olivepress.export.lora.export_adapter``). All are loaded
 into one ``og.Adapters``. Then, as a server answering requests for different adapters would: a new
 generator per request, the request's adapter made active, ``--tokens`` decoded. Measured:
 
@@ -67,9 +67,10 @@ def main() -> None:
     import onnxruntime_genai as og
 
     from olivepress.default_model import default_model_dir
+    from olivepress.export.folder import export_onnx
+    from olivepress.export.int4 import write_rtn_checkpoint
+    from olivepress.export.lora import export_adapter
     from olivepress.genai import ADAPTER_FILE, LoadedModel, open_model, prompt_token_ids
-    from olivepress.int4 import write_rtn_checkpoint
-    from olivepress.tasks.optimize import export_adapter, export_onnx
 
     modules = TARGETS["every linear"]
     with tempfile.TemporaryDirectory(prefix="adapter-switch-") as scratch:

@@ -72,8 +72,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_decode.json"))
     args = parser.parse_args()
 
+    from olivepress.export.builder import build_base_model
+    from olivepress.export.folder import export_onnx
     from olivepress.genai import prompt_token_ids, response_loss, stream_generate
-    from olivepress.tasks.optimize import build_base_model, export_onnx
 
     config = json.loads((args.run / "config.json").read_text())
     held_out = [json.loads(line) for line in (args.run / "held_out.jsonl").read_text().splitlines() if line]

@@ -424,8 +424,8 @@ def model_bytes(model_dir: Path) -> int:
 def uses_lora_add(onnx_dir: Path) -> bool:
     """Whether the export's branches are olivepress's LoraAdd (optimize.lora_kernel): its config names the
     operator's library."""
+    from olivepress.export.kernel import CUSTOM_OPS_LIBRARY
     from olivepress.genai import GENAI_CONFIG
-    from olivepress.lora_kernel import CUSTOM_OPS_LIBRARY
 
     config = json.loads((onnx_dir / GENAI_CONFIG).read_text())
     return CUSTOM_OPS_LIBRARY in config["model"]["decoder"]["session_options"]
@@ -441,8 +441,9 @@ def decode_benchmark(
     bandwidth: float | None,
 ) -> dict:
     """base / int4 / int4+adapter, and on CUDA each again with CUDA graphs; see the module docstring."""
+    from olivepress.export.builder import build_base_model
+    from olivepress.export.folder import export_onnx
     from olivepress.genai import ADAPTER_FILE
-    from olivepress.tasks.optimize import build_base_model, export_onnx
 
     # built as the flow builds for CUDA graphs (no control flow: a LongRoPE graph keeps the builder's If
     # otherwise, and refuses capture); the eager variants switch graphs off in their genai_config copy

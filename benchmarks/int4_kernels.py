@@ -63,9 +63,9 @@ def exports(model_dir: Path, work: Path, group_size: int, device: str) -> dict[s
     """The int4 model of ``group_size`` exported without branches and with a random adapter."""
     from transformers import AutoConfig
 
+    from olivepress.export.folder import export_onnx
+    from olivepress.export.int4 import write_rtn_checkpoint
     from olivepress.genai import ADAPTER_FILE
-    from olivepress.int4 import write_rtn_checkpoint
-    from olivepress.tasks.optimize import export_onnx
 
     folder = work / f"group-{group_size}"
     checkpoint = write_rtn_checkpoint(model_dir, folder / "int4", group_size)
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int4_kernels.json"))
     args = parser.parse_args()
 
-    from olivepress.tasks.optimize import build_base_model
+    from olivepress.export.builder import build_base_model
 
     info = device_info(args.device)
     bandwidth = known_bandwidth(info.get("name", "")) if args.device == "gpu" else None

@@ -60,7 +60,7 @@ def step_finetune(checkpoint: Path, train: list[dict], out: Path, work: Path, se
 
 
 def step_optimize(checkpoint: Path, adapter: Path, out: Path) -> None:
-    from olivepress.tasks.optimize import export_onnx
+    from olivepress.export.folder import export_onnx
 
     export_onnx(checkpoint, adapter, out)
 
@@ -70,7 +70,7 @@ def torch_losses(model_dir: Path, checkpoint: Path, adapter: Path, held_out: lis
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from olivepress.int4 import load_dequantized_model, rtn_quantize
+    from olivepress.export.int4 import load_dequantized_model, rtn_quantize
     from olivepress.scoring import response_token_loss
     from olivepress.tasks.quantize import IGNORED_LINEARS
 

@@ -16,8 +16,8 @@ without branches. The forms:
 * ``split_k``: ``x @ A`` as a batched product over ``--split`` slices of the input (free reshapes) and a
   ``ReduceSum``: more thread blocks for the long, skinny product.
 * ``gemm``: 2-D ``Gemm`` of ``x @ A`` by B with the int4 output as C (beta 1), the Add folded into cuBLAS.
-* ``lora_add``: olivepress's own ``LoraAdd`` CUDA operator (``olivepress/lora_kernel.py``), the branch in one
-  kernel; built with nvcc when ``$OLIVEPRESS_ORT_INCLUDE`` names ONNX Runtime's C API headers. Its output
+* ``lora_add``: olivepress's own ``LoraAdd`` CUDA operator (``olivepress/export/kernel.py``), the branch in
+  one kernel; built with nvcc when ``$OLIVEPRESS_ORT_INCLUDE`` names ONNX Runtime's C API headers. Its output
   is checked against ``matmul``'s.
 * ``lora_add_nosplit``: the same library with ``OLIVEPRESS_LORA_ADD_SPLIT=0`` set while the session is made:
   decoding without the split kernel (every block computing x @ A over all of A).
@@ -386,7 +386,7 @@ def main() -> None:
         forms.append("lora_add_baseline")
     libraries: dict[str, Path] = {}  # form -> the LoraAdd library its sessions register
     if any(form in LORA_ADD_FORMS + GROUP_LORA_ADD_FORMS + FUSED_FORMS for form in forms):
-        from olivepress.lora_kernel import build_lora_add
+        from olivepress.export.kernel import build_lora_add
 
         current = build_lora_add(args.work / "kernels")
         libraries = {"lora_add": current, "lora_add_nosplit": current}

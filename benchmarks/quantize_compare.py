@@ -75,7 +75,7 @@ def rtn_model(model_dir: Path, group_size: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from olivepress.int4 import rtn_quantize
+    from olivepress.export.int4 import rtn_quantize
     from olivepress.tasks.quantize import IGNORED_LINEARS
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -104,7 +104,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from olivepress.default_model import default_model_dir
-    from olivepress.int4 import load_dequantized_model
+    from olivepress.export.int4 import load_dequantized_model
     from olivepress.scoring import response_token_loss
     from olivepress.tasks.quantize import AWQ_GRID_POINTS
 

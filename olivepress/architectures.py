@@ -23,11 +23,11 @@ SUPPORTED_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     # Qwen3: adds q/k RMS norms, which the builder fuses into attention.
     "qwen3": "Qwen3ForCausalLM",
-    # Phi-3/3.5: fused qkv_proj and gate_up_proj, stored split in the int4 checkpoint (olivepress.int4);
-    # LongRoPE short/long factors.
+    # Phi-3/3.5: fused qkv_proj and gate_up_proj, stored split in the int4 checkpoint
+    # (olivepress.export.int4); LongRoPE short/long factors.
     "phi3": "Phi3ForCausalLM",
-    # Gemma 2: alternating sliding-window layers, given full-length KV caches (tasks/optimize.py: runtime
-    # 0.18 fails on window-sized ones shorter than the window).
+    # Gemma 2: alternating sliding-window layers, given full-length KV caches (olivepress/export/builder.py:
+    # runtime 0.18 fails on window-sized ones shorter than the window).
     "gemma2": "Gemma2ForCausalLM",
     # Gemma 3 text-only (1B, 270M): as Gemma 2, plus per-layer-type RoPE flattened for the builder.
     "gemma3_text": "Gemma3ForCausalLM",

@@ -122,7 +122,7 @@ def built_early(config: RunConfig, model_dir: Path, scratch_root: Path) -> Itera
 
 
 def main() -> None:
-    from olivepress.tasks.optimize import build_base_model
+    from olivepress.export.builder import build_base_model
 
     parser = argparse.ArgumentParser(description="build the base model evaluate compares against")
     parser.add_argument("model_dir", type=Path)

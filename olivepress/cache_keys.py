@@ -6,7 +6,7 @@ A key never contains a path: the same bytes under another name give the same key
 A step's code version is the hash of its own module and of every olivepress module its code imports,
 found from the import statements themselves (:func:`code_modules`): followed transitively within the
 olivepress package, imports inside functions included, ``if TYPE_CHECKING:`` imports (type hints, never
-run) left out. So editing ``tasks/optimize.build_base_model`` invalidates evaluate, which imports it, and
+run) left out. So editing ``export/builder.build_base_model`` invalidates evaluate, which imports it, and
 editing ``chat.py`` invalidates no step. The modules in :data:`NOT_OUTPUT_CODE` are left out, and not
 followed: they store, lock, retry, key and configure the outputs, they never compute them (a step's
 settings are part of its key as values, so ``config.py`` decides nothing a key misses).
@@ -149,7 +149,7 @@ def code_modules(module: str) -> tuple[str, ...]:
 
 # Source files that a module compiles or reads as code, beside its own, relative to its folder: part of the
 # code version of every step that imports the module (the LoraAdd kernel is built into optimize's output).
-MODULE_DATA = {"olivepress.lora_kernel": ("kernels/lora_add.cu",)}
+MODULE_DATA = {"olivepress.export.kernel": ("kernels/lora_add.cu",)}
 
 
 @cache

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     import numpy as np
     import onnxruntime_genai as og
 
+MODEL_FILE = "model.onnx"  # the decoder the builder writes, its weights in model.onnx.data beside it
 ADAPTER_FILE = "adapter_weights.onnx_adapter"
-# The decoder with the folder's own adapter merged (olivepress.lora_graph.write_merged_model): the same
+# The decoder with the folder's own adapter merged (olivepress.export.lora.write_merged_model): the same
 # int4 weight file and LoRA branches, the adapter's matrices held as initializers rather than fed per step.
 MERGED_MODEL_FILE = "model.adapter.onnx"
 ADAPTER_NAME = "adapter"

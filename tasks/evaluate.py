@@ -373,7 +373,7 @@ def measure_base(
     """Build the base model for ``target`` in scratch space (it is ~3× the int4 model: measured, not kept),
     or take the one ``base_ahead`` built while the earlier steps ran, measure it, and write ``base.json``
     into ``out``."""
-    from olivepress.tasks.optimize import build_base_model
+    from olivepress.export.builder import build_base_model
 
     started = time.perf_counter()
     phases: dict[str, float] = {}

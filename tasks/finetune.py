@@ -61,7 +61,7 @@ def prepare_training_model(
     import torch
     from transformers import AutoTokenizer
 
-    from olivepress.int4 import load_dequantized_model
+    from olivepress.export.int4 import load_dequantized_model
 
     dtype = getattr(torch, training_dtype(device))
     load_dequantized_model(checkpoint_dir, dtype, trust_remote_code=trust_remote_code).save_pretrained(target)

@@ -4,7 +4,8 @@ llm-compressor's AWQModifier (AutoAWQ's maintained successor; Olive 0.13's AWQ p
 deprecated autoawq) searches per-channel smoothing scales and folds them into the preceding norms and
 linears, then its QuantizationModifier fixes a 4-bit grid per group. It runs on CPU. Its compressed-tensors
 checkpoint is not used (ORT GenAI's builder rejects it on CPU): we read each quantized linear's grid in
-memory and write the "olive" int4 layout of :mod:`olivepress.int4`, whose integers the ONNX model runs as is.
+memory and write the "olive" int4 layout of :mod:`olivepress.export.int4`, whose integers the ONNX model
+runs as is.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from olivepress.architectures import load_config
 from olivepress.config import QuantizeSettings, group_size_problem
 from olivepress.errors import UserError
-from olivepress.int4 import Int4Weight, write_int4_checkpoint
+from olivepress.export.int4 import Int4Weight, write_int4_checkpoint
 from olivepress.progress import awq_layer_progress
 from olivepress.prompts import format_pair
 from olivepress.steps import Step, StepSettings

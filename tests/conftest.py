@@ -130,7 +130,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_int4_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model with every decoder linear rounded to 4 bits (RTN), in the builder's checkpoint layout."""
-    from olivepress.int4 import write_rtn_checkpoint
+    from olivepress.export.int4 import write_rtn_checkpoint
 
     return write_rtn_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("tiny-int4"))
 
@@ -140,7 +140,7 @@ def make_lora_adapter(checkpoint_dir, target, seed=0, **lora_options):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from olivepress.int4 import load_dequantized_model
+    from olivepress.export.int4 import load_dequantized_model
 
     options = {"r": 4, "lora_alpha": 8, "target_modules": LINEARS, "task_type": "CAUSAL_LM", **lora_options}
     base = load_dequantized_model(checkpoint_dir)

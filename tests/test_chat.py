@@ -11,9 +11,9 @@ import pytest
 from olivepress import chat as chat_module
 from olivepress.chat import Export, chat, chat_session, machine_runs_cuda, resolve_adapter, resolve_target
 from olivepress.errors import UserError
+from olivepress.export.folder import export_onnx
 from olivepress.flows.cli import main
 from olivepress.genai import ADAPTER_FILE, GENAI_CONFIG
-from olivepress.tasks.optimize import export_onnx
 from tests.conftest import make_lora_adapter
 
 

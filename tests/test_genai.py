@@ -4,6 +4,7 @@ import pytest
 
 from olivepress.chat import chat
 from olivepress.errors import UserError
+from olivepress.export.folder import export_onnx
 from olivepress.genai import (
     ADAPTER_FILE,
     GENAI_CONFIG,
@@ -13,7 +14,6 @@ from olivepress.genai import (
     response_loss,
     stream_generate,
 )
-from olivepress.tasks.optimize import export_onnx
 from tests.conftest import make_lora_adapter, sample_pairs
 
 
@@ -77,7 +77,7 @@ def test_an_exact_generation_runs_past_end_of_text(model_dir, tmp_path):
 def test_onnx_loss_matches_the_pytorch_loss(model_dir, tiny_int4_dir, adapter_dir):
     from peft import PeftModel
 
-    from olivepress.int4 import load_dequantized_model
+    from olivepress.export.int4 import load_dequantized_model
     from olivepress.scoring import response_token_loss
 
     pairs = sample_pairs()[:4]

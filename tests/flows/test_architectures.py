@@ -68,9 +68,10 @@ def test_exported_models_compute_what_pytorch_computes(tmp_path, architecture):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from olivepress.export.builder import build_base_model
+    from olivepress.export.folder import export_onnx
+    from olivepress.export.int4 import load_dequantized_model, write_rtn_checkpoint
     from olivepress.genai import open_model, sequence_logits
-    from olivepress.int4 import load_dequantized_model, write_rtn_checkpoint
-    from olivepress.tasks.optimize import build_base_model, export_onnx
     from tests.conftest import make_lora_adapter
 
     model_dir = build_tiny_model(tmp_path / "hf", architecture=architecture)

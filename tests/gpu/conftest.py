@@ -51,7 +51,7 @@ def cuda_export_dir(request, tiny_int4_dir, cuda_adapter_dir, tmp_path_factory) 
     olivepress's LoraAdd operator (optimize.lora_kernel)."""
     import os
 
-    from olivepress.tasks.optimize import export_onnx
+    from olivepress.export.folder import export_onnx
 
     cuda_graph, lora_kernel = request.param
     if lora_kernel == "on" and not os.environ.get("OLIVEPRESS_ORT_INCLUDE"):
@@ -69,6 +69,6 @@ def library(tmp_path_factory):
         shutil.which("nvcc") or os.path.isdir("/usr/local/cuda")
     ):
         pytest.skip("building LoraAdd needs nvcc and $OLIVEPRESS_ORT_INCLUDE (ONNX Runtime's C API header)")
-    from olivepress.lora_kernel import build_lora_add
+    from olivepress.export.kernel import build_lora_add
 
     return build_lora_add(tmp_path_factory.mktemp("kernels"))

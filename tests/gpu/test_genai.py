@@ -20,7 +20,7 @@ def test_the_adapter_changes_the_cuda_logits_as_it_changes_pytorchs(
 ):
     from peft import PeftModel
 
-    from olivepress.int4 import load_dequantized_model
+    from olivepress.export.int4 import load_dequantized_model
 
     plain = open_model(cuda_export_dir)
     adapted = open_model(cuda_export_dir, cuda_export_dir / ADAPTER_FILE)

@@ -61,10 +61,10 @@ def invalidated(monkeypatch, module: str, old: str | None = None, new: str = "")
 
 def test_a_step_covers_the_modules_it_imports_lazy_ones_included():
     modules = {step.name: set(step.code_modules()) for step in STEPS}
-    # evaluate imports optimize's build_base_model inside a function
-    assert "olivepress.tasks.optimize" in modules["evaluate"]
+    # evaluate imports the export's build_base_model inside a function
+    assert {"olivepress.export.builder", "olivepress.export.cuda_graph"} <= modules["evaluate"]
     assert "olivepress.genai" in modules["evaluate"] and "olivepress.genai" in modules["optimize"]
-    assert {"olivepress.int4", "olivepress.prompts"} <= modules["quantize"] & modules["finetune"]
+    assert {"olivepress.export.int4", "olivepress.prompts"} <= modules["quantize"] & modules["finetune"]
     for step in STEPS:
         covered = modules[step.name]
         assert step.module in covered
@@ -77,10 +77,10 @@ INVALIDATION = {
     "olivepress.tasks.validate": ["validate"],
     "olivepress.tasks.quantize": ["quantize"],
     "olivepress.tasks.finetune": ["finetune"],
-    "olivepress.tasks.optimize": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
+    "olivepress.tasks.optimize": ["optimize", "export_adapter"],
     "olivepress.tasks.evaluate": ["evaluate_base", "evaluate"],
     "olivepress.tasks.report": ["validate"],  # validate publishes a failure's report with it
-    "olivepress.int4": ["quantize", "finetune"],
+    "olivepress.export.int4": ["quantize", "finetune"],
     "olivepress.prompts": [
         "quantize",
         "finetune",
@@ -90,8 +90,14 @@ INVALIDATION = {
         "evaluate",
     ],
     "olivepress.genai": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
-    "olivepress.lora_graph": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
-    "olivepress.lora_kernel": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
+    # the base model is built as the export is; evaluate reads the export by its digest, not the grafting code
+    "olivepress.export.builder": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
+    "olivepress.export.cuda_graph": ["optimize", "export_adapter", "evaluate_base", "evaluate"],
+    "olivepress.export.folder": ["optimize", "export_adapter"],
+    "olivepress.export.lora": ["optimize", "export_adapter"],
+    "olivepress.export.kernel": ["optimize", "export_adapter"],
+    # the package's own file, which imports none of its modules: every step that imports one of them
+    "olivepress.export": ["quantize", "finetune", "optimize", "export_adapter", "evaluate_base", "evaluate"],
     "olivepress.gpu_memory": ["evaluate_base", "evaluate"],
     "olivepress.files": ["validate"],
     "olivepress.chat": [],
@@ -108,14 +114,14 @@ INVALIDATION = {
 
 def test_an_edited_cuda_kernel_invalidates_the_steps_that_build_it(monkeypatch):
     """The LoraAdd library is compiled into optimize's output from a .cu file, no Python module."""
-    kernel = cache_keys.module_file("olivepress.lora_kernel").parent / "kernels" / "lora_add.cu"
+    kernel = cache_keys.module_file("olivepress.export.kernel").parent / "kernels" / "lora_add.cu"
     original = cache_keys.source_bytes
     before = code_versions()
     monkeypatch.setattr(
         cache_keys, "source_bytes", lambda path: original(path) + (b"// edited" if path == kernel else b"")
     )
     after = code_versions()
-    assert [name for name in NAMES if before[name] != after[name]] == INVALIDATION["olivepress.lora_kernel"]
+    assert [name for name in NAMES if before[name] != after[name]] == INVALIDATION["olivepress.export.kernel"]
 
 
 @pytest.mark.parametrize("module", INVALIDATION)
@@ -126,7 +132,7 @@ def test_an_edited_module_invalidates_the_steps_that_import_it(monkeypatch, modu
 def test_editing_build_base_model_invalidates_evaluate_which_calls_it(monkeypatch):
     changed = invalidated(
         monkeypatch,
-        "olivepress.tasks.optimize",
+        "olivepress.export.builder",
         old='"""The unquantized model through the same builder',
         new='"""The unquantized model (edited) through the same builder',
     )

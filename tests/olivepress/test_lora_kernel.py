@@ -6,7 +6,7 @@ import json
 import pytest
 
 from olivepress.errors import UserError
-from olivepress.lora_kernel import build_lora_add, register_in_genai_config
+from olivepress.export.kernel import build_lora_add, register_in_genai_config
 
 
 def test_building_without_the_header_names_the_variable(tmp_path, monkeypatch):

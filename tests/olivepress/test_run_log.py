@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
         warnings.warn("a library warning")
         logging.getLogger("transformers.trainer").warning("a library's own warning")
         logging.getLogger("olivepress.tasks.quantize").info("AWQ: an olivepress detail")
-        logging.getLogger("olivepress.tasks.optimize").warning("the graph keeps control flow")
+        logging.getLogger("olivepress.export.cuda_graph").warning("the graph keeps control flow")
         progress.update("quantize", "AWQ layer", 1, 2)
         progress.end("quantize", "completed", 1.5)
     print("after the run")

@@ -74,7 +74,7 @@ def test_the_config_check_names_the_setting_before_any_step(own_code_model):
 
 
 def test_with_the_setting_quantize_and_finetune_run_on_the_folders_own_code(own_code_model, tmp_path):
-    from olivepress.int4 import load_dequantized_model
+    from olivepress.export.int4 import load_dequantized_model
     from olivepress.tasks.finetune import finetune_lora
     from olivepress.tasks.quantize import quantize_awq
 

@@ -8,15 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from olivepress.genai import GENAI_CONFIG, new_generator, open_model, sequence_logits
-from olivepress.tasks import optimize
-from olivepress.tasks.optimize import (
-    CONTROL_FLOW_OPS,
-    MODEL_FILE,
-    build_base_model,
-    export_onnx,
-    select_rope_caches_without_if,
-)
+from olivepress.export import cuda_graph
+from olivepress.export.builder import build_base_model
+from olivepress.export.cuda_graph import CONTROL_FLOW_OPS, select_rope_caches_without_if
+from olivepress.export.folder import export_onnx
+from olivepress.genai import GENAI_CONFIG, MODEL_FILE, new_generator, open_model, sequence_logits
 from tests.conftest import build_tiny_model
 
 
@@ -27,7 +23,7 @@ def phi3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phi3_int4_dir(phi3_dir, tmp_path_factory):
-    from olivepress.int4 import write_rtn_checkpoint
+    from olivepress.export.int4 import write_rtn_checkpoint
 
     return write_rtn_checkpoint(phi3_dir, tmp_path_factory.mktemp("phi3-int4"))
 
@@ -111,8 +107,8 @@ def test_cuda_export_without_graphs_is_the_builders(phi3_dir, tmp_path):
 
 
 def test_control_flow_left_in_the_graph_turns_cuda_graphs_off(phi3_dir, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(optimize, "select_rope_caches_without_if", lambda graph, model_dir: False)
-    with caplog.at_level(logging.WARNING, logger=optimize.__name__):
+    monkeypatch.setattr(cuda_graph, "select_rope_caches_without_if", lambda graph, model_dir: False)
+    with caplog.at_level(logging.WARNING, logger=cuda_graph.__name__):
         out = build_base_model(phi3_dir, tmp_path / "kept-if", "cuda", cuda_graph=True)
     assert "If" in op_types(out)
     assert cuda_graph_option(out) == "0"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from olivepress.errors import UserError
+from olivepress.export.folder import export_onnx
+from olivepress.export.lora import LoraMatrices, export_adapter, group_branches, lora_a_name, lora_b_name
 from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE, open_model, sequence_logits
-from olivepress.lora_graph import LoraMatrices, group_branches, lora_a_name, lora_b_name
-from olivepress.tasks.optimize import export_adapter, export_onnx
 from tests.conftest import LINEARS, make_lora_adapter
 
 IDS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 2]
@@ -75,7 +75,7 @@ def builder_stem(layer: int, block: str, module: str) -> str:
 def test_int4_weights_are_exactly_the_checkpoints(exported, tiny_int4_dir):
     import torch
 
-    from olivepress.int4 import pack_nibbles, read_int4_checkpoint
+    from olivepress.export.int4 import pack_nibbles, read_int4_checkpoint
 
     _, weights = read_int4_checkpoint(tiny_int4_dir)
     model = load_graph(exported.model_dir)
@@ -153,7 +153,7 @@ def test_adapter_file_holds_float_a_and_scaled_b(exported, tiny_int4_dir, adapte
     import onnxruntime as ort
     from peft import PeftModel
 
-    from olivepress.int4 import load_dequantized_model
+    from olivepress.export.int4 import load_dequantized_model
 
     parameters = ort.AdapterFormat.read_adapter(str(exported.adapter_file)).get_parameters()
     peft_model = PeftModel.from_pretrained(load_dequantized_model(tiny_int4_dir), adapter_dir)
@@ -236,7 +236,7 @@ def test_logits_match_pytorch_with_and_without_adapter(exported, tiny_int4_dir, 
     import torch
     from peft import PeftModel
 
-    from olivepress.int4 import load_dequantized_model
+    from olivepress.export.int4 import load_dequantized_model
 
     base = load_dequantized_model(tiny_int4_dir)
     with torch.inference_mode():
@@ -314,8 +314,7 @@ def test_cuda_branches_become_one_lora_add_node_per_group(tiny_int4_dir, adapter
     group of int4 nodes reading the same activations (the builder's gate and up: two), each pair its int4
     node's output and its own B, after the group's A; whatever read an int4 output now reads its sum, and
     every node still comes after what it reads."""
-    from olivepress.lora_graph import graft_branches
-    from olivepress.tasks.optimize import graph_and_branches
+    from olivepress.export.lora import graft_branches, graph_and_branches
 
     model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", target="cuda").model_dir
     model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
@@ -352,8 +351,12 @@ def test_cuda_branches_go_inside_the_int4_nodes(tiny_int4_dir, adapter_dir, tmp_
     then its group's A and its own B, and its own output (whatever read it reads the branch's sum); no
     LoraAdd is left, the int4 nodes the adapter leaves alone stay MatMulNBits, and an adapter for the same
     base still finds every input it feeds."""
-    from olivepress.lora_graph import adapter_parameters, graft_branches, int4_node_modules
-    from olivepress.tasks.optimize import graph_and_branches
+    from olivepress.export.lora import (
+        adapter_parameters,
+        graft_branches,
+        graph_and_branches,
+        int4_node_modules,
+    )
 
     model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", target="cuda").model_dir
     model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
@@ -380,8 +383,7 @@ def test_cuda_branches_go_inside_the_int4_nodes(tiny_int4_dir, adapter_dir, tmp_
 def test_int4_nodes_the_kernel_cannot_take_keep_lora_add(tiny_int4_dir, adapter_dir, tmp_path):
     """A group mixing int4 nodes MatMulNBitsLora takes and one it cannot (here: no zero points): the others
     are fused, that one alone gets a LoraAdd after it, and the graph stays in dependency order."""
-    from olivepress.lora_graph import graft_branches
-    from olivepress.tasks.optimize import graph_and_branches
+    from olivepress.export.lora import graft_branches, graph_and_branches
 
     model_dir = export_onnx(tiny_int4_dir, None, tmp_path / "onnx", target="cuda").model_dir
     model, branches = graph_and_branches(model_dir, tiny_int4_dir, read_lora_of(adapter_dir))
@@ -407,7 +409,7 @@ def test_fusable_takes_only_what_the_kernel_runs():
     import numpy as np
     from onnx import helper, numpy_helper
 
-    from olivepress.lora_graph import fusable
+    from olivepress.export.lora import fusable
 
     def node_and_initializers(k=64, block=32, bits=4, zero_type=np.uint8, with_zero=True):
         blocks = -(-k // block)
@@ -430,7 +432,7 @@ def test_fusable_takes_only_what_the_kernel_runs():
 
 
 def read_lora_of(adapter_dir):
-    from olivepress.tasks.optimize import read_lora
+    from olivepress.export.lora import read_lora
 
     return read_lora(adapter_dir)
 
@@ -454,7 +456,7 @@ def test_lora_kernel_off_or_missing_keeps_onnx_runtimes_operators(
 def test_nodes_move_only_as_far_as_what_they_read_requires():
     from onnx import helper
 
-    from olivepress.lora_graph import in_dependency_order
+    from olivepress.export.lora import in_dependency_order
 
     def node(name, inputs, outputs):
         return helper.make_node("Identity", inputs, outputs, name=name)

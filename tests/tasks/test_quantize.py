@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from olivepress.config import SAMPLE_DATA, QuantizeSettings
 from olivepress.errors import UserError
-from olivepress.int4 import (
+from olivepress.export.int4 import (
     load_dequantized_model,
     read_int4_checkpoint,
     rtn_quantize,

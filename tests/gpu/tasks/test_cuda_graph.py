@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from olivepress.export.builder import build_base_model
 from olivepress.genai import GENAI_CONFIG, new_generator, open_model
-from olivepress.tasks.optimize import build_base_model
 from tests.conftest import build_tiny_model
 
 pytestmark = pytest.mark.gpu

@@ -8,7 +8,7 @@ the group one ``MatMul`` by that node's block of B (block-diagonal across the gr
 by these matrices' size, so grouping matters: a branch per linear launches 21 kernels a layer and needs
 q/k/v split out of the builder's fused QKV node; grouped branches launch 14 and keep the fused node.
 
-On CUDA (``lora_add``) the branches are olivepress's own operators (:mod:`olivepress.lora_kernel`): each
+On CUDA (``lora_add``) the branches are olivepress's own operators (:mod:`olivepress.export.kernel`): each
 int4 node the kernel can take becomes one ``olivepress.MatMulNBitsLora`` node, ``x @ W + (x @ A) @ B`` in
 one kernel (the branch adds no launch: a layer runs as many kernels as without an adapter); the others of a
 group get one ``olivepress.LoraAdd`` node after them, ``y_i + (x @ A) @ B_i`` for each in one kernel.
@@ -17,15 +17,20 @@ The matrices are graph inputs with empty defaults ([in, 0] and [0, out]): with n
 branches multiply by nothing and add zeros; with one active, ONNX Runtime feeds the adapter file's values.
 PEFT's module names are Hugging Face's, fused (Phi-3's ``qkv_proj``, ``gate_up_proj``) or not; the builder's
 node names are its own (``/model/layers.3/attn/qkv_proj/MatMulNBits``); both map onto the same columns.
+
+Here too: the adapter read from PEFT's files (:func:`read_lora`) and written as the export's adapter file
+and merged graph (:func:`add_lora_branches`), or as a further adapter's file (:func:`export_adapter`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from olivepress.errors import UserError
+from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -224,7 +229,7 @@ def graft_branches(
     import onnx
     from onnx import helper
 
-    from olivepress.lora_kernel import LORA_ADD_DOMAIN
+    from olivepress.export.kernel import LORA_ADD_DOMAIN
 
     graph = model.graph
     nodes = {node.name: node for node in graph.node}
@@ -431,3 +436,81 @@ def write_adapter(parameters: dict[str, np.ndarray], path: Path) -> None:
         {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in parameters.items()}
     )
     adapter.export_adapter(str(path))
+
+
+def read_lora(adapter_dir: Path) -> dict[str, LoraMatrices]:
+    """The adapter's matrices per linear, with PEFT's scaling folded into B as its LoRA layers apply it.
+
+    Read from the adapter's own files, without building the model it was trained on (a 3.8 B model costs
+    15 GB and most of a minute to build): the rank is A's, alpha comes from ``alpha_pattern`` matched by
+    PEFT's own rule, and rsLoRA divides by the rank's square root. Whether the matrices fit the checkpoint
+    is checked against its config when the branches are built.
+    """
+    import math
+
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+    from peft.utils.other import get_pattern_key
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    unsupported = {
+        "peft_type other than LORA": config.peft_type != "LORA",
+        "use_dora": getattr(config, "use_dora", False),
+        "trained biases (bias / lora_bias)": getattr(config, "bias", "none") != "none"
+        or getattr(config, "lora_bias", False),
+        "modules_to_save": bool(getattr(config, "modules_to_save", None)),
+        "trainable_token_indices": bool(getattr(config, "trainable_token_indices", None)),
+    }
+    if problems := [name for name, present in unsupported.items() if present]:
+        raise UserError(
+            f"the adapter in {adapter_dir} uses {', '.join(problems)}; only plain LoRA is exported"
+        )
+    weights = load_peft_weights(str(adapter_dir), device="cpu")
+    lora = {}
+    for key, a in weights.items():
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        if not PEFT_LINEAR.match(module) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise UserError(f"the adapter holds {key}; only LoRA on the decoder's linear layers is exported")
+        if key.endswith(".lora_B.weight"):
+            continue
+        rank = a.shape[0]
+        alpha = config.alpha_pattern.get(
+            get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha
+        )
+        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        b = weights[key.removesuffix("lora_A.weight") + "lora_B.weight"].float() * scaling
+        lora[module] = LoraMatrices(a=a.float().T.contiguous().numpy(), b=b.T.contiguous().numpy())
+    if not lora:
+        raise UserError(f"the adapter in {adapter_dir} holds no LoRA matrices")
+    return lora
+
+
+def graph_and_branches(model_dir: Path, checkpoint_dir: Path, lora: dict[str, LoraMatrices]):
+    """The exported graph of ``model_dir`` (not its weights) and ``lora`` grouped onto its int4 nodes, with
+    the sizes of the checkpoint the adapter was trained on."""
+    import onnx
+
+    model = onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
+    sizes = part_sizes(json.loads((checkpoint_dir / "config.json").read_text()))
+    return model, group_branches(lora, int4_node_modules(model.graph), sizes)
+
+
+def export_adapter(checkpoint_dir: Path, adapter_dir: Path, model_dir: Path, target: Path) -> Path:
+    """Another adapter trained on ``checkpoint_dir``, written as an .onnx_adapter for the model exported
+    in ``model_dir``: the int4 model is exported once and each further adapter costs only its own file,
+    switched at run time (``og.Adapters``)."""
+    model, branches = graph_and_branches(model_dir, checkpoint_dir, read_lora(adapter_dir))
+    write_adapter(adapter_parameters(model.graph, branches), target)
+    return target
+
+
+def add_lora_branches(model, branches: list[Branch], out_dir: Path, *, lora_add: bool = False) -> None:
+    """Graft the branches onto ``model`` (as olivepress's operators with ``lora_add``) and save it, write their
+    matrices (in the graph's float type) as the adapter file, and the graph with them merged beside it
+    (:func:`write_merged_model`). The external weight data is not touched."""
+    import onnx
+
+    parameters = graft_branches(model, branches, lora_add=lora_add)
+    onnx.save(model, str(out_dir / MODEL_FILE))
+    write_adapter(parameters, out_dir / ADAPTER_FILE)
+    write_merged_model(model, parameters, out_dir / MERGED_MODEL_FILE)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from olivepress.errors import UserError
 
-SOURCE = Path(str(files("olivepress") / "kernels" / "lora_add.cu"))
+SOURCE = Path(str(files("olivepress.export") / "kernels" / "lora_add.cu"))
 LORA_ADD_DOMAIN = "olivepress"  # the operator's ONNX domain: olivepress.LoraAdd
 # genai_config.json's session option naming the library, which ONNX Runtime GenAI resolves to its real path
 # and loads only from inside the model folder (or the working directory)
