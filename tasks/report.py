@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from olivepress.config import RunConfig
     from olivepress.registry import Registration
     from olivepress.tasks.evaluate import Evaluation
-    from olivepress.tasks.validate import ValidationReport
+    from olivepress.validation import ValidationReport
 
 REPORT_KEY = "olivepress-report"
 METRICS_KEY = "olivepress-metrics"

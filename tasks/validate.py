@@ -26,9 +26,7 @@ import json
 import logging
 import os
 import re
-from collections import defaultdict
 from collections.abc import Callable, Hashable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +35,7 @@ from olivepress.errors import UserError
 from olivepress.files import atomic_write_text
 from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
+from olivepress.validation import LineIssue, ValidationReport, where
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
@@ -48,62 +47,6 @@ UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 # text they teach the model to end or switch turns in the middle of an answer.
 CONTROL_TOKEN_REGEX = r"<\|[A-Za-z0-9_]+\|>|</?s>|<(?:start|end)_of_turn>"
 MAX_ERRORS_IN_EXCEPTION = 20
-
-
-@dataclass(frozen=True)
-class LineIssue:
-    """One problem on one 1-based line of the file; line 0 means the file as a whole."""
-
-    line: int
-    reason: str
-    field: str | None = None
-
-
-@dataclass
-class ValidationReport:
-    """Everything validation found; errors make the dataset unusable, warnings do not."""
-
-    path: Path
-    n_lines: int
-    n_records: int
-    errors: list[LineIssue]
-    warnings: list[LineIssue]
-    min_chars: int
-    max_chars: int
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def summary(self) -> str:
-        verdict = "valid" if self.ok else "INVALID"
-        return (
-            f"{self.path}: {verdict}: {self.n_records} records on {self.n_lines} lines, "
-            f"{len(self.errors)} errors, {len(self.warnings)} warnings"
-        )
-
-    def to_text(self, *, include_warnings: bool = False) -> str:
-        """One `line N: reason; reason` row per bad line, sorted by line; warnings, if included, are marked."""
-        reasons_by_line: dict[int, list[str]] = defaultdict(list)
-        for issue in self.errors:
-            reasons_by_line[issue.line].append(issue.reason)
-        for issue in self.warnings if include_warnings else []:
-            reasons_by_line[issue.line].append(f"warning: {issue.reason}")
-        return "\n".join(
-            f"{_where(line)}: {'; '.join(reasons)}" for line, reasons in sorted(reasons_by_line.items())
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "ok": self.ok,
-            "n_lines": self.n_lines,
-            "n_records": self.n_records,
-            "min_chars": self.min_chars,
-            "max_chars": self.max_chars,
-            "errors": [asdict(issue) for issue in sorted(self.errors, key=lambda issue: issue.line)],
-            "warnings": [asdict(issue) for issue in sorted(self.warnings, key=lambda issue: issue.line)],
-        }
 
 
 DEFAULTS = ValidationSettings()
@@ -134,7 +77,7 @@ def read_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     _, records, errors, _ = _read_lines(path)
     if errors:
         shown = sorted(errors, key=lambda issue: issue.line)[:MAX_ERRORS_IN_EXCEPTION]
-        listing = "\n".join(f"  {_where(issue.line)}: {issue.reason}" for issue in shown)
+        listing = "\n".join(f"  {where(issue.line)}: {issue.reason}" for issue in shown)
         more = f"\n  ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
         raise UserError(f"{path} is not a valid dataset ({len(errors)} errors):\n{listing}{more}")
     return records
@@ -443,10 +386,6 @@ def _later_repeats(lines: list[int], key_of: Callable[[int], Hashable]) -> dict[
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _where(line: int) -> str:
-    return f"line {line}" if line else "file"
 
 
 class InvalidData(UserError):

@@ -100,6 +100,7 @@ INVALIDATION = {
     "olivepress.export": ["quantize", "finetune", "optimize", "export_adapter", "evaluate_base", "evaluate"],
     "olivepress.gpu_memory": ["evaluate_base", "evaluate"],
     "olivepress.files": ["validate"],
+    "olivepress.validation": ["validate"],
     "olivepress.chat": [],
     "olivepress.registry": [],
     "olivepress.store": [],

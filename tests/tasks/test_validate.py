@@ -9,7 +9,8 @@ import pytest
 
 from olivepress.config import SAMPLE_DATA
 from olivepress.errors import UserError
-from olivepress.tasks.validate import ValidationReport, read_examples, validate_jsonl, write_report
+from olivepress.tasks.validate import read_examples, validate_jsonl, write_report
+from olivepress.validation import ValidationReport
 
 BAD_LINE = 3
 CHAT_TEMPLATE_TOKENS = [
