@@ -288,7 +288,7 @@ def command_chat(args: argparse.Namespace) -> int:
 def command_models(args: argparse.Namespace) -> int:
     config = load_config(args.config, {"registry.path": args.registry})
     if config.registry.backend == "azureml":
-        from olivepress.azure_registry import list_azureml
+        from olivepress.registry.azureml import list_azureml
 
         rows = list_azureml(config.registry.azureml)
         if args.name:

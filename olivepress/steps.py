@@ -2,7 +2,7 @@
 
 Each step module (``tasks/<step>.py``) declares its :class:`Step`: the inputs its output is computed from
 (hashed by content), the config settings it reads, and, found from its imports, the olivepress code it runs
-(:func:`olivepress.cache_keys.code_modules`). Its task receives exactly the declared inputs and a
+(:func:`olivepress.store.cache_keys.code_modules`). Its task receives exactly the declared inputs and a
 :class:`StepSettings` holding only the declared settings, and the key is made from that same object, so
 the key covers what the step reads: a setting the step did not declare is an ``AttributeError`` in it.
 
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from olivepress.cache_keys import code_modules, records_sha256, step_key
 from olivepress.retry import retry_if_transient
+from olivepress.store.cache_keys import code_modules, records_sha256, step_key
 
 if TYPE_CHECKING:
     from olivepress.config import RetrySettings, RunConfig

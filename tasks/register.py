@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from olivepress.cache_keys import library_versions
 from olivepress.registry import (
     ADAPTER_SUFFIX,
     ADAPTERS_DIR,
@@ -28,6 +27,7 @@ from olivepress.registry import (
     default_model_name,
 )
 from olivepress.retry import retry_if_transient
+from olivepress.store.cache_keys import library_versions
 
 if TYPE_CHECKING:
     from olivepress.config import RunConfig
@@ -126,7 +126,7 @@ def register_model(
     """Register in the backend the config names; an identical earlier registration is returned, not repeated."""
     name = registry_name(config, base_model)
     if config.registry.backend == "azureml":
-        from olivepress.azure_registry import register_azureml
+        from olivepress.registry.azureml import register_azureml
 
         return register_azureml(config.registry.azureml, name, sources, lineage)
     return LocalRegistry(config.registry.path).register(name, sources, lineage)

@@ -8,7 +8,7 @@
 * :mod:`~olivepress.export.kernel` and ``kernels/``: olivepress's CUDA operators for those branches;
 * :mod:`~olivepress.export.int4`: the int4 checkpoint layout quantize writes and the builder reads.
 
-This file imports none of them: importing one (quantize needs only ``int4``) runs no other, so a step's code
-version (:mod:`olivepress.cache_keys`) covers only what it uses, and the GPU image builds the kernel with
-``kernel.py`` alone.
+This file imports none of them: importing one (quantize needs only ``int4``) runs no other, so a step's
+code version (:mod:`olivepress.store.cache_keys`) covers only what it uses, and the GPU image builds the
+kernel with ``kernel.py`` alone.
 """

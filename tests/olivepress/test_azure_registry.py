@@ -31,7 +31,10 @@ import requests
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
-from olivepress.azure_registry import (
+from olivepress.config import AzureMLSettings
+from olivepress.errors import UserError
+from olivepress.registry import LINEAGE_FILE, Registration, content_sha256
+from olivepress.registry.azureml import (
     CONTENT_TAG,
     MAX_VALUE_CHARS,
     lineage_properties,
@@ -39,9 +42,6 @@ from olivepress.azure_registry import (
     list_azureml,
     register_azureml,
 )
-from olivepress.config import AzureMLSettings
-from olivepress.errors import UserError
-from olivepress.registry import LINEAGE_FILE, Registration, content_sha256
 
 # azure-ai-ml's schemas warn about marshmallow 4 when first imported: the SDK's business, not these tests'.
 pytestmark = pytest.mark.filterwarnings("ignore::marshmallow.warnings.Marshmallow4Warning")

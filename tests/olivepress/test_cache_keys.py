@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from olivepress import cache_keys
 from olivepress.config import RunConfig, load_config
+from olivepress.store import cache_keys
 from olivepress.tasks import evaluate, finetune, optimize, quantize, validate
 
 STEPS = [
@@ -104,6 +104,8 @@ INVALIDATION = {
     "olivepress.chat": [],
     "olivepress.registry": [],
     "olivepress.store": [],
+    "olivepress.store.s3_lease": [],
+    "olivepress.registry.azureml": [],
     "olivepress.retry": [],
     "olivepress.progress": [],
     "olivepress.config": [],

@@ -178,7 +178,7 @@ def open_same_store(request, tmp_path, index: int) -> ArtifactStore:
 
 
 def test_concurrent_producers_of_one_key_compute_it_once(store, request, tmp_path, monkeypatch):
-    from olivepress import s3_lease
+    from olivepress.store import s3_lease
 
     monkeypatch.setattr(s3_lease, "POLL_SECONDS", 0.1)
     calls, results, errors = [], {}, []
@@ -212,7 +212,7 @@ def test_concurrent_producers_of_one_key_compute_it_once(store, request, tmp_pat
 
 
 def test_a_failed_computation_lets_the_waiting_run_compute(store, request, tmp_path, monkeypatch):
-    from olivepress import s3_lease
+    from olivepress.store import s3_lease
 
     monkeypatch.setattr(s3_lease, "POLL_SECONDS", 0.1)
     first_started, outcomes = threading.Event(), {}
@@ -291,7 +291,7 @@ def test_the_work_folder_is_the_keys_and_the_stores_and_goes_once_published(tmp_
 def test_an_s3_lease_waits_for_a_live_holder_and_takes_over_a_dead_ones(s3_server, tmp_path):
     import json
 
-    from olivepress.s3_lease import S3Lease
+    from olivepress.store.s3_lease import S3Lease
 
     store = s3_store(s3_server, tmp_path / "cache", bucket="leases")
     path = store._path("quantize", "k13.lease")
@@ -321,7 +321,7 @@ def test_an_s3_lease_waits_for_a_live_holder_and_takes_over_a_dead_ones(s3_serve
 
 
 def test_an_s3_lease_whose_write_answer_was_lost_is_read_back_as_held(s3_server, tmp_path):
-    from olivepress.s3_lease import S3Lease
+    from olivepress.store.s3_lease import S3Lease
 
     store = s3_store(s3_server, tmp_path / "cache", bucket="lost-answer")
     lease = S3Lease(store.fs, store._path("evaluate", "k14.lease"), retry=FAST_RETRY, poll_seconds=0.1)
@@ -344,7 +344,7 @@ def test_an_s3_lease_whose_write_answer_was_lost_is_read_back_as_held(s3_server,
 def test_an_s3_server_without_conditional_writes_gets_a_warning_and_no_lease(s3_server, tmp_path, caplog):
     from botocore.exceptions import ClientError
 
-    from olivepress.s3_lease import S3Lease
+    from olivepress.store.s3_lease import S3Lease
 
     store = s3_store(s3_server, tmp_path / "cache", bucket="no-conditions")
     lease = S3Lease(store.fs, store._path("quantize", "k15.lease"), retry=FAST_RETRY)

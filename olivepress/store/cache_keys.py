@@ -45,12 +45,12 @@ LIBRARIES = (
 # it: not part of any code version, and their own imports are not followed.
 NOT_OUTPUT_CODE = frozenset(
     {
-        "olivepress.cache_keys",
+        "olivepress.store.cache_keys",
         "olivepress.config",
         "olivepress.errors",
         "olivepress.progress",  # reports where a step stands, on the terminal
         "olivepress.retry",
-        "olivepress.s3_lease",
+        "olivepress.store.s3_lease",
         "olivepress.steps",
         "olivepress.store",
     }

@@ -11,6 +11,8 @@ Local registry layout: ``<root>/<name>/<version>/``. An entry is staged beside i
 into it, so a version folder that exists is complete; versions are claimed under a file lock
 (``<root>/<name>/.lock``), so concurrent registrations never take the same one, and the same content
 registered at once by two runs gets one version; files are made read-only once registered.
+
+The Azure ML backend, beside it: :mod:`olivepress.registry.azureml`.
 """
 
 from __future__ import annotations

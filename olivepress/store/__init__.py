@@ -14,8 +14,8 @@ publish-id holds them) last, in one atomic write. So:
 Two runs that need the same missing output at once compute it once: :meth:`ArtifactStore.produce` holds a
 lock per step key while it computes and publishes (a ``filelock`` on ``<root>/<step>/<key>.lock`` for a
 local store; on S3 a lease object ``<root>/<step>/<key>.lease`` taken with a conditional put, see
-:mod:`olivepress.s3_lease`). The other run waits, then finds the manifest and reuses the output. A step's
-scratch that must survive a crash (training checkpoints) lives in :meth:`ArtifactStore.work_dir`, named by
+:mod:`olivepress.store.s3_lease`). The other run waits, then finds the manifest and reuses the output. A
+step's scratch that must survive a crash (training checkpoints) lives in :meth:`ArtifactStore.work_dir`, named by
 store and key and used only under that lock.
 
 The computed output is kept there too until it is published: when the publish fails (S3 down longer than
@@ -24,6 +24,9 @@ if it is complete instead of computing it again. A computation that fails leaves
 
 Files stream in chunks (upload, download, hashing); nothing is held in memory whole. Store operations
 retry transient failures (connection errors, S3 5xx and throttling) with exponential backoff and jitter.
+
+Beside it in this package: the S3 lease (:mod:`olivepress.store.s3_lease`) and the keys outputs are stored
+under (:mod:`olivepress.store.cache_keys`).
 """
 
 from __future__ import annotations
@@ -243,7 +246,7 @@ class ArtifactStore:
             with file_lock(Path(self._path(step, f"{key}.lock")), waiting):
                 yield
             return
-        from olivepress.s3_lease import S3Lease
+        from olivepress.store.s3_lease import S3Lease
 
         lease = S3Lease(self.fs, self._path(step, f"{key}.lease"), retry=self.retry)
         lease.acquire(waiting)
