@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# The variants evaluate measures, as every record names them.
+BASE, QUANTIZED, FINE_TUNED = "base", "quantized", "fine-tuned"
 # The field every raw record has and no display row has: what tells the two forms apart.
 RAW_MARKER = "decode_tokens_per_s"
 

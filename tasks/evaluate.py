@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from olivepress import progress
 from olivepress.errors import UserError
+from olivepress.metrics_display import BASE, FINE_TUNED, QUANTIZED
 from olivepress.steps import Step, StepSettings
 from olivepress.store import ArtifactStore, Manifest
 
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BASE, QUANTIZED, FINE_TUNED = "base", "quantized", "fine-tuned"
 MODEL_FILES = ("model.onnx", "model.onnx.data")
 METRICS_FILE = "metrics.json"
 BASE_FILE = "base.json"

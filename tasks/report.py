@@ -23,8 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from olivepress.files import atomic_dir, atomic_write_text
-from olivepress.metrics_display import display_rows
-from olivepress.tasks.evaluate import BASE
+from olivepress.metrics_display import BASE, display_rows
 
 if TYPE_CHECKING:
     from olivepress.config import RunConfig
