@@ -44,6 +44,7 @@ def optimize_task(
             trust_remote_code=settings.trust_remote_code,
             lora_kernel=settings.optimize.lora_kernel,
             lm_head=settings.optimize.lm_head,
+            merged_adapter_bits=settings.optimize.merged_adapter_bits,
         )
         save_prompt_format(out, settings.text_template)
 

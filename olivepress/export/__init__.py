@@ -5,6 +5,7 @@
   against;
 * :mod:`~olivepress.export.cuda_graph`: the built graph made capturable in CUDA graphs;
 * :mod:`~olivepress.export.lora`: the adapter read, its branches grafted onto the graph, its files;
+* :mod:`~olivepress.export.merged_bits`: the cpu target's merged graph with its branches in 8 bits;
 * :mod:`~olivepress.export.kernel` and ``kernels/``: olivepress's CUDA operators for those branches;
 * :mod:`~olivepress.export.int4`: the int4 checkpoint layout quantize writes and the builder reads.
 

@@ -26,7 +26,7 @@ from olivepress import progress
 from olivepress.errors import UserError
 from olivepress.export.builder import EXECUTION_PROVIDERS, build_int4_model
 from olivepress.export.lora import add_lora_branches, graph_and_branches, read_lora
-from olivepress.genai import ADAPTER_FILE, MODEL_FILE
+from olivepress.genai import ADAPTER_FILE, MERGED_MODEL_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
     from olivepress.config import LmHead, Target
@@ -54,6 +54,7 @@ def export_onnx(
     trust_remote_code: bool = False,
     lora_kernel: Literal["auto", "on", "off"] = "off",
     lm_head: LmHead = "int8",
+    merged_adapter_bits: Literal[8, 32] = 8,
 ) -> ExportResult:
     """Write genai_config.json, the int4 model, tokenizer files and (given an adapter) the adapter file.
 
@@ -62,7 +63,8 @@ def export_onnx(
     CPU 4, int8 activations, the fastest; 1 computes in float32, the dequantized PyTorch model's math.
     ``cuda_graph`` (cuda only) has the runtime capture decoding in CUDA graphs. ``lora_kernel`` (cuda only)
     is ``optimize.lora_kernel``: whether the branches are olivepress's CUDA operators. ``lm_head`` (cpu only;
-    cuda keeps it float) is ``optimize.lm_head``.
+    cuda keeps it float) is ``optimize.lm_head``, ``merged_adapter_bits`` (cpu only) is
+    ``optimize.merged_adapter_bits``.
     """
     if target not in EXECUTION_PROVIDERS:
         raise UserError(f"target must be one of {sorted(EXECUTION_PROVIDERS)}, not {target!r}")
@@ -85,6 +87,10 @@ def export_onnx(
         library = lora_add_library(out_dir, lora_kernel) if target == "cuda" else None
         progress.update("optimize", "adding the LoRA adapter")
         add_lora_branches(model, branches, out_dir, lora_add=library is not None)
+        if target == "cpu" and merged_adapter_bits == 8:
+            from olivepress.export.merged_bits import quantize_merged_branches
+
+            quantize_merged_branches(out_dir / MERGED_MODEL_FILE)
         if library is not None:
             from olivepress.export.kernel import register_in_genai_config
 

@@ -20,11 +20,16 @@ def adapter_dir(tiny_int4_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(tiny_int4_dir, adapter_dir, tmp_path_factory):
-    # float32 activations in MatMulNBits (the CPU default, 4, rounds them to int8) and the LM head as in the
-    # checkpoint, so the ONNX model's math is the dequantized PyTorch model's and any mistake in the graph
-    # shows above rounding noise
+    # float32 activations in MatMulNBits (the CPU default, 4, rounds them to int8), the LM head as in the
+    # checkpoint and the merged graph's branches in float, so the ONNX model's math is the dequantized PyTorch
+    # model's and any mistake in the graph shows above rounding noise
     return export_onnx(
-        tiny_int4_dir, adapter_dir, tmp_path_factory.mktemp("onnx"), accuracy_level=1, lm_head="float"
+        tiny_int4_dir,
+        adapter_dir,
+        tmp_path_factory.mktemp("onnx"),
+        accuracy_level=1,
+        lm_head="float",
+        merged_adapter_bits=32,
     )
 
 
@@ -115,7 +120,12 @@ def test_lm_head_setting_rounds_only_the_head_and_embedding(exported, tiny_int4_
     errors = {}
     for lm_head, bits in (("int8", 8), ("int4", 4)):
         result = export_onnx(
-            tiny_int4_dir, adapter_dir, tmp_path / lm_head, accuracy_level=1, lm_head=lm_head
+            tiny_int4_dir,
+            adapter_dir,
+            tmp_path / lm_head,
+            accuracy_level=1,
+            lm_head=lm_head,
+            merged_adapter_bits=32,
         )
         graph = load_graph(result.model_dir).graph
         head = [node for node in graph.node if node.name.startswith("/lm_head/")]
@@ -131,6 +141,53 @@ def test_lm_head_setting_rounds_only_the_head_and_embedding(exported, tiny_int4_
         assert np.corrcoef(logits.ravel(), reference.ravel())[0, 1] > 0.98
         errors[lm_head] = np.abs(logits - reference).mean()
     assert 0 < errors["int8"] < errors["int4"]
+
+
+def test_the_cpu_merged_graph_holds_its_branches_in_8_bits(exported, tiny_int4_dir, adapter_dir, tmp_path):
+    """Each LoRA product of the merged graph with a block of inputs an 8-bit MatMulNBits (under a third of its
+    float bytes), its logits within a few percent of the adapter's own effect; model.onnx and the
+    .onnx_adapter as before."""
+    import onnx
+
+    result = export_onnx(tiny_int4_dir, adapter_dir, tmp_path / "q8", accuracy_level=1, lm_head="float")
+    merged = onnx.load(str(result.model_dir / MERGED_MODEL_FILE), load_external_data=False)
+    products = [node for node in merged.graph.node if "_lora/" in node.name and "MatMul" in node.op_type]
+    float_shapes = {
+        tensor.name: tensor.dims
+        for tensor in onnx.load(
+            str(exported.model_dir / MERGED_MODEL_FILE), load_external_data=False
+        ).graph.initializer
+    }
+    rounded = [node for node in products if node.op_type == "MatMulNBits"]
+    # the tiny adapter's ranks (4, o_proj 2) leave its B products under a block: those stay float
+    assert rounded and all(float_shapes[node.input[1].removesuffix("_Q8")][0] >= 16 for node in rounded)
+    assert all(float_shapes[node.input[1]][0] < 16 for node in products if node.op_type == "MatMul")
+    assert {a.i for node in rounded for a in node.attribute if a.name == "bits"} == {8}
+
+    stored = {tensor.name: len(tensor.raw_data) for tensor in merged.graph.initializer}
+    for node in rounded:  # 8 bits a weight and a 4-byte scale per 16, against 4 bytes a weight
+        k, n = float_shapes[node.input[1].removesuffix("_Q8")]
+        assert stored[node.input[1]] + stored[node.input[2]] < 0.33 * 4 * k * n
+    for name in ("model.onnx", ADAPTER_FILE):
+        assert (result.model_dir / name).read_bytes() == (exported.model_dir / name).read_bytes()
+
+    off = sequence_logits(open_model(exported.model_dir), IDS)
+    float_branches = sequence_logits(open_model(exported.model_dir, exported.adapter_file), IDS)
+    eight_bits = sequence_logits(open_model(result.model_dir, result.adapter_file), IDS)
+    assert 0 < np.abs(eight_bits - float_branches).mean() < 0.1 * np.abs(float_branches - off).mean()
+
+
+def test_symmetric_blocks_round_each_block_to_its_own_scale():
+    from olivepress.export.merged_bits import BLOCK_SIZE, symmetric_blocks
+
+    weight = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)  # K not a whole block
+    weight[:, 2] = 0  # a column of zeros keeps a zero scale
+    q, scales = symmetric_blocks(weight)
+    assert q.shape == (3, 2, BLOCK_SIZE) and q.dtype == np.uint8 and scales.shape == (6,)
+    restored = ((q.astype(np.float32) - 128) * scales.reshape(3, 2, 1)).reshape(3, -1).T[:20]
+    assert np.abs(restored - weight).max() <= scales.max() / 2 + 1e-7
+    assert (q[:, 1, 4:] == 128).all(), "the padding past K is zero"
+    assert (scales.reshape(3, 2)[2] == 0).all() and np.array_equal(restored[:, 2], weight[:, 2])
 
 
 def test_the_cuda_target_keeps_the_lm_head_float(tiny_int4_dir, tmp_path):
