@@ -3,12 +3,14 @@ and how the adapter runs, beside the fp32 base the gate compares against.
 
 From one run's quantize and finetune outputs (``--run``: a run folder, whose ``quantized/`` and ``adapter/``
 are those steps' outputs), the int4 model is exported once per ``--lm-heads`` value; each export decodes with
-its adapter off, merged (``model.adapter.onnx``, what evaluate gates) and at run time (``og.Adapters``, what
-``chat --adapter`` serves), for each ``--threads`` count (ONNX Runtime's ``intra_op_num_threads``). Every
-variant decodes ``--tokens`` tokens after each of ``--prompts`` held-out prompts, interleaved with the others,
-after a warm-up; decode tokens/s are tokens after the first over their time, prompt tokens/s the prompt's
-length over the time to the first token (medians). Also: bytes on disk, and held-out loss with the adapter.
-Writes JSON, prints a table:
+its adapter off, merged with float branches and with 8-bit branches (``model.adapter.onnx``;
+``optimize.merged_adapter_bits``, 8 being what evaluate gates) and at run time (``og.Adapters``, what ``chat
+--adapter`` serves), for each ``--threads`` count (ONNX Runtime's ``intra_op_num_threads``). Every variant
+decodes ``--tokens`` tokens after each of ``--prompts`` held-out prompts, interleaved with the others, after a
+warm-up round; decode tokens/s are tokens after the first over their time, prompt tokens/s the prompt's length
+over the time to the first token (medians). Also: the bytes a variant loads (int4 weights, its graph, the
+adapter file at run time) and the held-out loss of the merged graphs and the base. Writes JSON, prints a
+table:
 
     .venv/bin/python benchmarks/cpu_decode.py --run runs/run-... --threads 2 --out benchmarks/results/cpu_decode.json
 """
@@ -19,11 +21,18 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
-VARIANTS = ("adapter off", "merged", "run time")
+# the decoder graph each variant runs: model.onnx, the merged graph with float or 8-bit branches
+VARIANTS = {
+    "adapter off": "model.onnx",
+    "merged float": "model.adapter.onnx",
+    "merged 8-bit": "model.adapter.q8.onnx",
+    "run time": "model.onnx",
+}
 
 
 def open_variant(model_dir: Path, variant: str, threads: int):
@@ -31,11 +40,12 @@ def open_variant(model_dir: Path, variant: str, threads: int):
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
-    from olivepress.genai import ADAPTER_FILE, ADAPTER_NAME, MERGED_MODEL_FILE, LoadedModel
+    from olivepress.genai import ADAPTER_FILE, ADAPTER_NAME, LoadedModel
 
-    decoder: dict = {"session_options": {"intra_op_num_threads": threads}}
-    if variant == "merged":
-        decoder["filename"] = MERGED_MODEL_FILE
+    decoder: dict = {
+        "session_options": {"intra_op_num_threads": threads},
+        "filename": VARIANTS.get(variant, "model.onnx"),
+    }
     config = og.Config(str(model_dir))
     config.overlay(json.dumps({"model": {"decoder": decoder}}))
     model = og.Model(config)
@@ -49,11 +59,13 @@ def open_variant(model_dir: Path, variant: str, threads: int):
     )
 
 
-def model_bytes(model_dir: Path, with_adapter: bool) -> int:
+def model_bytes(model_dir: Path, variant: str) -> int:
+    """What the variant loads: the int4 weights, its graph and, at run time, the adapter file."""
     from olivepress.genai import ADAPTER_FILE
 
-    files = [*model_dir.glob("model.onnx*")] + ([model_dir / ADAPTER_FILE] if with_adapter else [])
-    return sum(path.stat().st_size for path in files)
+    files = [model_dir / "model.onnx.data", model_dir / VARIANTS.get(variant, "model.onnx")]
+    files += [model_dir / ADAPTER_FILE] if variant == "run time" else []
+    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 def main() -> None:
@@ -74,6 +86,7 @@ def main() -> None:
 
     from olivepress.export.builder import build_base_model
     from olivepress.export.folder import export_onnx
+    from olivepress.export.merged_bits import quantize_merged_branches
     from olivepress.genai import prompt_token_ids, response_loss, stream_generate
 
     config = json.loads((args.run / "config.json").read_text())
@@ -81,9 +94,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cpu-decode-"))
     folders = {}
     for lm_head in args.lm_heads:
-        folders[lm_head] = export_onnx(
-            args.run / "quantized", args.run / "adapter", work / lm_head, lm_head=lm_head
+        folder = export_onnx(
+            args.run / "quantized",
+            args.run / "adapter",
+            work / lm_head,
+            lm_head=lm_head,
+            merged_adapter_bits=32,
         ).model_dir
+        shutil.copy(folder / VARIANTS["merged float"], folder / VARIANTS["merged 8-bit"])
+        quantize_merged_branches(folder / VARIANTS["merged 8-bit"])
+        folders[lm_head] = folder
     if not args.no_base:
         from olivepress.default_model import default_model_dir
 
@@ -119,9 +139,9 @@ def main() -> None:
                     "decode_tok_s": round(statistics.median(speeds[(name, variant)]), 1),
                     "prompt_tok_s": round(statistics.median(prompt_speeds[(name, variant)]), 1),
                     "held_out_loss": round(response_loss(loaded, held_out, config.get("text_template")), 4)
-                    if variant in ("merged", "base")
+                    if variant not in ("adapter off", "run time")
                     else None,
-                    "bytes": model_bytes(folders[name], variant not in ("adapter off", "base")),
+                    "bytes": model_bytes(folders[name], variant),
                 }
             )
         del models
@@ -142,7 +162,7 @@ def main() -> None:
     for row in rows:
         loss = f"{row['held_out_loss']:.3f}" if row["held_out_loss"] is not None else "-"
         print(
-            f"{row['lm_head']:<10}{row['adapter']:<13}{row['threads']:>8}{row['decode_tok_s']:>14.1f}"
+            f"{row['lm_head']:<10}{row['adapter']:<14}{row['threads']:>8}{row['decode_tok_s']:>14.1f}"
             f"{row['prompt_tok_s']:>14.1f}{loss:>8}{row['bytes'] / 1e6:>8.1f}"
         )
     print(f"\nwritten to {args.out}")

@@ -1,12 +1,13 @@
 """The merged graph's LoRA branches in 8 bits, for the cpu target.
 
 A CPU decoding one token reads every weight once, so a branch costs what its matrices weigh. In float32 the
-adapter's matrices (rank 16 on every decoder linear) weigh about a third of SmolLM2's int4 layers, and the
-merged graph decoded at 0.79x the adapter-off speed on 2 cores. In the merged graph (``model.adapter.onnx``)
-those matrices are constants, so each branch product can be an 8-bit ``MatMulNBits`` (blocks of 16 inputs,
-one scale each, symmetric): under a third of the bytes, 0.88-0.92x adapter off, held-out loss 3.244 against
-3.248. The ``.onnx_adapter`` file stays float: ``og.Adapters`` feeds its matrices to the graph's inputs as
-they are.
+adapter's matrices (rank 16 on every decoder linear) weigh about a third of SmolLM2's int4 layers. In the
+merged graph (``model.adapter.onnx``) those matrices are constants, so each branch product can be an 8-bit
+``MatMulNBits`` (blocks of 16 inputs, one scale each, symmetric): under a third of the bytes. On 2 cores the
+quickstart's model decoded with its adapter at 96.7 instead of 90.8 tokens/s (0.82x adapter off instead of
+0.77x; benchmarks/cpu_decode.py), held-out loss 3.247 against 3.248. The rest of the adapter's cost is not
+its bytes; its 420 extra nodes a token are the likely remainder (not measured). The ``.onnx_adapter`` file stays float: ``og.Adapters`` feeds its matrices to the
+graph's inputs as they are.
 """
 
 from __future__ import annotations
