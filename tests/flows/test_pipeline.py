@@ -224,11 +224,16 @@ def test_a_model_that_fails_the_gate_is_reported_not_registered(tmp_path, tiny_m
     # with Azure ML, reaching register at all would fail differently (no credentials, no workspace here)
     config = tiny_config(tmp_path, tiny_model_dir, **{"gate.max_size_ratio": 0.01, **registry})
     run_dir = new_run_dir(config)
-    with (
-        pytest.raises(GateFailed, match=r"FAIL  size_ratio: measured [0-9.]+, limit 0\.01"),
-        run_folder(run_dir),
-    ):
-        olivepress_flow(config)
+    with run_folder(run_dir):
+        state = olivepress_flow(config, return_state=True)
+    with pytest.raises(GateFailed, match=r"FAIL  size_ratio: measured [0-9.]+, limit 0\.01"):
+        state.result()
+    # the event an automation notifies on, from the flow's own gate path
+    from tests.flows.test_datasets import read_events  # which imports this module's helpers
+
+    [event] = read_events(state.state_details.flow_run_id, ["olivepress.gate.failed"], count=1)
+    assert event.resource["olivepress.target"] == "cpu"
+    assert event.payload["checks"]["size_ratio"]["passed"] is False
     assert (
         (run_dir / "report" / "report.md")
         .read_text()
