@@ -42,10 +42,9 @@ def open_variant(model_dir: Path, variant: str, threads: int):
 
     from olivepress.genai import ADAPTER_FILE, ADAPTER_NAME, LoadedModel
 
-    decoder: dict = {
-        "session_options": {"intra_op_num_threads": threads},
-        "filename": VARIANTS.get(variant, "model.onnx"),
-    }
+    decoder: dict = {"filename": VARIANTS.get(variant, "model.onnx")}
+    if threads:  # 0: ONNX Runtime's own choice, what evaluate and chat run with
+        decoder["session_options"] = {"intra_op_num_threads": threads}
     config = og.Config(str(model_dir))
     config.overlay(json.dumps({"model": {"decoder": decoder}}))
     model = og.Model(config)
@@ -74,7 +73,13 @@ def main() -> None:
         "--run", type=Path, required=True, help="a run folder (quantized/, adapter/, held_out)"
     )
     parser.add_argument("--lm-heads", nargs="+", default=["float", "int8", "int4"])
-    parser.add_argument("--threads", type=int, nargs="+", default=[len(os.sched_getaffinity(0))])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[len(os.sched_getaffinity(0))],
+        help="intra-op thread counts to compare; 0: ONNX Runtime's default (default: this process's cores)",
+    )
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per decode")
     parser.add_argument(
         "--prompts", type=int, default=3, help="held-out prompts, each decoded once per round"

@@ -68,6 +68,24 @@ class GenerationStats:
         return (self.new_tokens - 1) / decode_seconds if self.new_tokens > 1 and decode_seconds > 0 else 0.0
 
 
+def decoder_overlay(model_dir: Path, merged: bool) -> dict:
+    """What :func:`open_model` changes in the folder's decoder config: the merged graph's file, and for a CPU
+    model one intra-op thread per core this process may use, unless the folder sets a count.
+
+    Why the threads: ONNX Runtime's own default ran one thread on a 2-core machine, so evaluate and chat used
+    half of it (int4 decode 97 against 120 tokens/s with both cores, the fp32 base 32 against 54; the gate's
+    speed-up read 2.7 where both cores give 1.8: benchmarks/cpu_decode.py --threads 0 2)."""
+    import os
+
+    decoder: dict = {"filename": MERGED_MODEL_FILE} if merged else {}
+    session = json.loads((model_dir / GENAI_CONFIG).read_text())["model"]["decoder"].get(
+        "session_options", {}
+    )
+    if not session.get("provider_options") and "intra_op_num_threads" not in session:
+        decoder["session_options"] = {**session, "intra_op_num_threads": len(os.sched_getaffinity(0))}
+    return decoder
+
+
 def open_model(
     model_dir: Path, adapter_file: Path | None = None, *, run_time_adapter: bool = False
 ) -> LoadedModel:
@@ -85,11 +103,12 @@ def open_model(
         raise UserError(f"adapter file {adapter_file} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     own_adapter = adapter_file is not None and adapter_file.resolve() == (model_dir / ADAPTER_FILE).resolve()
-    if own_adapter and not run_time_adapter and (model_dir / MERGED_MODEL_FILE).is_file():
-        config = og.Config(str(model_dir))
-        config.overlay(json.dumps({"model": {"decoder": {"filename": MERGED_MODEL_FILE}}}))
-        return LoadedModel(model=og.Model(config), tokenizer=tokenizer, adapters=None, adapter_merged=True)
-    model = og.Model(str(model_dir))
+    merged = own_adapter and not run_time_adapter and (model_dir / MERGED_MODEL_FILE).is_file()
+    config = og.Config(str(model_dir))
+    config.overlay(json.dumps({"model": {"decoder": decoder_overlay(model_dir, merged)}}))
+    model = og.Model(config)
+    if merged:
+        return LoadedModel(model=model, tokenizer=tokenizer, adapters=None, adapter_merged=True)
     adapters = None
     if adapter_file is not None:
         adapters = og.Adapters(model)

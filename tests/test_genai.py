@@ -184,3 +184,31 @@ def test_an_adapter_is_chosen_by_name_beside_or_inside_the_model_folder(model_di
     chat_session(tmp_path / "onnx", ["/adapter travel", "Hi", "/adapter hiking"], max_new_tokens=4, out=out)
     assert "[adapter travel.onnx_adapter]" in out.getvalue()
     assert "no adapter named 'hiking'" in out.getvalue() and "still travel.onnx_adapter" in out.getvalue()
+
+
+def test_a_cpu_model_opens_with_a_thread_per_core_unless_its_folder_says(model_dir, tmp_path):
+    """ONNX Runtime's own default ran one thread on a 2-core machine; a CUDA model or a folder that sets a
+    count is left as it is."""
+    import json
+    import os
+    import shutil
+
+    from olivepress.genai import GENAI_CONFIG, MERGED_MODEL_FILE, decoder_overlay
+
+    cores = len(os.sched_getaffinity(0))
+    overlay = decoder_overlay(model_dir, merged=True)
+    assert overlay["filename"] == MERGED_MODEL_FILE
+    assert overlay["session_options"]["intra_op_num_threads"] == cores
+    assert decoder_overlay(model_dir, merged=False) == {"session_options": overlay["session_options"]}
+
+    def with_session_options(name: str, **options) -> object:
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(model_dir / GENAI_CONFIG, folder / GENAI_CONFIG)
+        config = json.loads((folder / GENAI_CONFIG).read_text())
+        config["model"]["decoder"]["session_options"].update(options)
+        (folder / GENAI_CONFIG).write_text(json.dumps(config))
+        return folder
+
+    assert decoder_overlay(with_session_options("cuda", provider_options=[{"cuda": {}}]), merged=False) == {}
+    assert decoder_overlay(with_session_options("set", intra_op_num_threads=3), merged=False) == {}
