@@ -6,8 +6,8 @@ merged graph (``model.adapter.onnx``) those matrices are constants, so each bran
 ``MatMulNBits`` (blocks of 16 inputs, one scale each, symmetric): under a third of the bytes. On 2 cores the
 quickstart's model decoded with its adapter at 96.7 instead of 90.8 tokens/s (0.82x adapter off instead of
 0.77x; benchmarks/cpu_decode.py), held-out loss 3.247 against 3.248. The rest of the adapter's cost is not
-its bytes; its 420 extra nodes a token are the likely remainder (not measured). The ``.onnx_adapter`` file stays float: ``og.Adapters`` feeds its matrices to the
-graph's inputs as they are.
+its bytes; its 420 extra nodes a token are the likely remainder (not measured). The ``.onnx_adapter`` file
+stays float: ``og.Adapters`` feeds its matrices to the graph's inputs as they are.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ def quantize_merged_branches(merged_file: Path) -> int:
             continue
         matrix = initializers[node.input[1]]
         weight = numpy_helper.to_array(matrix)
-        if (
-            weight.shape[0] < BLOCK_SIZE
-        ):  # a B product of rank < 16: padded to a block, 8 bits would weigh more
+        # a B product of rank < 16 would be padded to a block: in 8 bits it would weigh more
+        if weight.shape[0] < BLOCK_SIZE:
             continue
         q, scales = symmetric_blocks(weight)
         graph.initializer.extend(
